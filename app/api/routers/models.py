@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Request, Response, UploadFile
+from pydantic import ValidationError
+
+from app.api.deps import (
+    DEFAULT_PAGE,
+    PageSize,
+    PageToken,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+    conditional,
+    require_match,
+    stage_upload,
+)
+from app.db.models import Model
+from app.estimators import ARCHITECTURES, Recipe
+from app.problems import FieldError, ProblemError
+from app.schemas.common import Page
+from app.schemas.models import (
+    ArchitectureCatalog,
+    ArchitectureRead,
+    CheckpointMeta,
+    CheckpointRead,
+    ModelCreate,
+    ModelRead,
+    ModelUpdate,
+)
+from app.services import jobs as jobs_service
+from app.services import models as service
+from app.services.validation import json_schema
+
+router = APIRouter(tags=["models"])
+
+
+def model_read(model: Model) -> ModelRead:
+    data = {c: getattr(model, c) for c in ModelRead.model_fields if c != "n_checkpoints"}
+    return ModelRead(**data, n_checkpoints=len(model.checkpoints))
+
+
+def _parse_spec(raw: str) -> ModelCreate:
+    try:
+        return ModelCreate.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = [FieldError("/spec" + "".join(f"/{p}" for p in e["loc"]), e["msg"]) for e in exc.errors()]
+        raise ProblemError(422, "invalid-request", "The request is invalid",
+                           "; ".join(f"{e.pointer}: {e.detail}" for e in errors), errors) from None
+
+
+@router.post("/v1/models", status_code=201, response_model=ModelRead, summary="Register (and optionally train) a model")
+def create_model(
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    spec: Annotated[str, Form(description="ModelCreate as JSON: architecture, task, loss, recipe, ...")],
+    weights: Annotated[UploadFile | None, File(description="Final weights as .safetensors.")] = None,
+    checkpoints: Annotated[list[UploadFile] | None, File(description="Checkpoint .safetensors files.")] = None,
+):
+    """Weights must be safetensors for an architecture of the server-side registry.
+
+    Pickles, TorchScript and torch.export archives are refused (415) without being
+    opened. Without weights, the service trains the model on ``train_dataset_id``
+    (state ``training``; poll the model or ``/v1/training-jobs/{training_job_id}``).
+    """
+    body = _parse_spec(spec)
+    with ExitStack() as stack:
+        staged_weights = stage_upload(stack, store, weights, "/weights") if weights is not None else None
+        staged_checkpoints = [stage_upload(stack, store, f, f"/checkpoints/{i}") for i, f in enumerate(checkpoints or [])]
+        model, job = service.create(session, store, settings, body, staged_weights, staged_checkpoints)
+        jobs_service.publish_after_commit(session, settings, job)
+    response.headers["Location"] = str(request.url_for("get_model", model_id=model.id))
+    return model_read(model)
+
+
+@router.get("/v1/models", response_model=Page[ModelRead])
+def list_models(session: SessionDep, page_size: PageSize = DEFAULT_PAGE, page_token: PageToken = None):
+    rows, token = service.list_page(session, page_size, page_token)
+    return Page[ModelRead](items=[model_read(r) for r in rows], next_page_token=token)
+
+
+@router.get("/v1/models/{model_id}", response_model=ModelRead)
+def get_model(model_id: str, request: Request, response: Response, session: SessionDep):
+    return conditional(request, response, model_read(service.get(session, model_id)))
+
+
+@router.patch("/v1/models/{model_id}", response_model=ModelRead)
+def update_model(model_id: str, body: ModelUpdate, request: Request, response: Response, session: SessionDep):
+    model = service.get(session, model_id)
+    require_match(request, model_read(model))
+    return conditional(request, response, model_read(service.rename(session, model, body.name)))
+
+
+@router.delete("/v1/models/{model_id}", status_code=204)
+def delete_model(model_id: str, session: SessionDep) -> Response:
+    service.delete(session, service.get(session, model_id))
+    return Response(status_code=204)
+
+
+@router.post("/v1/models/{model_id}/checkpoints", status_code=201, response_model=CheckpointRead)
+def add_checkpoint(
+    model_id: str,
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    file: Annotated[UploadFile, File(description="Checkpoint weights as .safetensors.")],
+    step: Annotated[int, Form(ge=0)],
+    learning_rate: Annotated[float | None, Form(ge=0)] = None,
+):
+    model = service.get(session, model_id)
+    with ExitStack() as stack:
+        staged = stage_upload(stack, store, file, "/file")
+        checkpoint = service.add_checkpoint(session, store, settings, model, staged,
+                                            CheckpointMeta(step=step, learning_rate=learning_rate))
+    response.headers["Location"] = str(request.url_for("list_checkpoints", model_id=model_id))
+    return CheckpointRead.model_validate(checkpoint)
+
+
+@router.get("/v1/models/{model_id}/checkpoints", response_model=Page[CheckpointRead])
+def list_checkpoints(model_id: str, session: SessionDep):
+    model = service.get(session, model_id)
+    return Page[CheckpointRead](items=[CheckpointRead.model_validate(c) for c in model.checkpoints])
+
+
+@router.get("/v1/architectures", response_model=ArchitectureCatalog, tags=["catalog"])
+def list_architectures():
+    """Architectures of the server-side registry and the training recipe schema."""
+    return ArchitectureCatalog(
+        architectures=[ArchitectureRead(name=a.name, summary=a.summary, params_schema=json_schema(a.Params))
+                       for a in ARCHITECTURES.values()],
+        recipe_schema=json_schema(Recipe),
+    )

@@ -1,0 +1,8 @@
+"""ORM tables; importing this package registers them all on ``Base.metadata``."""
+
+from app.db.models.dataset import Dataset
+from app.db.models.job import TERMINAL_STATES, Job
+from app.db.models.model import Checkpoint, Model
+from app.db.models.result import InfluenceResult, QueryResult
+
+__all__ = ["Checkpoint", "Dataset", "InfluenceResult", "Job", "Model", "QueryResult", "TERMINAL_STATES"]

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import ForeignKey, String, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.db.base import Base, IdMixin, TimestampMixin
+
+TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+
+
+class Job(IdMixin, TimestampMixin, Base):
+    """A unit of asynchronous work (``influence`` or ``training``) and its lease.
+
+    PostgreSQL is the source of truth: a delivery claims the job by bumping
+    ``attempt`` (a fencing token); only the holder of the current attempt may
+    write progress or the final state.
+    """
+
+    __tablename__ = "job"
+    __table_args__ = (UniqueConstraint("idempotency_key"),)
+
+    kind: Mapped[str] = mapped_column(String(20), index=True)  # influence | training
+    state: Mapped[str] = mapped_column(String(20), index=True, default="queued")
+    model_id: Mapped[str] = mapped_column(ForeignKey("model.id", ondelete="CASCADE"), index=True)
+    train_dataset_id: Mapped[str] = mapped_column(ForeignKey("dataset.id", ondelete="RESTRICT"))
+    query_dataset_id: Mapped[str | None] = mapped_column(ForeignKey("dataset.id", ondelete="RESTRICT"))
+    spec: Mapped[dict] = mapped_column(default=dict)  # the validated request: method, measurement, output, ...
+
+    attempt: Mapped[int] = mapped_column(default=0)
+    max_attempts: Mapped[int] = mapped_column(default=3)
+    worker_id: Mapped[str | None] = mapped_column(String(200))
+    heartbeat_at: Mapped[datetime | None] = mapped_column()
+    lease_expires_at: Mapped[datetime | None] = mapped_column(index=True)
+    enqueued_at: Mapped[datetime | None] = mapped_column()
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()
+    cancel_requested_at: Mapped[datetime | None] = mapped_column()
+    progress: Mapped[dict] = mapped_column(default=dict)
+    error: Mapped[dict | None] = mapped_column()
+
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    request_hash: Mapped[str | None] = mapped_column(String(64))

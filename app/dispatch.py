@@ -1,0 +1,79 @@
+"""Publish "run job X" to Celery. The API only needs a broker client; tasks are addressed by name."""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from typing import Any
+
+from celery import Celery
+
+from app.settings import Settings
+
+RUN_JOB_TASK = "ia.run_job"
+log = logging.getLogger(__name__)
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Worker and client configuration (CONVENTIONS.md section 8)."""
+    transport_options: dict[str, Any]
+    broker = settings.resolved_broker_url
+    if broker.startswith("filesystem://"):
+        folder = settings.queue_dir
+        for sub in ("in", "processed", "control"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        transport_options = {
+            "data_folder_in": str(folder / "in"),
+            "data_folder_out": str(folder / "in"),
+            "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),
+            "store_processed": False,
+        }
+    else:
+        transport_options = {
+            # Must exceed the longest task, or Redis hands a running task to a second worker.
+            "visibility_timeout": settings.task_time_limit + 600,
+            "socket_timeout": 5,
+            "socket_connect_timeout": 5,
+        }
+    return {
+        "broker_url": broker,
+        "broker_transport_options": transport_options,
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,  # safe: the DB attempt counter caps re-runs
+        "worker_prefetch_multiplier": 1,
+        "worker_max_tasks_per_child": 1,  # a fresh process per job returns its (GPU) memory
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "task_soft_time_limit": settings.task_soft_time_limit,
+        "task_time_limit": settings.task_time_limit,
+        "task_default_queue": "default",
+        "worker_hijack_root_logger": False,
+    }
+
+
+@lru_cache(maxsize=4)
+def _client(settings_json: str) -> Celery:
+    settings = Settings.model_validate_json(settings_json)
+    app = Celery("influence-client")
+    app.conf.update(celery_config(settings))
+    return app
+
+
+def client(settings: Settings) -> Celery:
+    return _client(settings.model_dump_json())
+
+
+def enqueue_job(settings: Settings, job_id: str) -> bool:
+    """Publish; a failure is logged, not raised: the sweeper re-publishes queued jobs (outbox)."""
+    try:
+        client(settings).send_task(RUN_JOB_TASK, args=[job_id], queue=settings.compute_queue,
+                                   retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2})
+        return True
+    except Exception:  # noqa: BLE001 - broker down: the job row is committed, the sweeper retries
+        log.warning("could not publish job %s; the sweeper will retry", job_id, exc_info=True)
+        return False

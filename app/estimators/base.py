@@ -1,0 +1,198 @@
+"""The contract every estimator implements, and the registry the service reads.
+
+Pure torch/numpy: this module is importable from a notebook with no web, DB or
+broker dependency. Conventions (ESTIMATORS.md section 0):
+
+* Scores are query-major: ``scores[j, i]`` is the influence of training example
+  ``i`` on query ``j`` (m x n).
+* Sign: ``scores[j, i] > 0`` means ``i`` is a *proponent* of query ``j``:
+  removing it would raise the query loss (or lower the query margin).
+* The query objective ``q`` is the loss for ``measurement="loss"`` and minus the
+  margin for ``measurement="margin"``, so one formula serves both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+Measurement = Literal["loss", "margin"]
+TaskKind = Literal["classification", "regression"]
+LossName = Literal["cross_entropy", "mse"]
+
+SIGN_CONVENTION = (
+    "positive = proponent: removing the training example would raise the query loss "
+    "(measurement=loss) or lower the query margin (measurement=margin)"
+)
+ORIENTATION = "query-major: scores[query, train]"
+
+
+class EstimatorError(Exception):
+    """A problem with the inputs or parameters that the user can fix.
+
+    ``parameter`` names the offending job field as a JSON pointer relative to the
+    job body (e.g. ``/method/params/damping``) so the service can report it.
+    """
+
+    code = "estimator-error"
+
+    def __init__(self, detail: str, *, parameter: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.parameter = parameter
+
+
+class NumericalError(EstimatorError):
+    """The computation produced NaN/inf or diverged; the detail says what to change."""
+
+    code = "numerical-instability"
+
+
+class Cancelled(Exception):
+    """Raised by a progress callback to stop an estimator at the next batch boundary."""
+
+
+ProgressCallback = Callable[[str, int, int], None]
+"""``progress(phase, completed_units, total_units)``; may raise :class:`Cancelled`."""
+
+
+def _no_progress(phase: str, done: int, total: int) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What the model predicts and which loss it was trained with."""
+
+    kind: TaskKind = "classification"
+    loss: LossName = "cross_entropy"
+
+    def __post_init__(self) -> None:
+        if self.kind == "classification" and self.loss != "cross_entropy":
+            raise EstimatorError("classification models use loss 'cross_entropy'", parameter="/loss")
+        if self.kind == "regression" and self.loss != "mse":
+            raise EstimatorError("regression models use loss 'mse'", parameter="/loss")
+
+
+@dataclass
+class Checkpoint:
+    """Parameters saved during training, with the learning rate in effect at that step."""
+
+    step: int
+    learning_rate: float
+    state: dict[str, torch.Tensor]
+
+
+@dataclass
+class InfluenceProblem:
+    """Everything an estimator needs, already loaded and validated.
+
+    ``model`` supplies the architecture; its current weights are ignored, the
+    estimator evaluates it functionally at ``weights`` or at each checkpoint.
+    ``weight_decay`` is the L2 coefficient of the training objective
+    ``mean_i L(z_i) + weight_decay / 2 * ||theta||^2``.
+    """
+
+    model: nn.Module
+    task: TaskSpec
+    weights: dict[str, torch.Tensor]
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+    measurement: Measurement = "loss"
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    weight_decay: float = 0.0
+
+    @property
+    def n_train(self) -> int:
+        return int(self.train_x.shape[0])
+
+    @property
+    def n_query(self) -> int:
+        return int(self.query_x.shape[0])
+
+
+@dataclass
+class Runtime:
+    """How to run: device, dtype, chunking and the progress/cancel hook."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    chunk_size: int = 256
+    progress: ProgressCallback = _no_progress
+
+
+@dataclass
+class Attribution:
+    """An estimator's output: the full score matrix and/or self-influence."""
+
+    scores: np.ndarray | None
+    self_influence: np.ndarray | None
+    metadata: dict[str, Any]
+
+
+class Estimator:
+    """Base class: subclasses set ``name``, ``summary``, ``Params`` and implement ``attribute``.
+
+    ``Params`` is a plain dataclass; the service derives its JSON Schema and
+    validates user input against it, so every field needs a default and a type.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Params: ClassVar[type]
+    needs_checkpoints: ClassVar[bool] = False
+    supports_self_influence: ClassVar[bool] = True
+
+    def attribute(
+        self,
+        problem: InfluenceProblem,
+        params: Any,
+        *,
+        want_scores: bool = True,
+        want_self_influence: bool = False,
+        runtime: Runtime | None = None,
+    ) -> Attribution:
+        raise NotImplementedError
+
+    def check(self, problem_size: ProblemSize, params: Any) -> None:
+        """Refuse at submit time what cannot run (e.g. an explicit Hessian that is too big)."""
+        return None
+
+
+@dataclass(frozen=True)
+class ProblemSize:
+    """Sizes known at submit time, before any tensor is loaded."""
+
+    n_train: int
+    n_query: int
+    n_parameters: int
+    n_checkpoints: int
+
+
+REGISTRY: dict[str, Estimator] = {}
+
+
+def register(cls: type[Estimator]) -> type[Estimator]:
+    """Class decorator adding one instance of ``cls`` to :data:`REGISTRY`."""
+    if not dataclasses.is_dataclass(cls.Params):
+        raise TypeError(f"{cls.__name__}.Params must be a dataclass")
+    REGISTRY[cls.name] = cls()
+    return cls
+
+
+def get_estimator(name: str) -> Estimator:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise EstimatorError(
+            f"unknown estimator {name!r}; available: {', '.join(sorted(REGISTRY))}",
+            parameter="/method/name",
+        ) from None

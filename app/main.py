@@ -1,0 +1,68 @@
+"""create_app(): routers, problem+json handlers, body limits, and the lease sweeper."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.api import errors
+from app.api.routers import datasets, health, jobs, models
+from app.settings import Settings, get_settings
+from app.storage.artifacts import ArtifactStore
+
+log = logging.getLogger(__name__)
+UPLOAD_PATHS = r"/v1/datasets|/v1/models|/v1/models/[^/]+/checkpoints"
+
+
+def _sweeper(settings: Settings, stop: threading.Event) -> None:
+    """Re-queue jobs whose worker vanished; first pass also re-publishes every queued job."""
+    from app.services.jobs import sweep
+
+    first = True
+    while True:
+        try:
+            sweep(settings, requeue_all_queued=first)
+            first = False
+        except Exception:  # noqa: BLE001 - DB or broker down: try again next round
+            log.warning("sweeper pass failed", exc_info=True)
+        if stop.wait(settings.sweep_interval_seconds):
+            return
+
+
+def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        stop = threading.Event()
+        thread = None
+        if run_sweeper and settings.sweep_interval_seconds > 0:
+            thread = threading.Thread(target=_sweeper, args=(settings, stop), name="sweeper", daemon=True)
+            thread.start()
+        yield
+        stop.set()
+        if thread is not None:
+            thread.join(timeout=5)
+
+    app = FastAPI(
+        title="Influence service",
+        version="0.1.0",
+        summary="Which training examples made a model predict what it predicts.",
+        description=(
+            "Register datasets and models, submit influence jobs, poll them, fetch results. "
+            "Scores are query-major (row = query, column = training example); positive = proponent. "
+            "Every error is application/problem+json (RFC 9457)."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.store = ArtifactStore(settings.resolved_artifact_dir)
+    errors.install(app)
+    app.add_middleware(errors.BodyLimitMiddleware, default_limit=settings.max_json_body_bytes,
+                       upload_limit=settings.max_upload_bytes, upload_paths=UPLOAD_PATHS)
+    for router in (health.router, datasets.router, models.router, jobs.router):
+        app.include_router(router)
+    return app

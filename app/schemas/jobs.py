@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import Field
+
+from app.schemas.common import ReadModel, RequestModel
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class MethodSpec(RequestModel):
+    name: str = Field(description="Estimator name from GET /v1/estimators.")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class OutputSpec(RequestModel):
+    top_k: int = Field(10, ge=1, le=1000, description="Proponents and opponents kept per query.")
+    keep_full_matrix: bool = Field(False, description="Store the full query-major m x n score matrix as an artifact.")
+    self_influence: bool = Field(False, description="Also compute each training example's self-influence.")
+
+
+class JobCreate(RequestModel):
+    model_id: str
+    checkpoint_ids: list[str] | None = Field(None, description="Checkpoints to use (default: all of the model's).")
+    train_dataset_id: str
+    query_dataset_id: str | None = Field(None, description="Default: the training dataset (with query_indices).")
+    query_indices: list[int] | None = Field(None, description="Rows of the query dataset (default: all).")
+    method: MethodSpec
+    measurement: Literal["loss", "margin"] = "loss"
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+
+class Progress(ReadModel):
+    phase: str | None = None
+    completed_units: int = 0
+    total_units: int = 0
+    fraction: float = 0.0
+    eta_seconds: float | None = None
+    updated_at: datetime | None = None
+
+
+class JobRead(ReadModel):
+    id: str
+    kind: Literal["influence", "training"]
+    state: JobState
+    model_id: str
+    train_dataset_id: str
+    query_dataset_id: str | None
+    spec: dict[str, Any]
+    attempt: int
+    max_attempts: int
+    progress: Progress
+    error: dict[str, Any] | None
+    cancel_requested_at: datetime | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    heartbeat_at: datetime | None
+    duration_seconds: float | None
+    links: dict[str, str]
+
+
+class Influence(ReadModel):
+    train_index: int = Field(description="Row of the training dataset.")
+    train_id: int | None = Field(None, description="The dataset's own id of that row, when it has ids.")
+    score: float
+
+
+class QueryResultRead(ReadModel):
+    query_index: int = Field(description="Position of the query within this job's query list (row of the matrix).")
+    query_row: int = Field(description="Row of the query dataset.")
+    query_id: int | None = Field(None, description="The query dataset's own id of that row, when it has ids.")
+    proponents: list[Influence]
+    opponents: list[Influence]
+
+
+class ResultsPage(ReadModel):
+    job_id: str
+    method: str
+    measurement: str
+    sign_convention: str
+    orientation: str
+    n_queries: int
+    n_train: int
+    details: dict[str, Any]
+    items: list[QueryResultRead]
+    next_page_token: str | None = None
+
+
+class EstimatorRead(ReadModel):
+    name: str
+    summary: str
+    needs_checkpoints: bool
+    supports_self_influence: bool
+    params_schema: dict[str, Any]

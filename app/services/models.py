@@ -1,0 +1,198 @@
+"""Register models: architecture from the server-side registry, safetensors weights, optional checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.db.models import Checkpoint, Dataset, Job, Model
+from app.estimators import EstimatorError, Recipe, TaskSpec, get_architecture, init_model
+from app.problems import FieldError, ProblemError, invalid_field
+from app.schemas.models import CheckpointMeta, ModelCreate
+from app.services.pagination import paginate
+from app.services.validation import estimator_problem, validate_params
+from app.settings import Settings
+from app.storage.artifacts import ArtifactStore
+from app.storage.formats import read_state_dict
+
+
+@dataclass
+class WeightsUpload:
+    """An uploaded file already streamed to the artifact store's staging area."""
+
+    path: Path
+    sha256: str
+    pointer: str
+
+
+def build_model(model: Model) -> torch.nn.Module:
+    arch = get_architecture(model.architecture)
+    params = validate_params(arch.Params, model.architecture_params, "/architecture/params")
+    return init_model(arch, params, seed=int(model.recipe.get("seed", 0)))
+
+
+def _check_state(module: torch.nn.Module, state: dict[str, torch.Tensor], pointer: str) -> None:
+    """strict=True semantics, with a problem that names the tensor."""
+    expected = module.state_dict()
+    errors = [FieldError(pointer, f"missing tensor {k!r}") for k in expected if k not in state]
+    errors += [FieldError(pointer, f"unexpected tensor {k!r}") for k in state if k not in expected]
+    errors += [
+        FieldError(pointer, f"tensor {k!r} has shape {list(v.shape)}, architecture expects {list(expected[k].shape)}")
+        for k, v in state.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    if errors:
+        raise ProblemError(422, "weights-mismatch", "Weights do not fit the architecture",
+                           "; ".join(e.detail for e in errors), errors)
+    module.load_state_dict(state, strict=True)
+
+
+def _check_dataset_fits(arch, params, task: TaskSpec, dataset: Dataset, pointer: str) -> None:
+    n_features = 1
+    for d in dataset.feature_shape:
+        n_features *= d
+    if n_features != arch.n_features(params):
+        raise invalid_field(pointer, f"dataset has {n_features} features per example, "
+                                     f"architecture expects {arch.n_features(params)}")
+    outputs = arch.n_outputs(params)
+    if task.kind == "classification":
+        if dataset.label_kind != "int":
+            raise invalid_field(pointer, "classification needs integer labels")
+        if dataset.num_classes is not None and dataset.num_classes > outputs:
+            raise invalid_field(pointer, f"labels go up to {dataset.num_classes - 1}, model has {outputs} outputs")
+    elif outputs != 1:
+        raise invalid_field("/spec/architecture/params", "regression models need exactly one output")
+
+
+def create(
+    session: Session,
+    store: ArtifactStore,
+    settings: Settings,
+    spec: ModelCreate,
+    weights: WeightsUpload | None,
+    checkpoints: list[WeightsUpload],
+) -> tuple[Model, Job | None]:
+    """Validate everything, store artifacts, and queue a training job when no weights were sent."""
+    try:
+        arch = get_architecture(spec.architecture.name)
+        task = TaskSpec(kind=spec.task, loss=spec.loss)
+    except EstimatorError as exc:
+        raise estimator_problem(exc, "/spec") from None
+    params = validate_params(arch.Params, spec.architecture.params, "/spec/architecture/params")
+    recipe = validate_params(Recipe, spec.recipe, "/spec/recipe")
+    try:
+        module = init_model(arch, params, seed=recipe.seed)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise invalid_field("/spec/architecture/params", f"cannot build the architecture: {exc}") from None
+    n_parameters = sum(p.numel() for p in module.parameters())
+    if n_parameters > settings.max_model_parameters:
+        raise invalid_field("/spec/architecture/params",
+                            f"{n_parameters} parameters exceed the limit of {settings.max_model_parameters}")
+
+    dataset = None
+    if spec.train_dataset_id is not None:
+        dataset = session.get(Dataset, spec.train_dataset_id)
+        if dataset is None:
+            raise invalid_field("/spec/train_dataset_id", f"no dataset {spec.train_dataset_id}")
+        _check_dataset_fits(arch, params, task, dataset, "/spec/train_dataset_id")
+    if weights is None and dataset is None:
+        raise invalid_field("/weights", "upload weights, or give train_dataset_id so the service trains the model")
+    if len(checkpoints) != len(spec.checkpoints):
+        raise invalid_field("/spec/checkpoints", f"{len(checkpoints)} checkpoint files but "
+                                                 f"{len(spec.checkpoints)} entries in spec.checkpoints")
+
+    model = Model(
+        name=spec.name,
+        architecture=arch.name,
+        architecture_params=asdict(params),
+        task=task.kind,
+        loss=task.loss,
+        recipe=asdict(recipe),
+        state="ready" if weights is not None else "training",
+        n_parameters=n_parameters,
+        train_dataset_id=spec.train_dataset_id,
+    )
+    if weights is not None:
+        _check_state(module, _read_weights(weights, settings), weights.pointer)
+        stored = store.commit(weights.path, ".safetensors", weights.sha256)
+        model.weights_uri, model.weights_sha256 = stored.uri, stored.sha256
+    for upload, meta in zip(checkpoints, spec.checkpoints, strict=True):
+        model.checkpoints.append(_checkpoint(store, settings, module, upload, meta))
+    _check_unique_steps(model.checkpoints)
+    session.add(model)
+    session.flush()
+
+    job = None
+    if weights is None:
+        job = Job(kind="training", model_id=model.id, train_dataset_id=dataset.id, spec={},
+                  max_attempts=settings.max_attempts)
+        session.add(job)
+        session.flush()
+        model.training_job_id = job.id
+    return model, job
+
+
+def _read_weights(upload: WeightsUpload, settings: Settings) -> dict[str, torch.Tensor]:
+    return read_state_dict(upload.path, pointer=upload.pointer, max_bytes=settings.max_upload_bytes)
+
+
+def _checkpoint(store, settings, module, upload: WeightsUpload, meta: CheckpointMeta) -> Checkpoint:
+    _check_state(module, _read_weights(upload, settings), upload.pointer)
+    stored = store.commit(upload.path, ".safetensors", upload.sha256)
+    return Checkpoint(step=meta.step, learning_rate=meta.learning_rate, uri=stored.uri, sha256=stored.sha256)
+
+
+def _check_unique_steps(checkpoints: list[Checkpoint]) -> None:
+    steps = [c.step for c in checkpoints]
+    if len(set(steps)) != len(steps):
+        raise invalid_field("/spec/checkpoints", "checkpoint steps must be unique")
+
+
+def add_checkpoint(session: Session, store: ArtifactStore, settings: Settings, model: Model,
+                   upload: WeightsUpload, meta: CheckpointMeta) -> Checkpoint:
+    if any(c.step == meta.step for c in model.checkpoints):
+        raise ProblemError(409, "conflict", "Checkpoint exists", f"model already has a checkpoint at step {meta.step}")
+    checkpoint = _checkpoint(store, settings, build_model(model), upload, meta)
+    model.checkpoints.append(checkpoint)
+    session.flush()
+    return checkpoint
+
+
+def get(session: Session, model_id: str) -> Model:
+    row = session.get(Model, model_id)
+    if row is None:
+        raise ProblemError(404, "not-found", "Model not found", f"no model {model_id}")
+    return row
+
+
+def list_page(session: Session, page_size: int, page_token: str | None):
+    return paginate(session, select(Model), Model, page_size, page_token)
+
+
+def rename(session: Session, model: Model, name: str) -> Model:
+    model.name = name
+    model.version += 1
+    session.flush()
+    return model
+
+
+def delete(session: Session, model: Model) -> None:
+    active = session.scalar(
+        select(func.count()).select_from(Job).where(
+            Job.model_id == model.id, Job.state.in_(("queued", "running")), Job.kind == "influence"
+        )
+    )
+    if active or model.state == "training":
+        raise ProblemError(409, "model-in-use", "Model in use", "the model has queued or running jobs")
+    session.delete(model)
+    session.flush()
+
+
+def load_state(store: ArtifactStore, uri: str) -> dict[str, torch.Tensor]:
+    """Load one of *our* stored safetensors artifacts (validated at upload)."""
+    return load_file(str(store.path(uri)))

@@ -1,0 +1,99 @@
+"""Turn an estimator's attribution into stored results, and serve them back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.db.models import InfluenceResult, Job, QueryResult
+from app.problems import ProblemError
+from app.storage.artifacts import ArtifactStore
+
+
+@dataclass
+class PreparedResult:
+    """Everything the finishing transaction inserts; artifacts are already in the store."""
+
+    n_queries: int
+    n_train: int
+    scores_uri: str | None
+    self_influence_uri: str | None
+    details: dict
+    rows: list[dict]
+
+    def write(self, job_id: str, attempt: int):
+        def _write(session: Session) -> None:
+            session.add(InfluenceResult(job_id=job_id, attempt=attempt, n_queries=self.n_queries,
+                                        n_train=self.n_train, scores_uri=self.scores_uri,
+                                        self_influence_uri=self.self_influence_uri, details=self.details))
+            session.flush()
+            session.execute(QueryResult.__table__.insert(), [dict(job_id=job_id, **row) for row in self.rows])
+
+        return _write
+
+
+def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the k largest (proponents) and k smallest (opponents) scores per row."""
+    tensor = torch.from_numpy(np.ascontiguousarray(scores))
+    k = min(k, tensor.shape[1])
+    return tensor.topk(k, dim=1).indices.numpy(), tensor.topk(k, dim=1, largest=False).indices.numpy()
+
+
+def prepare(
+    store: ArtifactStore,
+    *,
+    scores: np.ndarray | None,
+    self_influence: np.ndarray | None,
+    query_rows: np.ndarray,
+    query_ids: np.ndarray | None,
+    train_ids: np.ndarray | None,
+    top: int,
+    keep_full_matrix: bool,
+    details: dict,
+) -> PreparedResult:
+    rows: list[dict] = []
+    scores_uri = self_uri = None
+    n_train = int(scores.shape[1]) if scores is not None else int(len(self_influence))
+    if scores is not None:
+        if not np.isfinite(scores).all():
+            raise ProblemError(500, "numerical-instability", "Scores are not finite",
+                               "the estimator produced NaN or infinite scores; try more damping")
+        pro, opp = top_k(scores, top)
+
+        def entries(j: int, idx: np.ndarray) -> list[dict]:
+            return [{"train_index": int(i), "train_id": int(train_ids[i]) if train_ids is not None else None,
+                     "score": float(scores[j, i])} for i in idx]
+
+        rows = [{"query_index": j, "query_row": int(query_rows[j]),
+                 "query_id": int(query_ids[j]) if query_ids is not None else None, "proponents": entries(j, pro[j]),
+                 "opponents": entries(j, opp[j])} for j in range(scores.shape[0])]
+        if keep_full_matrix:
+            scores_uri = store.put_npy(np.ascontiguousarray(scores, dtype=np.float32)).uri
+    if self_influence is not None:
+        self_uri = store.put_npy(np.asarray(self_influence, dtype=np.float32)).uri
+    return PreparedResult(len(query_rows), n_train, scores_uri, self_uri, details, rows)
+
+
+def get_result(session: Session, job: Job) -> InfluenceResult:
+    if job.state != "succeeded":
+        raise ProblemError(409, "job-not-succeeded", "No results yet", f"the job is {job.state}",
+                           headers={"Retry-After": "2"} if job.state in ("queued", "running") else {})
+    result = session.get(InfluenceResult, job.id)
+    if result is None:  # cannot happen: state and result commit together
+        raise ProblemError(500, "result-missing", "Result missing", "the job succeeded but has no result")
+    return result
+
+
+def page(session: Session, job: Job, page_size: int, after: int | None, query_index: int | None):
+    stmt = select(QueryResult).where(QueryResult.job_id == job.id)
+    if query_index is not None:
+        stmt = stmt.where(QueryResult.query_index == query_index)
+    if after is not None:
+        stmt = stmt.where(QueryResult.query_index > after)
+    rows = list(session.scalars(stmt.order_by(QueryResult.query_index).limit(page_size + 1)))
+    more = len(rows) > page_size
+    return rows[:page_size], more

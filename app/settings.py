@@ -1,0 +1,79 @@
+"""One settings object for API, worker and CLI, read from ``IA_*`` environment variables.
+
+Two profiles share the code:
+
+* **embedded** (default when ``IA_DATABASE_URL`` is unset): SQLite in
+  ``IA_DATA_DIR`` and Celery's ``filesystem://`` broker in the same folder, so
+  nothing but this package is needed.
+* **production**: PostgreSQL (``IA_DATABASE_URL``), Redis (``IA_BROKER_URL``)
+  and a shared artifact directory (``IA_ARTIFACT_DIR``).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IA_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(Path(".ia"), description="Root for the embedded profile's database, queue and artifacts.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; unset means SQLite under data_dir.")
+    broker_url: str | None = Field(None, description="Celery broker URL; unset means filesystem:// under data_dir.")
+    artifact_dir: Path | None = Field(None, description="Where artifacts live; unset means data_dir/artifacts.")
+
+    # Limits checked at the door.
+    max_upload_bytes: int = Field(512 * 1024 * 1024, description="Largest accepted upload body (413 beyond).")
+    max_json_body_bytes: int = Field(1024 * 1024, description="Largest accepted JSON request body.")
+    max_job_cost: float = Field(2e14, description="Refuse jobs with n_train * n_query * n_parameters above this.")
+    max_model_parameters: int = Field(50_000_000, description="Refuse weights with more parameters than this.")
+    max_query_indices: int = Field(100_000, description="Most query indices a job may list.")
+
+    # Job execution.
+    compute_queue: str = Field("default", description="Celery queue compute tasks go to ('gpu' on GPU workers).")
+    lease_seconds: float = Field(60.0, description="A running job whose heartbeat is older than this is re-queued.")
+    heartbeat_seconds: float = Field(2.0, description="Minimum interval between progress/heartbeat writes.")
+    max_attempts: int = Field(3, description="Deliveries a job gets before it is failed.")
+    sweep_interval_seconds: float = Field(10.0, description="How often the API process runs the lease sweeper.")
+    requeue_queued_after_seconds: float = Field(
+        300.0, description="Re-publish a queued job whose message has not been picked up for this long."
+    )
+    task_soft_time_limit: int = Field(3 * 3600, description="Seconds before a task is asked to stop.")
+    task_time_limit: int = Field(3 * 3600 + 300, description="Seconds before a task's process is killed.")
+    chunk_size: int = Field(256, description="Examples per per-sample-gradient chunk.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the worker computes.")
+    torch_threads: int = Field(0, description="torch intra-op threads in the worker (0 = torch default).")
+
+    log_level: str = "INFO"
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'ia.db').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def resolved_artifact_dir(self) -> Path:
+        return (self.artifact_dir or self.data_dir / "artifacts").resolve()
+
+    @property
+    def queue_dir(self) -> Path:
+        return (self.data_dir / "queue").resolve()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,77 @@
+"""What a user does over HTTP, as small functions shared by the integration tests."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import httpx
+import numpy as np
+import torch
+from safetensors.torch import save as save_tensors
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+DIGITS_MLP = {"name": "mlp", "params": {"in_features": 64, "hidden": [32], "num_classes": 10}}
+FAST_RECIPE = {"optimizer": "sgd", "learning_rate": 0.1, "momentum": 0.9, "epochs": 8, "batch_size": 64,
+               "weight_decay": 1e-3, "seed": 0, "num_checkpoints": 3}
+
+
+def builtin(client: httpx.Client, name: str, split: str = "all") -> dict:
+    response = client.post("/v1/datasets/builtin", json={"builtin": name, "split": split})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def register_model(client: httpx.Client, spec: dict, weights: dict[str, torch.Tensor] | None = None,
+                   checkpoints: list[dict[str, torch.Tensor]] = ()) -> httpx.Response:
+    files = []
+    if weights is not None:
+        files.append(("weights", ("w.safetensors", save_tensors(weights), "application/octet-stream")))
+    files += [("checkpoints", (f"c{i}.safetensors", save_tensors(c), "application/octet-stream"))
+              for i, c in enumerate(checkpoints)]
+    return client.post("/v1/models", data={"spec": json.dumps(spec)}, files=files or None)
+
+
+def wait(client: httpx.Client, path: str, timeout: float = 180, states=TERMINAL) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        body = client.get(path).json()
+        if body.get("state") in states:
+            return body
+        assert time.monotonic() < deadline, f"{path} stuck in {body.get('state')}: {body}"
+        time.sleep(0.2)
+
+
+def train_digits_model(client: httpx.Client, train_id: str, **recipe) -> dict:
+    spec = {"name": "digits-mlp", "architecture": DIGITS_MLP, "recipe": {**FAST_RECIPE, **recipe},
+            "train_dataset_id": train_id}
+    response = register_model(client, spec)
+    assert response.status_code == 201, response.text
+    model = response.json()
+    assert model["state"] == "training"
+    job = wait(client, f"/v1/training-jobs/{model['training_job_id']}")
+    assert job["state"] == "succeeded", job
+    return client.get(f"/v1/models/{model['id']}").json()
+
+
+def submit(client: httpx.Client, body: dict, **headers) -> httpx.Response:
+    return client.post("/v1/influence-jobs", json=body, headers=headers)
+
+
+def scores(client: httpx.Client, job_id: str) -> np.ndarray:
+    response = client.get(f"/v1/influence-jobs/{job_id}/artifacts/scores")
+    assert response.status_code == 200, response.text
+    return np.load(io.BytesIO(response.content), allow_pickle=False)
+
+
+def assert_problem(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json"), response.headers
+    body = response.json()
+    assert {"type", "title", "status", "detail", "code"} <= body.keys()
+    assert body["status"] == status
+    if code is not None:
+        assert body["code"] == code, body
+    return body

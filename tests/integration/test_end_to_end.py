@@ -1,0 +1,160 @@
+"""register -> train -> influence job -> results, through the real API process, Celery worker,
+PostgreSQL and Redis; results must equal calling the estimator library directly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from app.estimators import REGISTRY, Checkpoint, InfluenceProblem, TaskSpec, get_architecture, init_model
+from app.services.validation import validate_params
+from app.storage.artifacts import ArtifactStore
+from tests.integration.flows import assert_problem, builtin, scores, submit, train_digits_model, wait
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def trained(api_server, integration_env, tmp_path_factory):
+    """One worker, two datasets and a model trained by the service, shared by this module."""
+    import httpx
+
+    from tests.conftest import WorkerProcess
+
+    worker = WorkerProcess(integration_env, tmp_path_factory.mktemp("w") / "worker.log").start()
+    with httpx.Client(base_url=api_server.url, timeout=60) as client:
+        train = builtin(client, "sklearn:digits", "train")
+        test = builtin(client, "sklearn:digits", "test")
+        model = train_digits_model(client, train["id"])
+        yield client, train, test, model
+    worker.stop()
+
+
+def _problem(settings, client, model, train, test, query_indices, measurement="loss"):
+    from safetensors.torch import load_file
+
+    store = ArtifactStore(settings.resolved_artifact_dir)
+    arch = get_architecture(model["architecture"])
+    module = init_model(arch, validate_params(arch.Params, model["architecture_params"], ""), seed=0)
+    tr, te = store.load_npz(train["uri"]), store.load_npz(test["uri"])
+    ckpts = client.get(f"/v1/models/{model['id']}/checkpoints").json()["items"]
+    return InfluenceProblem(
+        model=module, task=TaskSpec(), weights=load_file(str(store.path(model["weights_uri"]))),
+        train_x=torch.as_tensor(tr["X"]), train_y=torch.as_tensor(tr["y"]),
+        query_x=torch.as_tensor(te["X"][query_indices]), query_y=torch.as_tensor(te["y"][query_indices]),
+        measurement=measurement, weight_decay=model["recipe"]["weight_decay"],
+        checkpoints=[Checkpoint(c["step"], c["learning_rate"], load_file(str(store.path(c["uri"])))) for c in ckpts],
+    )
+
+
+@pytest.mark.parametrize("method,params,measurement", [
+    ("tracincp", {}, "loss"),
+    ("grad_dot", {}, "margin"),
+    ("grad_cos", {}, "loss"),
+])
+def test_job_results_equal_direct_call(trained, integration_settings, method, params, measurement):
+    client, train, test, model = trained
+    assert model["state"] == "ready" and model["n_checkpoints"] == 3
+    queries = [0, 5, 17, 42]
+    response = submit(client, {
+        "model_id": model["id"], "train_dataset_id": train["id"], "query_dataset_id": test["id"],
+        "query_indices": queries, "method": {"name": method, "params": params}, "measurement": measurement,
+        "output": {"top_k": 7, "keep_full_matrix": True, "self_influence": method != "grad_cos"},
+    })
+    assert response.status_code == 202, response.text
+    assert response.headers["location"] == f"/v1/influence-jobs/{response.json()['id']}"
+    job = wait(client, response.headers["location"])
+    assert job["state"] == "succeeded", job
+    assert job["attempt"] == 1 and job["progress"]["fraction"] == 1.0
+
+    got = scores(client, job["id"])
+    problem = _problem(integration_settings, client, model, train, test, queries, measurement)
+    estimator = REGISTRY[method]
+    want = estimator.attribute(problem, validate_params(estimator.Params, params, ""),
+                               want_self_influence=method != "grad_cos")
+    assert got.shape == (len(queries), train["n_examples"])
+    np.testing.assert_allclose(got, want.scores, rtol=1e-4, atol=1e-6)
+
+    results = client.get(f"/v1/influence-jobs/{job['id']}/results").json()
+    assert results["orientation"].startswith("query-major") and results["measurement"] == measurement
+    assert [item["query_row"] for item in results["items"]] == queries
+    for item in results["items"]:
+        row = want.scores[item["query_index"]]
+        np.testing.assert_allclose([p["score"] for p in item["proponents"]], np.sort(row)[::-1][:7], rtol=1e-4)
+        np.testing.assert_allclose([p["score"] for p in item["opponents"]], np.sort(row)[:7], rtol=1e-4)
+        assert item["proponents"][0]["score"] >= item["opponents"][0]["score"]
+        assert all(p["train_id"] is not None for p in item["proponents"])
+    if method != "grad_cos":
+        import io
+
+        raw = client.get(f"/v1/influence-jobs/{job['id']}/artifacts/self-influence").content
+        np.testing.assert_allclose(np.load(io.BytesIO(raw)), want.self_influence, rtol=1e-4, atol=1e-6)
+
+
+def test_results_paging_and_formats(trained):
+    client, train, test, model = trained
+    body = {"model_id": model["id"], "train_dataset_id": train["id"], "query_dataset_id": test["id"],
+            "query_indices": list(range(5)), "method": {"name": "grad_dot"}, "output": {"top_k": 3}}
+    job = wait(client, submit(client, body).headers["location"])
+    first = client.get(f"/v1/influence-jobs/{job['id']}/results", params={"page_size": 2}).json()
+    assert [i["query_index"] for i in first["items"]] == [0, 1] and first["next_page_token"]
+    second = client.get(f"/v1/influence-jobs/{job['id']}/results",
+                        params={"page_size": 2, "page_token": first["next_page_token"]}).json()
+    assert [i["query_index"] for i in second["items"]] == [2, 3]
+    one = client.get(f"/v1/influence-jobs/{job['id']}/results", params={"query_index": 4}).json()
+    assert [i["query_index"] for i in one["items"]] == [4] and len(one["items"][0]["proponents"]) == 3
+    assert_problem(client.get(f"/v1/influence-jobs/{job['id']}/artifacts/scores"), 404, "artifact-not-kept")
+    # ETag round trip on the status monitor.
+    first_get = client.get(f"/v1/influence-jobs/{job['id']}")
+    again = client.get(f"/v1/influence-jobs/{job['id']}", headers={"If-None-Match": first_get.headers["etag"]})
+    assert again.status_code == 304
+
+
+def test_idempotency_key(trained):
+    client, train, test, model = trained
+    body = {"model_id": model["id"], "train_dataset_id": train["id"], "query_dataset_id": test["id"],
+            "query_indices": [1], "method": {"name": "grad_dot"}}
+    first = submit(client, body, **{"Idempotency-Key": "k-123"})
+    again = submit(client, body, **{"Idempotency-Key": "k-123"})
+    assert first.status_code == again.status_code == 202
+    assert first.json()["id"] == again.json()["id"]
+    other = submit(client, {**body, "query_indices": [2]}, **{"Idempotency-Key": "k-123"})
+    assert_problem(other, 422, "idempotency-key-reused")
+    wait(client, first.headers["location"])
+
+
+def test_submit_time_refusals(trained):
+    client, train, test, model = trained
+    base = {"model_id": model["id"], "train_dataset_id": train["id"], "query_dataset_id": test["id"],
+            "method": {"name": "tracincp"}}
+    body = assert_problem(submit(client, {**base, "method": {"name": "nope"}}), 422)
+    assert body["errors"][0]["pointer"] == "/method/name"
+    body = assert_problem(submit(client, {**base, "method": {"name": "if_exact", "params": {"damping": -1}}}), 422)
+    assert body["errors"][0]["pointer"] == "/method/params/damping"
+    body = assert_problem(submit(client, {**base, "method": {"name": "tracincp", "params": {"bogus": 1}}}), 422)
+    assert body["errors"][0]["pointer"] == "/method/params/bogus"
+    body = assert_problem(submit(client, {**base, "query_indices": [10_000]}), 422)
+    assert body["errors"][0]["pointer"] == "/query_indices"
+    body = assert_problem(submit(client, {**base, "unknown_field": 1}), 422)
+    assert body["errors"][0]["pointer"] == "/unknown_field"
+    assert_problem(client.get("/v1/influence-jobs/does-not-exist"), 404, "not-found")
+
+
+def test_cost_cap_refuses_at_submit(api_server, integration_env, tmp_path_factory, trained):
+    """A second API process with a tiny cost cap refuses the same job with 422 before queueing."""
+    import httpx
+
+    from tests.conftest import ServerProcess
+
+    client, train, test, model = trained
+    env = {**integration_env, "IA_MAX_JOB_COST": "1000", "IA_SWEEP_INTERVAL_SECONDS": "0"}
+    server = ServerProcess(env, tmp_path_factory.mktemp("cap") / "api.log", "--no-worker").wait_ready()
+    try:
+        with httpx.Client(base_url=server.url) as capped:
+            body = assert_problem(submit(capped, {
+                "model_id": model["id"], "train_dataset_id": train["id"], "method": {"name": "grad_dot"}}),
+                422, "job-too-large")
+            assert "exceeds the limit" in body["detail"]
+    finally:
+        server.stop()

@@ -1,0 +1,261 @@
+"""Run one job delivery: claim, compute with heartbeats, finish under the attempt guard.
+
+Shared by the Celery task and by anything else that wants to run a job by id
+(tests, a notebook). Never holds a DB transaction across compute.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+import torch
+from celery.exceptions import SoftTimeLimitExceeded
+
+from app.db.models import Checkpoint as CheckpointRow
+from app.db.models import Dataset, Job, Model
+from app.db.session import session_scope
+from app.estimators import (
+    Cancelled,
+    Checkpoint,
+    EstimatorError,
+    InfluenceProblem,
+    Recipe,
+    Runtime,
+    TaskSpec,
+    get_estimator,
+    train,
+)
+from app.problems import FieldError, ProblemError
+from app.services import datasets as datasets_service
+from app.services import jobs as jobs_service
+from app.services import models as models_service
+from app.services import results as results_service
+from app.services.validation import validate_params
+from app.settings import Settings
+from app.storage.artifacts import ArtifactStore
+
+log = logging.getLogger(__name__)
+
+
+class Reporter:
+    """Progress callback for estimators plus a background heartbeat.
+
+    The heartbeat thread extends the lease every ``heartbeat_seconds`` and
+    writes the latest progress; the callback itself never touches the DB, it
+    only raises :class:`Cancelled` or :class:`LeaseLost` once the thread has
+    seen the flag. Cancel latency is therefore one heartbeat plus one batch.
+    """
+
+    def __init__(self, settings: Settings, claim: jobs_service.Claim) -> None:
+        self.settings = settings
+        self.claim = claim
+        self.cancel = threading.Event()
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._progress: dict | None = None
+        self._phase: str | None = None
+        self._phase_started = time.monotonic()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{claim.job_id}", daemon=True)
+
+    def __enter__(self) -> Reporter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if phase != self._phase:
+            self._phase, self._phase_started = phase, now
+        fraction = done / total if total else 0.0
+        elapsed = now - self._phase_started
+        eta = elapsed * (total - done) / done if done and total else None
+        with self._lock:
+            self._progress = {
+                "phase": phase, "completed_units": int(done), "total_units": int(total),
+                "fraction": round(fraction, 4), "eta_seconds": None if eta is None else round(eta, 1),
+                "updated_at": datetime.now(UTC).isoformat(),
+            }
+        self.check()
+
+    def check(self) -> None:
+        if self.lost.is_set():
+            raise jobs_service.LeaseLost(self.claim.job_id)
+        if self.cancel.is_set():
+            raise Cancelled(self.claim.job_id)
+
+    @property
+    def last_progress(self) -> dict | None:
+        with self._lock:
+            return dict(self._progress) if self._progress else None
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_seconds):
+            try:
+                if jobs_service.heartbeat(self.settings, self.claim, self.last_progress):
+                    self.cancel.set()
+            except jobs_service.LeaseLost:
+                self.lost.set()
+                return
+            except Exception:  # noqa: BLE001 - DB blip: keep computing, the lease has slack
+                log.warning("heartbeat failed for job %s", self.claim.job_id, exc_info=True)
+
+
+@dataclass
+class _Loaded:
+    job: Job
+    model: Model
+    train: Dataset
+    query: Dataset | None
+    checkpoints: list
+
+
+def _device(settings: Settings) -> torch.device:
+    if settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _labels(y: np.ndarray, task: str) -> torch.Tensor:
+    return torch.as_tensor(y, dtype=torch.long if task == "classification" else torch.float32)
+
+
+def _load(settings: Settings, job_id: str) -> _Loaded:
+    with session_scope(settings) as session:
+        job = session.get(Job, job_id)
+        model = session.get(Model, job.model_id)
+        return _Loaded(job, model, session.get(Dataset, job.train_dataset_id),
+                       session.get(Dataset, job.query_dataset_id) if job.query_dataset_id else None,
+                       jobs_service.selected_checkpoints(session, job))
+
+
+def _problem_for(exc: BaseException) -> dict:
+    if isinstance(exc, ProblemError):
+        return exc.to_dict()
+    if isinstance(exc, EstimatorError):
+        errors = [FieldError(exc.parameter, exc.detail)] if exc.parameter else []
+        return ProblemError(422, exc.code, "The job could not be computed", exc.detail, errors).to_dict()
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return ProblemError(500, "timeout", "The job ran out of time",
+                            "the job exceeded the worker's time limit").to_dict()
+    if isinstance(exc, MemoryError):
+        return ProblemError(500, "resource-limit", "The job ran out of memory",
+                            "reduce chunk size, queries or model size").to_dict()
+    return ProblemError(500, "internal-error", "The job failed unexpectedly", type(exc).__name__).to_dict()
+
+
+def run_job(settings: Settings, job_id: str, worker_id: str) -> str:
+    """Run one delivery of ``job_id``; returns the outcome for logs."""
+    claim = jobs_service.claim(settings, job_id, worker_id)
+    if claim is None:
+        log.info("job %s not claimable (finished, running elsewhere or cancelled); dropping message", job_id)
+        return "skipped"
+    if settings.torch_threads > 0:
+        torch.set_num_threads(settings.torch_threads)
+    store = ArtifactStore(settings.resolved_artifact_dir)
+    with Reporter(settings, claim) as reporter:
+        try:
+            if claim.kind == "training":
+                write, progress = _train(settings, store, claim, reporter)
+            else:
+                write, progress = _influence(settings, store, claim, reporter)
+            reporter.check()
+            stored = jobs_service.finish(settings, claim, "succeeded", write=write, progress=progress)
+            return "succeeded" if stored else "lease-lost"
+        except jobs_service.LeaseLost:
+            log.warning("job %s attempt %d lost its lease; discarding its work", job_id, claim.attempt)
+            return "lease-lost"
+        except Cancelled:
+            jobs_service.finish(settings, claim, "cancelled", progress=reporter.last_progress)
+            return "cancelled"
+        except BaseException as exc:
+            if not isinstance(exc, ProblemError | EstimatorError):
+                log.exception("job %s failed", job_id)
+            jobs_service.finish(settings, claim, "failed", error=_problem_for(exc), progress=reporter.last_progress)
+            if not isinstance(exc, Exception):
+                raise
+            return "failed"
+
+
+def _done(phase: str = "done") -> dict:
+    return {"phase": phase, "completed_units": 1, "total_units": 1, "fraction": 1.0, "eta_seconds": 0.0,
+            "updated_at": datetime.now(UTC).isoformat()}
+
+
+def _influence(settings: Settings, store: ArtifactStore, claim, reporter: Reporter):
+    loaded = _load(settings, claim.job_id)
+    spec, model = loaded.job.spec, loaded.model
+    reporter("loading", 0, 1)
+    train_arrays = datasets_service.load_arrays(store, loaded.train)
+    query_ds = loaded.query or loaded.train
+    query_arrays = train_arrays if query_ds.id == loaded.train.id else datasets_service.load_arrays(store, query_ds)
+    query_rows = np.asarray(spec["query_indices"] if spec.get("query_indices") is not None
+                            else np.arange(query_ds.n_examples), dtype=np.int64)
+    recipe = validate_params(Recipe, model.recipe, "/recipe")
+    checkpoints = [
+        Checkpoint(step=c.step, learning_rate=c.learning_rate if c.learning_rate is not None else recipe.learning_rate,
+                   state=models_service.load_state(store, c.uri))
+        for c in loaded.checkpoints
+    ]
+    problem = InfluenceProblem(
+        model=models_service.build_model(model),
+        task=TaskSpec(kind=model.task, loss=model.loss),
+        weights=models_service.load_state(store, model.weights_uri),
+        train_x=torch.as_tensor(train_arrays.x),
+        train_y=_labels(train_arrays.y, model.task),
+        query_x=torch.as_tensor(query_arrays.x[query_rows]),
+        query_y=_labels(query_arrays.y[query_rows], model.task),
+        measurement=spec["measurement"],
+        checkpoints=checkpoints,
+        weight_decay=recipe.weight_decay,
+    )
+    estimator = get_estimator(spec["method"]["name"])
+    params = validate_params(estimator.Params, spec["method"]["params"], "/method/params")
+    output = spec["output"]
+    started = time.perf_counter()
+    attribution = estimator.attribute(
+        problem, params, want_scores=True, want_self_influence=output["self_influence"],
+        runtime=Runtime(device=_device(settings), chunk_size=settings.chunk_size, progress=reporter),
+    )
+    compute_seconds = time.perf_counter() - started
+    reporter("writing", 0, 1)
+    details = dict(attribution.metadata)
+    details.update(compute_seconds=round(compute_seconds, 4), device=str(_device(settings)),
+                   model_weights_sha256=model.weights_sha256, train_dataset_sha256=loaded.train.sha256,
+                   n_checkpoints=len(checkpoints), torch_version=torch.__version__)
+    prepared = results_service.prepare(
+        store, scores=attribution.scores, self_influence=attribution.self_influence, query_rows=query_rows,
+        query_ids=query_arrays.ids[query_rows] if query_arrays.ids is not None else None, train_ids=train_arrays.ids, top=output["top_k"], keep_full_matrix=output["keep_full_matrix"], details=details,
+    )
+    return prepared.write(claim.job_id, claim.attempt), _done()
+
+
+def _train(settings: Settings, store: ArtifactStore, claim, reporter: Reporter):
+    loaded = _load(settings, claim.job_id)
+    model_row = loaded.model
+    arrays = datasets_service.load_arrays(store, loaded.train)
+    recipe = validate_params(Recipe, model_row.recipe, "/recipe")
+    result = train(
+        models_service.build_model(model_row), TaskSpec(kind=model_row.task, loss=model_row.loss),
+        torch.as_tensor(arrays.x), _labels(arrays.y, model_row.task), recipe,
+        progress=reporter, device=_device(settings),
+    )
+    weights = store.put_state_dict(result.weights)
+    stored_checkpoints = [(c, store.put_state_dict(c.state)) for c in result.checkpoints]
+
+    def write(session) -> None:
+        model = session.get(Model, model_row.id)
+        model.weights_uri, model.weights_sha256, model.state, model.error = weights.uri, weights.sha256, "ready", None
+        for checkpoint, artifact in stored_checkpoints:
+            model.checkpoints.append(CheckpointRow(step=checkpoint.step, learning_rate=checkpoint.learning_rate,
+                                                   uri=artifact.uri, sha256=artifact.sha256))
+
+    return write, _done("trained")

@@ -117,13 +117,17 @@ def create(
         n_parameters=n_parameters,
         train_dataset_id=spec.train_dataset_id,
     )
+    _check_unique_steps(spec.checkpoints)
+    # Validate every file before storing any, so a bad checkpoint leaves no orphaned weights behind.
+    for upload in ([weights] if weights is not None else []) + checkpoints:
+        _check_state(module, _read_weights(upload, settings), upload.pointer)
     if weights is not None:
-        _check_state(module, _read_weights(weights, settings), weights.pointer)
         stored = store.commit(weights.path, ".safetensors", weights.sha256)
         model.weights_uri, model.weights_sha256 = stored.uri, stored.sha256
     for upload, meta in zip(checkpoints, spec.checkpoints, strict=True):
-        model.checkpoints.append(_checkpoint(store, settings, module, upload, meta))
-    _check_unique_steps(model.checkpoints)
+        stored = store.commit(upload.path, ".safetensors", upload.sha256)
+        model.checkpoints.append(Checkpoint(step=meta.step, learning_rate=meta.learning_rate, uri=stored.uri,
+                                            sha256=stored.sha256))
     session.add(model)
     session.flush()
 
@@ -138,16 +142,12 @@ def create(
 
 
 def _read_weights(upload: WeightsUpload, settings: Settings) -> dict[str, torch.Tensor]:
-    return read_state_dict(upload.path, pointer=upload.pointer, max_bytes=settings.max_upload_bytes)
+    # I64 admits BatchNorm's num_batches_tracked buffer; _check_state then pins every tensor's shape.
+    return read_state_dict(upload.path, pointer=upload.pointer, max_bytes=settings.max_upload_bytes,
+                           allowed_dtypes=("F32", "F16", "BF16", "F64", "I64"))
 
 
-def _checkpoint(store, settings, module, upload: WeightsUpload, meta: CheckpointMeta) -> Checkpoint:
-    _check_state(module, _read_weights(upload, settings), upload.pointer)
-    stored = store.commit(upload.path, ".safetensors", upload.sha256)
-    return Checkpoint(step=meta.step, learning_rate=meta.learning_rate, uri=stored.uri, sha256=stored.sha256)
-
-
-def _check_unique_steps(checkpoints: list[Checkpoint]) -> None:
+def _check_unique_steps(checkpoints: list[CheckpointMeta]) -> None:
     steps = [c.step for c in checkpoints]
     if len(set(steps)) != len(steps):
         raise invalid_field("/spec/checkpoints", "checkpoint steps must be unique")
@@ -157,7 +157,9 @@ def add_checkpoint(session: Session, store: ArtifactStore, settings: Settings, m
                    upload: WeightsUpload, meta: CheckpointMeta) -> Checkpoint:
     if any(c.step == meta.step for c in model.checkpoints):
         raise ProblemError(409, "conflict", "Checkpoint exists", f"model already has a checkpoint at step {meta.step}")
-    checkpoint = _checkpoint(store, settings, build_model(model), upload, meta)
+    _check_state(build_model(model), _read_weights(upload, settings), upload.pointer)
+    stored = store.commit(upload.path, ".safetensors", upload.sha256)
+    checkpoint = Checkpoint(step=meta.step, learning_rate=meta.learning_rate, uri=stored.uri, sha256=stored.sha256)
     model.checkpoints.append(checkpoint)
     session.flush()
     return checkpoint

@@ -896,7 +896,7 @@ def _read_parquet(
         y,
         ids,
         pointer,
-        names=("The feature columns", f"Label column {label_column!r}", f"Id column {id_column!r}"),
+        names=("The feature matrix", f"Label column {label_column!r}", f"Id column {id_column!r}"),
     )
 
 

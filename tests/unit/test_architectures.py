@@ -8,8 +8,8 @@ import logging
 import pytest
 import torch
 
-from app.estimators import architectures as A
 from app.estimators import EstimatorError, n_parameters
+from app.estimators import architectures as A
 
 
 @pytest.mark.parametrize(
@@ -22,8 +22,12 @@ from app.estimators import EstimatorError, n_parameters
         ("cnn", {}, (5, 64), (5, 10)),
         ("cnn", {"in_channels": 3, "height": 5, "width": 7, "channels": [4, 4, 4]}, (5, 3, 5, 7), (5, 10)),
         ("resnet9", {"height": 16, "width": 16, "base_channels": 8}, (2, 3 * 16 * 16), (2, 10)),
-        ("resnet9", {"in_channels": 1, "height": 8, "width": 8, "base_channels": 4, "num_classes": 3},
-         (2, 1, 8, 8), (2, 3)),
+        (
+            "resnet9",
+            {"in_channels": 1, "height": 8, "width": 8, "base_channels": 4, "num_classes": 3},
+            (2, 1, 8, 8),
+            (2, 3),
+        ),
     ],
 )
 def test_output_shapes(name, params, in_shape, out_shape):
@@ -93,8 +97,12 @@ class _FakeEntryPoint:
 
 def test_entry_point_loader_adds_good_and_skips_bad(monkeypatch, caplog):
     good = A.Architecture(
-        "tiny_plugin", "a plugin model", A.LinearParams, lambda p: torch.nn.Linear(p.in_features, 1),
-        lambda p: p.in_features, lambda p: 1,
+        "tiny_plugin",
+        "a plugin model",
+        A.LinearParams,
+        lambda p: torch.nn.Linear(p.in_features, 1),
+        lambda p: p.in_features,
+        lambda p: 1,
     )
     shadow = dataclasses.replace(good, name="linear")
     eps = [

@@ -203,7 +203,9 @@ def test_payloads_used_below_are_live(tmp_path):
     pickle.loads(pickle.dumps(_Payload(marker)))
     assert marker.exists()
     marker.unlink()
-    path = _write_zip(tmp_path / "p.npz", {"X.npy": _npy_bytes(np.array([_Payload(marker)]), allow_pickle=True)})
+    path = _write_zip(
+        tmp_path / "p.npz", {"X.npy": _npy_bytes(np.array([_Payload(marker)]), allow_pickle=True)}
+    )
     np.load(path, allow_pickle=True)["X"]
     assert marker.exists()
 
@@ -228,6 +230,27 @@ def test_pickle_uploaded_as_npz_is_refused(tmp_path, no_deserialisers):
     err = _problem(read_dataset, path, "npz", max_bytes=BIG)
     assert (err.status, err.code) == (415, "pickle-refused")
     assert not marker.exists()
+
+
+def test_torch_checkpoints_uploaded_as_datasets_are_refused(tmp_path, no_deserialisers):
+    marker = tmp_path / "pwned"
+    pt = tmp_path / "d.npz"
+    torch.save({"X": torch.ones(2, 2), "evil": _Payload(marker)}, pt)
+    assert _problem(read_dataset, pt, "npz", max_bytes=BIG).code == "pickle-refused"
+    ts = tmp_path / "ts.npz"
+    torch.jit.save(torch.jit.script(_Tiny()), str(ts))
+    assert _problem(read_dataset, ts, "npz", max_bytes=BIG).code == "executable-archive-refused"
+    assert not marker.exists()
+
+
+def test_small_members_may_compress_very_well(tmp_path):
+    """The ratio limit only applies to large members: an all-zero label vector is fine."""
+    path = tmp_path / "d.npz"
+    np.savez_compressed(path, X=np.arange(100_000, dtype=np.float32), y=np.zeros(100_000, np.int64))
+    info = zipfile.ZipFile(path).getinfo("y.npy")
+    assert info.file_size / info.compress_size > 200
+    ds = read_dataset(path, "npz", max_bytes=BIG)
+    assert ds.n_examples == 100_000 and ds.feature_shape == (1,)
 
 
 def test_lying_npy_header_is_refused_before_allocating(tmp_path):
@@ -279,7 +302,9 @@ def test_member_stream_longer_than_declared_is_a_bomb():
 def test_npz_declared_sizes_over_the_limit_are_too_large(tmp_path):
     rng = np.random.default_rng(0)
     path = tmp_path / "big.npz"
-    np.savez_compressed(path, X=rng.integers(0, 4, size=(4 * MB, 1), dtype=np.int8), y=np.zeros(4 * MB, np.int8))
+    np.savez_compressed(
+        path, X=rng.integers(0, 4, size=(4 * MB, 1), dtype=np.int8), y=np.zeros(4 * MB, np.int8)
+    )
     assert path.stat().st_size < 4 * MB
     err = _problem(read_dataset, path, "npz", max_bytes=4 * MB)
     assert (err.status, err.code) == (413, "too-large")

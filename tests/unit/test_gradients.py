@@ -143,7 +143,9 @@ def test_dtype_and_model_weights_untouched():
     assert G.dtype == torch.float32
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
-    ref = _naive(init_model("mlp", CASES["mlp"][0], 0).double(), other, x, y, lambda o, t: per_example_loss(o, t, CLS))
+    ref = _naive(
+        init_model("mlp", CASES["mlp"][0], 0).double(), other, x, y, lambda o, t: per_example_loss(o, t, CLS)
+    )
     torch.testing.assert_close(G.double(), ref, rtol=1e-4, atol=1e-5)
 
 

@@ -50,7 +50,9 @@ def test_adaptive_optimizers_are_deterministic_and_learn(optimizer):
 
 def test_weights_are_cpu_detached_state_dict_and_last_checkpoint_is_final():
     x, y = _blobs()
-    model = init_model("cnn", {"in_channels": 1, "height": 2, "width": 2, "channels": [3], "num_classes": 3}, 0)
+    model = init_model(
+        "cnn", {"in_channels": 1, "height": 2, "width": 2, "channels": [3], "num_classes": 3}, 0
+    )
     res = train(model, CLS, x, y, Recipe(epochs=2, batch_size=32, num_checkpoints=2))
     assert set(res.weights) == set(model.state_dict())
     for v in res.weights.values():
@@ -72,8 +74,15 @@ def test_weights_are_cpu_detached_state_dict_and_last_checkpoint_is_final():
 )
 def test_checkpoints_steps_and_learning_rates(schedule, expected_factors):
     x, y = _blobs(n=50)
-    recipe = Recipe(learning_rate=0.2, schedule=schedule, step_size=2, gamma=0.5, epochs=6, batch_size=16,
-                    num_checkpoints=3)
+    recipe = Recipe(
+        learning_rate=0.2,
+        schedule=schedule,
+        step_size=2,
+        gamma=0.5,
+        epochs=6,
+        batch_size=16,
+        num_checkpoints=3,
+    )
     res = train(_mlp(), CLS, x, y, recipe)
     assert checkpoint_epochs(recipe) == [2, 4, 6]
     assert [c.step for c in res.checkpoints] == [8, 16, 24]  # ceil(50/16) = 4 steps per epoch
@@ -85,9 +94,9 @@ def test_checkpoint_count_edge_cases():
     assert checkpoint_epochs(Recipe(epochs=10, num_checkpoints=3)) == [4, 7, 10]
     assert checkpoint_epochs(Recipe(epochs=2, num_checkpoints=5)) == [1, 2]
     assert checkpoint_epochs(Recipe(epochs=5, num_checkpoints=0)) == []
-    assert learning_rate_at(Recipe(schedule="step", step_size=3, gamma=0.1, learning_rate=1.0), 6) == pytest.approx(
-        0.01
-    )
+    assert learning_rate_at(
+        Recipe(schedule="step", step_size=3, gamma=0.1, learning_rate=1.0), 6
+    ) == pytest.approx(0.01)
     x, y = _blobs(n=20)
     assert train(_mlp(), CLS, x, y, Recipe(epochs=2, num_checkpoints=0)).checkpoints == []
 
@@ -96,8 +105,20 @@ def test_lbfgs_converges_on_l2_logistic_regression():
     x, y = _blobs(n=120, d=4, k=3, seed=3, dtype=torch.float64)
     model = init_model("linear", {"in_features": 4, "num_classes": 3}, 0).double()
     wd = 1e-2
-    res = train(model, CLS, x, y, Recipe(optimizer="lbfgs", learning_rate=1.0, epochs=50, weight_decay=wd,
-                                         lbfgs_tolerance=1e-10, num_checkpoints=2))
+    res = train(
+        model,
+        CLS,
+        x,
+        y,
+        Recipe(
+            optimizer="lbfgs",
+            learning_rate=1.0,
+            epochs=50,
+            weight_decay=wd,
+            lbfgs_tolerance=1e-10,
+            num_checkpoints=2,
+        ),
+    )
     model.load_state_dict(res.weights)
     model.zero_grad()
     params = list(model.parameters())

@@ -111,13 +111,13 @@ class IFExact(Estimator):
         if int(info) != 0:
             lam_min = float(torch.linalg.eigvalsh(H)[0])
             scale = float(H.diagonal().abs().mean())
-            needed = p.damping - lam_min
-            suggest = needed + max(1e-3 * scale, 1e-8)
+            needed = max(p.damping - lam_min, 0.0)  # lam_min may read >= 0 when H is borderline singular
+            suggest = max(needed, p.damping) + max(0.1 * abs(lam_min), 1e-3 * scale, 1e-8)
             raise NumericalError(
                 f"the Hessian of the training objective plus damping*I is not positive definite "
                 f"(smallest eigenvalue {lam_min:.3g} with damping={p.damping:g}, weight_decay={wd:g}); "
                 f"the model is not at a strict minimum (e.g. a non-convex or over-parameterised model). "
-                f"Increase damping above {max(needed, 0.0):.3g}, e.g. to {suggest:.2g}",
+                f"Increase damping above {needed:.3g}, e.g. to {suggest:.3g}",
                 parameter="/method/params/damping",
             )
 

@@ -1,0 +1,98 @@
+"""Faults with real processes: a worker killed with SIGKILL mid-job, and cancellation mid-job."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from sqlalchemy import create_engine, func, select
+
+from app.db.models import InfluenceResult, QueryResult
+from app.estimators import get_architecture, init_model
+from app.services.validation import validate_params
+from tests.integration.flows import builtin, register_model, submit, wait
+
+pytestmark = pytest.mark.integration
+
+SLOW_MLP = {"name": "mlp", "params": {"in_features": 64, "hidden": [256, 256], "num_classes": 10}}
+
+
+@pytest.fixture(scope="module")
+def slow_job_body(api_server):
+    """A TracInCP job that takes several seconds on one thread (85k parameters, 6 checkpoints)."""
+    import httpx
+
+    with httpx.Client(base_url=api_server.url, timeout=60) as client:
+        train = builtin(client, "sklearn:digits", "train")
+        arch = get_architecture("mlp")
+        params = validate_params(arch.Params, SLOW_MLP["params"], "")
+        states = [init_model(arch, params, seed=s).state_dict() for s in range(7)]
+        spec = {"name": "slow", "architecture": SLOW_MLP,
+                "checkpoints": [{"step": 10 * i, "learning_rate": 0.1} for i in range(6)]}
+        response = register_model(client, spec, weights=states[0], checkpoints=states[1:])
+        assert response.status_code == 201, response.text
+        model = response.json()
+    return {"model_id": model["id"], "train_dataset_id": train["id"], "query_indices": list(range(40)),
+            "method": {"name": "tracincp"}, "output": {"top_k": 5}}
+
+
+def _wait_running_with_progress(client, location: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(location).json()
+        if job["state"] == "running" and job["progress"]["completed_units"] > 0 \
+                and job["progress"]["phase"] == "train_gradients":
+            return job
+        assert job["state"] in ("queued", "running"), job
+        time.sleep(0.1)
+    raise AssertionError(f"job never showed progress: {job}")
+
+
+def test_kill9_worker_mid_job_reruns_and_stores_once(client, worker_factory, slow_job_body, integration_settings):
+    first = worker_factory()
+    location = submit(client, slow_job_body).headers["location"]
+    running = _wait_running_with_progress(client, location)
+    assert running["attempt"] == 1
+    first.kill9()
+
+    worker_factory()  # a fresh worker; the API's sweeper re-queues the job once its lease expires
+    job = wait(client, location, timeout=240)
+    assert job["state"] == "succeeded", job
+    assert job["attempt"] == 2
+
+    engine = create_engine(integration_settings.resolved_database_url)
+    with engine.connect() as conn:
+        results = conn.execute(select(InfluenceResult.attempt).where(InfluenceResult.job_id == job["id"])).all()
+        n_rows = conn.scalar(select(func.count()).select_from(QueryResult).where(QueryResult.job_id == job["id"]))
+    engine.dispose()
+    assert results == [(2,)], "exactly one result, written by the second attempt"
+    assert n_rows == len(slow_job_body["query_indices"])
+
+
+def test_cancel_mid_job_then_worker_is_free(client, worker_factory, slow_job_body):
+    worker_factory()
+    location = submit(client, slow_job_body).headers["location"]
+    _wait_running_with_progress(client, location)
+    asked = time.monotonic()
+    response = client.post(location + "/cancel")
+    assert response.status_code == 202 and response.json()["cancel_requested_at"]
+    job = wait(client, location, timeout=30)
+    took = time.monotonic() - asked
+    assert job["state"] == "cancelled", job
+    assert took < 5, f"cancellation took {took:.1f}s"
+    assert client.post(location + "/cancel").status_code == 202  # idempotent
+    results = client.get(location + "/results")
+    assert results.status_code == 409
+
+    # The worker is free again: a small job runs to completion.
+    small = {**slow_job_body, "query_indices": [0], "method": {"name": "grad_dot"}}
+    assert wait(client, submit(client, small).headers["location"], timeout=60)["state"] == "succeeded"
+
+
+def test_cancel_queued_job_is_immediate(client, slow_job_body):
+    """No worker consumes the queue here, so the job stays queued until cancelled."""
+    location = submit(client, slow_job_body).headers["location"]
+    job = client.post(location + "/cancel").json()
+    assert job["state"] == "cancelled"
+    assert client.delete(location).status_code == 204
+    assert client.get(location).status_code == 404

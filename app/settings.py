@@ -53,7 +53,7 @@ class Settings(BaseSettings):
 
     @property
     def embedded(self) -> bool:
-        return self.database_url is None
+        return not self.database_url
 
     @property
     def resolved_database_url(self) -> str:

@@ -15,22 +15,38 @@ from app.settings import get_settings
 
 def _worker_argv(queue: str, concurrency: int, loglevel: str) -> list[str]:
     return [
-        "worker", "--loglevel", loglevel, "--pool", "prefork", "--concurrency", str(concurrency),
-        "--max-tasks-per-child", "1", "-Q", queue, "--without-mingle", "--without-gossip",
+        "worker",
+        "--loglevel",
+        loglevel,
+        "--pool",
+        "prefork",
+        "--concurrency",
+        str(concurrency),
+        "--max-tasks-per-child",
+        "1",
+        "-Q",
+        queue,
+        "--without-mingle",
+        "--without-gossip",
     ]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Training-data influence service. Configuration comes from IA_* environment variables."""
-    logging.basicConfig(level=get_settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=get_settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--worker/--no-worker", default=None,
-              help="Start a Celery worker child process (default: on in the embedded profile).")
+@click.option(
+    "--worker/--no-worker",
+    default=None,
+    help="Start a Celery worker child process (default: on in the embedded profile).",
+)
 @click.option("--demo", is_flag=True, help="Once up, run the digits demo against this server and print it.")
 @click.option("--demo-output", default="demo-output", show_default=True, help="Folder for the demo's PNGs.")
 def serve(host: str, port: int, worker: bool | None, demo: bool, demo_output: str) -> None:
@@ -45,15 +61,22 @@ def serve(host: str, port: int, worker: bool | None, demo: bool, demo_output: st
     upgrade(settings.resolved_database_url)
     child = None
     if worker if worker is not None else settings.embedded:
-        argv = [sys.executable, "-m", "celery", "-A", "worker.celery_app",
-                *_worker_argv(settings.compute_queue, 1, "INFO")]
+        argv = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.celery_app",
+            *_worker_argv(settings.compute_queue, 1, "INFO"),
+        ]
         child = subprocess.Popen(argv, env=os.environ.copy())
         click.echo(f"worker started (pid {child.pid}) on {settings.resolved_broker_url}", err=True)
     if demo:
         from app.demo import run_demo_when_ready
 
-        threading.Thread(target=run_demo_when_ready, args=(f"http://{host}:{port}", demo_output),
-                         daemon=True).start()
+        threading.Thread(
+            target=run_demo_when_ready, args=(f"http://{host}:{port}", demo_output), daemon=True
+        ).start()
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level.lower())
     finally:

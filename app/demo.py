@@ -32,25 +32,53 @@ def run_demo(base_url: str, output: str) -> list[Path]:
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     with httpx.Client(base_url=base_url, timeout=60) as client:
-        train = client.post("/v1/datasets/builtin", json={"builtin": "sklearn:digits", "split": "train"}).raise_for_status().json()
-        test = client.post("/v1/datasets/builtin", json={"builtin": "sklearn:digits", "split": "test"}).raise_for_status().json()
+        train = (
+            client.post("/v1/datasets/builtin", json={"builtin": "sklearn:digits", "split": "train"})
+            .raise_for_status()
+            .json()
+        )
+        test = (
+            client.post("/v1/datasets/builtin", json={"builtin": "sklearn:digits", "split": "test"})
+            .raise_for_status()
+            .json()
+        )
         spec = {
             "name": "digits-mlp",
             "architecture": {"name": "mlp", "params": {"in_features": 64, "hidden": [64], "num_classes": 10}},
-            "recipe": {"optimizer": "sgd", "learning_rate": 0.1, "momentum": 0.9, "epochs": 20, "batch_size": 64,
-                       "weight_decay": 1e-3, "seed": 0, "num_checkpoints": 5},
+            "recipe": {
+                "optimizer": "sgd",
+                "learning_rate": 0.1,
+                "momentum": 0.9,
+                "epochs": 20,
+                "batch_size": 64,
+                "weight_decay": 1e-3,
+                "seed": 0,
+                "num_checkpoints": 5,
+            },
             "train_dataset_id": train["id"],
         }
         model = client.post("/v1/models", data={"spec": json.dumps(spec)}).raise_for_status().json()
         print(f"model {model['id']} is training ...")
-        training = _wait(client, f"/v1/training-jobs/{model['training_job_id']}", {"succeeded", "failed", "cancelled"})
+        training = _wait(
+            client, f"/v1/training-jobs/{model['training_job_id']}", {"succeeded", "failed", "cancelled"}
+        )
         if training["state"] != "succeeded":
             raise RuntimeError(f"training {training['state']}: {training['error']}")
-        job = client.post("/v1/influence-jobs", json={
-            "model_id": model["id"], "train_dataset_id": train["id"], "query_dataset_id": test["id"],
-            "query_indices": QUERIES, "method": {"name": "tracincp", "params": {}},
-            "output": {"top_k": TOP_K},
-        }).raise_for_status().json()
+        job = (
+            client.post(
+                "/v1/influence-jobs",
+                json={
+                    "model_id": model["id"],
+                    "train_dataset_id": train["id"],
+                    "query_dataset_id": test["id"],
+                    "query_indices": QUERIES,
+                    "method": {"name": "tracincp", "params": {}},
+                    "output": {"top_k": TOP_K},
+                },
+            )
+            .raise_for_status()
+            .json()
+        )
         print(f"influence job {job['id']} submitted (TracInCP over 5 checkpoints)")
         job = _wait(client, f"/v1/influence-jobs/{job['id']}", {"succeeded", "failed", "cancelled"})
         if job["state"] != "succeeded":
@@ -74,17 +102,27 @@ def _report(results: dict, out: Path) -> list[Path]:
         query_digit = int(digits.target[query_id])
         pro = [(p["train_id"], int(digits.target[p["train_id"]]), p["score"]) for p in item["proponents"]]
         opp = [(p["train_id"], int(digits.target[p["train_id"]]), p["score"]) for p in item["opponents"]]
-        print(f"digits #{query_id} (a {query_digit}): proponents "
-              + ", ".join(f"{label} (id {i}, {s:+.3g})" for i, label, s in pro)
-              + " | opponents " + ", ".join(f"{label} (id {i}, {s:+.3g})" for i, label, s in opp))
+        print(
+            f"digits #{query_id} (a {query_digit}): proponents "
+            + ", ".join(f"{label} (id {i}, {s:+.3g})" for i, label, s in pro)
+            + " | opponents "
+            + ", ".join(f"{label} (id {i}, {s:+.3g})" for i, label, s in opp)
+        )
         fig, axes = plt.subplots(1, 1 + 2 * len(pro), figsize=(1.6 * (1 + 2 * len(pro)), 2.2))
-        panels = [("query", query_id, None)] + [("pro", i, s) for i, _, s in pro] + \
-                 [("opp", i, s) for i, _, s in opp]
+        panels = (
+            [("query", query_id, None)]
+            + [("pro", i, s) for i, _, s in pro]
+            + [("opp", i, s) for i, _, s in opp]
+        )
         for ax, (kind, row, score) in zip(axes, panels, strict=True):
             ax.imshow(digits.images[row], cmap="gray_r")
             ax.set_xticks([])
             ax.set_yticks([])
-            title = f"query: {digits.target[row]}" if kind == "query" else f"{kind} {digits.target[row]}\n{score:+.2g}"
+            title = (
+                f"query: {digits.target[row]}"
+                if kind == "query"
+                else f"{kind} {digits.target[row]}\n{score:+.2g}"
+            )
             ax.set_title(title, fontsize=8, color={"query": "black", "pro": "green", "opp": "red"}[kind])
         fig.tight_layout()
         path = out / f"query-{query_id}.png"

@@ -71,8 +71,13 @@ def client(settings: Settings) -> Celery:
 def enqueue_job(settings: Settings, job_id: str) -> bool:
     """Publish; a failure is logged, not raised: the sweeper re-publishes queued jobs (outbox)."""
     try:
-        client(settings).send_task(RUN_JOB_TASK, args=[job_id], queue=settings.compute_queue,
-                                   retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2})
+        client(settings).send_task(
+            RUN_JOB_TASK,
+            args=[job_id],
+            queue=settings.compute_queue,
+            retry=True,
+            retry_policy={"max_retries": 2, "interval_start": 0.2},
+        )
         return True
     except Exception:  # noqa: BLE001 - broker down: the job row is committed, the sweeper retries
         log.warning("could not publish job %s; the sweeper will retry", job_id, exc_info=True)

@@ -61,8 +61,12 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
     app.state.settings = settings
     app.state.store = ArtifactStore(settings.resolved_artifact_dir)
     errors.install(app)
-    app.add_middleware(errors.BodyLimitMiddleware, default_limit=settings.max_json_body_bytes,
-                       upload_limit=settings.max_upload_bytes, upload_paths=UPLOAD_PATHS)
+    app.add_middleware(
+        errors.BodyLimitMiddleware,
+        default_limit=settings.max_json_body_bytes,
+        upload_limit=settings.max_upload_bytes,
+        upload_paths=UPLOAD_PATHS,
+    )
     for router in (health.router, datasets.router, models.router, jobs.router):
         app.include_router(router)
     return app

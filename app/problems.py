@@ -54,7 +54,9 @@ class ProblemError(Exception):
         return body
 
 
-def invalid_field(pointer: str, detail: str, *, status: int = 422, code: str = "invalid-request") -> ProblemError:
+def invalid_field(
+    pointer: str, detail: str, *, status: int = 422, code: str = "invalid-request"
+) -> ProblemError:
     """Shorthand for the common 'this one field is wrong' problem."""
     return ProblemError(
         status=status,

@@ -22,24 +22,40 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="IA_", env_file=".env", extra="ignore")
 
-    data_dir: Path = Field(Path(".ia"), description="Root for the embedded profile's database, queue and artifacts.")
+    data_dir: Path = Field(
+        Path(".ia"), description="Root for the embedded profile's database, queue and artifacts."
+    )
     database_url: str | None = Field(None, description="SQLAlchemy URL; unset means SQLite under data_dir.")
-    broker_url: str | None = Field(None, description="Celery broker URL; unset means filesystem:// under data_dir.")
-    artifact_dir: Path | None = Field(None, description="Where artifacts live; unset means data_dir/artifacts.")
+    broker_url: str | None = Field(
+        None, description="Celery broker URL; unset means filesystem:// under data_dir."
+    )
+    artifact_dir: Path | None = Field(
+        None, description="Where artifacts live; unset means data_dir/artifacts."
+    )
 
     # Limits checked at the door.
     max_upload_bytes: int = Field(512 * 1024 * 1024, description="Largest accepted upload body (413 beyond).")
     max_json_body_bytes: int = Field(1024 * 1024, description="Largest accepted JSON request body.")
-    max_job_cost: float = Field(2e14, description="Refuse jobs with n_train * n_query * n_parameters above this.")
-    max_model_parameters: int = Field(50_000_000, description="Refuse weights with more parameters than this.")
+    max_job_cost: float = Field(
+        2e14, description="Refuse jobs with n_train * n_query * n_parameters above this."
+    )
+    max_model_parameters: int = Field(
+        50_000_000, description="Refuse weights with more parameters than this."
+    )
     max_query_indices: int = Field(100_000, description="Most query indices a job may list.")
 
     # Job execution.
-    compute_queue: str = Field("default", description="Celery queue compute tasks go to ('gpu' on GPU workers).")
-    lease_seconds: float = Field(60.0, description="A running job whose heartbeat is older than this is re-queued.")
+    compute_queue: str = Field(
+        "default", description="Celery queue compute tasks go to ('gpu' on GPU workers)."
+    )
+    lease_seconds: float = Field(
+        60.0, description="A running job whose heartbeat is older than this is re-queued."
+    )
     heartbeat_seconds: float = Field(2.0, description="Minimum interval between progress/heartbeat writes.")
     max_attempts: int = Field(3, description="Deliveries a job gets before it is failed.")
-    sweep_interval_seconds: float = Field(10.0, description="How often the API process runs the lease sweeper.")
+    sweep_interval_seconds: float = Field(
+        10.0, description="How often the API process runs the lease sweeper."
+    )
     requeue_queued_after_seconds: float = Field(
         300.0, description="Re-publish a queued job whose message has not been picked up for this long."
     )

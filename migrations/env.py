@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from alembic import context
+
 import app.db.models  # noqa: F401  (registers tables)
 from app.db.base import Base
 from app.db.session import make_engine

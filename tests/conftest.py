@@ -97,11 +97,33 @@ class WorkerProcess:
     def start(self, timeout: float = 60) -> WorkerProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel", "INFO",
-             "--pool", "prefork", "--concurrency", "1", "--max-tasks-per-child", "1",
-             "-Q", self.env["IA_COMPUTE_QUEUE"], "--without-mingle", "--without-gossip",
-             "-n", f"test-{uuid.uuid4().hex[:6]}@%h"],
-            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.celery_app",
+                "worker",
+                "--loglevel",
+                "INFO",
+                "--pool",
+                "prefork",
+                "--concurrency",
+                "1",
+                "--max-tasks-per-child",
+                "1",
+                "-Q",
+                self.env["IA_COMPUTE_QUEUE"],
+                "--without-mingle",
+                "--without-gossip",
+                "-n",
+                f"test-{uuid.uuid4().hex[:6]}@%h",
+            ],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while b"ready." not in self.log_path.read_bytes():
@@ -156,8 +178,11 @@ class ServerProcess:
         self.log_path = log_path
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "serve", "--port", str(self.port), *args],
-            cwd=ROOT, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-            stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=ROOT,
+            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+            stdout=open(log_path, "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def wait_ready(self, timeout: float = 90) -> ServerProcess:
@@ -185,7 +210,9 @@ class ServerProcess:
 @pytest.fixture(scope="session")
 def api_server(integration_env, tmp_path_factory) -> Iterator[ServerProcess]:
     """The API process of the production profile (PostgreSQL + Redis), without a worker."""
-    server = ServerProcess(integration_env, tmp_path_factory.mktemp("api") / "api.log", "--no-worker").wait_ready()
+    server = ServerProcess(
+        integration_env, tmp_path_factory.mktemp("api") / "api.log", "--no-worker"
+    ).wait_ready()
     yield server
     server.stop()
 

@@ -80,8 +80,11 @@ class Reporter:
         eta = elapsed * (total - done) / done if done and total else None
         with self._lock:
             self._progress = {
-                "phase": phase, "completed_units": int(done), "total_units": int(total),
-                "fraction": round(fraction, 4), "eta_seconds": None if eta is None else round(eta, 1),
+                "phase": phase,
+                "completed_units": int(done),
+                "total_units": int(total),
+                "fraction": round(fraction, 4),
+                "eta_seconds": None if eta is None else round(eta, 1),
                 "updated_at": datetime.now(UTC).isoformat(),
             }
         self.check()
@@ -132,9 +135,13 @@ def _load(settings: Settings, job_id: str) -> _Loaded:
     with session_scope(settings) as session:
         job = session.get(Job, job_id)
         model = session.get(Model, job.model_id)
-        return _Loaded(job, model, session.get(Dataset, job.train_dataset_id),
-                       session.get(Dataset, job.query_dataset_id) if job.query_dataset_id else None,
-                       jobs_service.selected_checkpoints(session, job))
+        return _Loaded(
+            job,
+            model,
+            session.get(Dataset, job.train_dataset_id),
+            session.get(Dataset, job.query_dataset_id) if job.query_dataset_id else None,
+            jobs_service.selected_checkpoints(session, job),
+        )
 
 
 def _problem_for(exc: BaseException) -> dict:
@@ -144,11 +151,13 @@ def _problem_for(exc: BaseException) -> dict:
         errors = [FieldError(exc.parameter, exc.detail)] if exc.parameter else []
         return ProblemError(422, exc.code, "The job could not be computed", exc.detail, errors).to_dict()
     if isinstance(exc, SoftTimeLimitExceeded):
-        return ProblemError(500, "timeout", "The job ran out of time",
-                            "the job exceeded the worker's time limit").to_dict()
+        return ProblemError(
+            500, "timeout", "The job ran out of time", "the job exceeded the worker's time limit"
+        ).to_dict()
     if isinstance(exc, MemoryError):
-        return ProblemError(500, "resource-limit", "The job ran out of memory",
-                            "reduce chunk size, queries or model size").to_dict()
+        return ProblemError(
+            500, "resource-limit", "The job ran out of memory", "reduce chunk size, queries or model size"
+        ).to_dict()
     return ProblemError(500, "internal-error", "The job failed unexpectedly", type(exc).__name__).to_dict()
 
 
@@ -179,15 +188,23 @@ def run_job(settings: Settings, job_id: str, worker_id: str) -> str:
         except BaseException as exc:
             if not isinstance(exc, ProblemError | EstimatorError):
                 log.exception("job %s failed", job_id)
-            jobs_service.finish(settings, claim, "failed", error=_problem_for(exc), progress=reporter.last_progress)
+            jobs_service.finish(
+                settings, claim, "failed", error=_problem_for(exc), progress=reporter.last_progress
+            )
             if not isinstance(exc, Exception):
                 raise
             return "failed"
 
 
 def _done(phase: str = "done") -> dict:
-    return {"phase": phase, "completed_units": 1, "total_units": 1, "fraction": 1.0, "eta_seconds": 0.0,
-            "updated_at": datetime.now(UTC).isoformat()}
+    return {
+        "phase": phase,
+        "completed_units": 1,
+        "total_units": 1,
+        "fraction": 1.0,
+        "eta_seconds": 0.0,
+        "updated_at": datetime.now(UTC).isoformat(),
+    }
 
 
 def _influence(settings: Settings, store: ArtifactStore, claim, reporter: Reporter):
@@ -196,13 +213,20 @@ def _influence(settings: Settings, store: ArtifactStore, claim, reporter: Report
     reporter("loading", 0, 1)
     train_arrays = datasets_service.load_arrays(store, loaded.train)
     query_ds = loaded.query or loaded.train
-    query_arrays = train_arrays if query_ds.id == loaded.train.id else datasets_service.load_arrays(store, query_ds)
-    query_rows = np.asarray(spec["query_indices"] if spec.get("query_indices") is not None
-                            else np.arange(query_ds.n_examples), dtype=np.int64)
+    query_arrays = (
+        train_arrays if query_ds.id == loaded.train.id else datasets_service.load_arrays(store, query_ds)
+    )
+    query_rows = np.asarray(
+        spec["query_indices"] if spec.get("query_indices") is not None else np.arange(query_ds.n_examples),
+        dtype=np.int64,
+    )
     recipe = validate_params(Recipe, model.recipe, "/recipe")
     checkpoints = [
-        Checkpoint(step=c.step, learning_rate=c.learning_rate if c.learning_rate is not None else recipe.learning_rate,
-                   state=models_service.load_state(store, c.uri))
+        Checkpoint(
+            step=c.step,
+            learning_rate=c.learning_rate if c.learning_rate is not None else recipe.learning_rate,
+            state=models_service.load_state(store, c.uri),
+        )
         for c in loaded.checkpoints
     ]
     problem = InfluenceProblem(
@@ -222,18 +246,33 @@ def _influence(settings: Settings, store: ArtifactStore, claim, reporter: Report
     output = spec["output"]
     started = time.perf_counter()
     attribution = estimator.attribute(
-        problem, params, want_scores=True, want_self_influence=output["self_influence"],
+        problem,
+        params,
+        want_scores=True,
+        want_self_influence=output["self_influence"],
         runtime=Runtime(device=_device(settings), chunk_size=settings.chunk_size, progress=reporter),
     )
     compute_seconds = time.perf_counter() - started
     reporter("writing", 0, 1)
     details = dict(attribution.metadata)
-    details.update(compute_seconds=round(compute_seconds, 4), device=str(_device(settings)),
-                   model_weights_sha256=model.weights_sha256, train_dataset_sha256=loaded.train.sha256,
-                   n_checkpoints=len(checkpoints), torch_version=torch.__version__)
+    details.update(
+        compute_seconds=round(compute_seconds, 4),
+        device=str(_device(settings)),
+        model_weights_sha256=model.weights_sha256,
+        train_dataset_sha256=loaded.train.sha256,
+        n_checkpoints=len(checkpoints),
+        torch_version=torch.__version__,
+    )
     prepared = results_service.prepare(
-        store, scores=attribution.scores, self_influence=attribution.self_influence, query_rows=query_rows,
-        query_ids=query_arrays.ids[query_rows] if query_arrays.ids is not None else None, train_ids=train_arrays.ids, top=output["top_k"], keep_full_matrix=output["keep_full_matrix"], details=details,
+        store,
+        scores=attribution.scores,
+        self_influence=attribution.self_influence,
+        query_rows=query_rows,
+        query_ids=query_arrays.ids[query_rows] if query_arrays.ids is not None else None,
+        train_ids=train_arrays.ids,
+        top=output["top_k"],
+        keep_full_matrix=output["keep_full_matrix"],
+        details=details,
     )
     return prepared.write(claim.job_id, claim.attempt), _done()
 
@@ -244,18 +283,33 @@ def _train(settings: Settings, store: ArtifactStore, claim, reporter: Reporter):
     arrays = datasets_service.load_arrays(store, loaded.train)
     recipe = validate_params(Recipe, model_row.recipe, "/recipe")
     result = train(
-        models_service.build_model(model_row), TaskSpec(kind=model_row.task, loss=model_row.loss),
-        torch.as_tensor(arrays.x), _labels(arrays.y, model_row.task), recipe,
-        progress=reporter, device=_device(settings),
+        models_service.build_model(model_row),
+        TaskSpec(kind=model_row.task, loss=model_row.loss),
+        torch.as_tensor(arrays.x),
+        _labels(arrays.y, model_row.task),
+        recipe,
+        progress=reporter,
+        device=_device(settings),
     )
     weights = store.put_state_dict(result.weights)
     stored_checkpoints = [(c, store.put_state_dict(c.state)) for c in result.checkpoints]
 
     def write(session) -> None:
         model = session.get(Model, model_row.id)
-        model.weights_uri, model.weights_sha256, model.state, model.error = weights.uri, weights.sha256, "ready", None
+        model.weights_uri, model.weights_sha256, model.state, model.error = (
+            weights.uri,
+            weights.sha256,
+            "ready",
+            None,
+        )
         for checkpoint, artifact in stored_checkpoints:
-            model.checkpoints.append(CheckpointRow(step=checkpoint.step, learning_rate=checkpoint.learning_rate,
-                                                   uri=artifact.uri, sha256=artifact.sha256))
+            model.checkpoints.append(
+                CheckpointRow(
+                    step=checkpoint.step,
+                    learning_rate=checkpoint.learning_rate,
+                    uri=artifact.uri,
+                    sha256=artifact.sha256,
+                )
+            )
 
     return write, _done("trained")

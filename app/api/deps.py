@@ -72,8 +72,12 @@ def require_match(request: Request, model: BaseModel) -> None:
     """Optimistic concurrency for PATCH: If-Match must name the current ETag when sent."""
     expected = request.headers.get("if-match")
     if expected is not None and expected != etag_of(model):
-        raise ProblemError(412, "precondition-failed", "Precondition failed",
-                           "the resource changed since you read it; GET it again")
+        raise ProblemError(
+            412,
+            "precondition-failed",
+            "Precondition failed",
+            "the resource changed since you read it; GET it again",
+        )
 
 
 def stage_upload(stack: ExitStack, store: ArtifactStore, upload: UploadFile, pointer: str) -> WeightsUpload:
@@ -86,5 +90,3 @@ def stage_upload(stack: ExitStack, store: ArtifactStore, upload: UploadFile, poi
             out.write(block)
     upload.file.seek(0)
     return WeightsUpload(path=path, sha256=digest.hexdigest(), pointer=pointer)
-
-

@@ -18,10 +18,20 @@ from app.problems import FieldError, ProblemError
 PROBLEM_JSON = "application/problem+json"
 log = logging.getLogger(__name__)
 
-_TITLES = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found",
-           405: "Method not allowed", 409: "Conflict", 413: "Content too large", 415: "Unsupported media type",
-           422: "The request is invalid", 429: "Too many requests", 500: "Internal server error",
-           503: "Service unavailable"}
+_TITLES = {
+    400: "Bad request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict",
+    413: "Content too large",
+    415: "Unsupported media type",
+    422: "The request is invalid",
+    429: "Too many requests",
+    500: "Internal server error",
+    503: "Service unavailable",
+}
 _CODES = {404: "not-found", 405: "method-not-allowed", 413: "too-large", 415: "unsupported-media-type"}
 
 
@@ -31,8 +41,12 @@ def request_id(request: Request | None = None, scope: Scope | None = None) -> st
 
 
 def problem_response(problem: ProblemError, instance: str, rid: str) -> JSONResponse:
-    return JSONResponse(problem.to_dict(instance=instance, request_id=rid), status_code=problem.status,
-                        media_type=PROBLEM_JSON, headers=problem.headers or None)
+    return JSONResponse(
+        problem.to_dict(instance=instance, request_id=rid),
+        status_code=problem.status,
+        media_type=PROBLEM_JSON,
+        headers=problem.headers or None,
+    )
 
 
 def _pointer(loc: tuple) -> str:
@@ -52,22 +66,36 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         errors = [FieldError(_pointer(tuple(e["loc"])), e["msg"]) for e in exc.errors()]
-        problem = ProblemError(422, "invalid-request", "The request is invalid",
-                               "; ".join(f"{e.pointer}: {e.detail}" for e in errors), errors)
+        problem = ProblemError(
+            422,
+            "invalid-request",
+            "The request is invalid",
+            "; ".join(f"{e.pointer}: {e.detail}" for e in errors),
+            errors,
+        )
         return problem_response(problem, request.url.path, request_id(request))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        problem = ProblemError(exc.status_code, _CODES.get(exc.status_code, f"http-{exc.status_code}"),
-                               _TITLES.get(exc.status_code, "Error"), str(exc.detail),
-                               headers=dict(exc.headers or {}))
+        problem = ProblemError(
+            exc.status_code,
+            _CODES.get(exc.status_code, f"http-{exc.status_code}"),
+            _TITLES.get(exc.status_code, "Error"),
+            str(exc.detail),
+            headers=dict(exc.headers or {}),
+        )
         return problem_response(problem, request.url.path, request_id(request))
 
     @app.exception_handler(OperationalError)
     async def _db_down(request: Request, exc: OperationalError):
         log.warning("database unavailable: %s", exc.__class__.__name__)
-        problem = ProblemError(503, "database-unavailable", "Service unavailable",
-                               "the database is not reachable; retry shortly", headers={"Retry-After": "5"})
+        problem = ProblemError(
+            503,
+            "database-unavailable",
+            "Service unavailable",
+            "the database is not reachable; retry shortly",
+            headers={"Retry-After": "5"},
+        )
         return problem_response(problem, request.url.path, request_id(request))
 
     @app.exception_handler(DBAPIError)
@@ -79,8 +107,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        problem = ProblemError(500, "internal-error", "Internal server error",
-                               f"an unexpected error occurred (request {request_id(request)})")
+        problem = ProblemError(
+            500,
+            "internal-error",
+            "Internal server error",
+            f"an unexpected error occurred (request {request_id(request)})",
+        )
         return problem_response(problem, request.url.path, request_id(request))
 
 

@@ -30,6 +30,7 @@ from .base import (
     ProgressCallback,
     Runtime,
     TaskSpec,
+    TrainState,
     get_estimator,
     register,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "NumericalError",
     "ProblemSize",
     "ProgressCallback",
+    "TrainState",
     "Recipe",
     "Runtime",
     "TaskSpec",

@@ -130,6 +130,21 @@ class Runtime:
 
 
 @dataclass
+class TrainState:
+    """Train-side work an estimator can reuse across jobs on the same model and training set.
+
+    Examples: a Cholesky factor of the Hessian, EK-FAC eigenbases, TRAK's projected
+    training features and kernel inverse. The service stores it as an artifact keyed by
+    (weights, checkpoints, training set, :meth:`Estimator.state_params`, code version),
+    so a second job with new queries skips the train-side pass. ``tensors`` must be
+    plain tensors (saved as safetensors); ``info`` must be JSON-serialisable.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Attribution:
     """An estimator's output: the full score matrix and/or self-influence."""
 
@@ -150,6 +165,18 @@ class Estimator:
     Params: ClassVar[type]
     needs_checkpoints: ClassVar[bool] = False
     supports_self_influence: ClassVar[bool] = True
+    checkpoint_additive: ClassVar[bool] = False
+    """Scores are a sum over checkpoints, so a job may be sharded by checkpoint and summed."""
+
+    def fit(
+        self, problem: InfluenceProblem, params: Any, runtime: Runtime | None = None
+    ) -> TrainState | None:
+        """The cacheable train-side pass; ``None`` when the method has none worth caching."""
+        return None
+
+    def state_params(self, params: Any) -> dict[str, Any]:
+        """The parameters that change :meth:`fit`'s output (part of the cache key)."""
+        return dataclasses.asdict(params) if dataclasses.is_dataclass(params) else dict(params or {})
 
     def attribute(
         self,
@@ -159,7 +186,16 @@ class Estimator:
         want_scores: bool = True,
         want_self_influence: bool = False,
         runtime: Runtime | None = None,
+        state: TrainState | None = None,
+        train_range: tuple[int, int] | None = None,
     ) -> Attribution:
+        """Score queries against training examples.
+
+        ``state`` is the output of :meth:`fit` for this problem (computed here when
+        None). ``train_range=(lo, hi)`` restricts the work to training columns
+        ``lo..hi-1`` (a shard): scores are then ``m x (hi - lo)`` and self-influence
+        ``hi - lo`` long, while normalisations still use the full ``n``.
+        """
         raise NotImplementedError
 
     def check(self, problem_size: ProblemSize, params: Any) -> None:

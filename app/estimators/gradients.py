@@ -354,20 +354,37 @@ def query_gradients(
     return torch.cat(rows, dim=0)
 
 
+def column_range(problem: InfluenceProblem, train_range: tuple[int, int] | None) -> tuple[int, int]:
+    """Validated ``(lo, hi)`` training columns of a shard (all of them when ``train_range`` is None)."""
+    n = problem.n_train
+    lo, hi = (0, n) if train_range is None else (int(train_range[0]), int(train_range[1]))
+    if not 0 <= lo <= hi <= n:
+        raise EstimatorError(f"train_range {train_range} is outside [0, {n}]", parameter="/train_range")
+    return lo, hi
+
+
 def train_gradients(
-    problem: InfluenceProblem, state: dict[str, torch.Tensor], runtime: Runtime
+    problem: InfluenceProblem,
+    state: dict[str, torch.Tensor],
+    runtime: Runtime,
+    train_range: tuple[int, int] | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Stream ``(start, stop, G)`` chunks of training-loss gradients at ``state``."""
+    """Stream ``(start, stop, G)`` chunks of training-loss gradients at ``state``.
+
+    With ``train_range=(lo, hi)`` only rows ``lo..hi-1`` are computed and
+    ``start``/``stop`` are relative to ``lo`` (column indices of the shard's output).
+    """
+    lo, hi = column_range(problem, train_range)
     return per_sample_gradients(
         problem.model,
         state,
-        problem.train_x,
-        problem.train_y,
+        problem.train_x[lo:hi],
+        problem.train_y[lo:hi],
         train_objective(problem.task),
         chunk_size=runtime.chunk_size,
         device=runtime.device,
         dtype=runtime.dtype,
-        what="training examples",
+        what="training examples" if lo == 0 else f"training examples (from row {lo})",
     )
 
 
@@ -406,3 +423,16 @@ def as_params(params_cls: type, params: Any) -> Any:
         except TypeError as e:
             raise EstimatorError(f"invalid method parameters: {e}", parameter="/method/params") from None
     raise TypeError(f"params must be None, a dict or {params_cls.__name__}, not {type(params).__name__}")
+
+
+def warm_up() -> None:
+    """Pay torch.func's one-off initialisation (about a second) on a tiny CPU model.
+
+    Celery forks a fresh child per job; calling this in the parent before the fork
+    means no child pays it again. Never touches CUDA.
+    """
+    tiny = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
+    objective = train_objective(TaskSpec())
+    x, y = torch.zeros(2, 2), torch.zeros(2, dtype=torch.long)
+    for _ in per_sample_gradients(tiny, tiny.state_dict(), x, y, objective, chunk_size=2):
+        pass

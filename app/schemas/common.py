@@ -19,7 +19,9 @@ class ReadModel(BaseModel):
 
 class Page(BaseModel, Generic[T]):
     items: list[T]
-    next_page_token: str | None = Field(None, description="Pass as page_token to get the next page; absent at the end.")
+    next_page_token: str | None = Field(
+        None, description="Pass as page_token to get the next page; absent at the end."
+    )
 
 
 class FieldProblem(BaseModel):

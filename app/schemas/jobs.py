@@ -17,15 +17,21 @@ class MethodSpec(RequestModel):
 
 class OutputSpec(RequestModel):
     top_k: int = Field(10, ge=1, le=1000, description="Proponents and opponents kept per query.")
-    keep_full_matrix: bool = Field(False, description="Store the full query-major m x n score matrix as an artifact.")
+    keep_full_matrix: bool = Field(
+        False, description="Store the full query-major m x n score matrix as an artifact."
+    )
     self_influence: bool = Field(False, description="Also compute each training example's self-influence.")
 
 
 class JobCreate(RequestModel):
     model_id: str
-    checkpoint_ids: list[str] | None = Field(None, description="Checkpoints to use (default: all of the model's).")
+    checkpoint_ids: list[str] | None = Field(
+        None, description="Checkpoints to use (default: all of the model's)."
+    )
     train_dataset_id: str
-    query_dataset_id: str | None = Field(None, description="Default: the training dataset (with query_indices).")
+    query_dataset_id: str | None = Field(
+        None, description="Default: the training dataset (with query_indices)."
+    )
     query_indices: list[int] | None = Field(None, description="Rows of the query dataset (default: all).")
     method: MethodSpec
     measurement: Literal["loss", "margin"] = "loss"
@@ -69,7 +75,9 @@ class Influence(ReadModel):
 
 
 class QueryResultRead(ReadModel):
-    query_index: int = Field(description="Position of the query within this job's query list (row of the matrix).")
+    query_index: int = Field(
+        description="Position of the query within this job's query list (row of the matrix)."
+    )
     query_row: int = Field(description="Row of the query dataset.")
     query_id: int | None = Field(None, description="The query dataset's own id of that row, when it has ids.")
     proponents: list[Influence]

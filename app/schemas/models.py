@@ -10,12 +10,16 @@ from app.schemas.common import ReadModel, RequestModel
 
 class ArchitectureSpec(RequestModel):
     name: str = Field(description="An architecture from the server-side registry (GET /v1/architectures).")
-    params: dict[str, Any] = Field(default_factory=dict, description="Keyword parameters of that architecture.")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword parameters of that architecture."
+    )
 
 
 class CheckpointMeta(RequestModel):
     step: int = Field(ge=0)
-    learning_rate: float | None = Field(None, ge=0, description="Learning rate in effect at this step (eta_t).")
+    learning_rate: float | None = Field(
+        None, ge=0, description="Learning rate in effect at this step (eta_t)."
+    )
 
 
 class ModelCreate(RequestModel):
@@ -26,10 +30,12 @@ class ModelCreate(RequestModel):
     task: Literal["classification", "regression"] = "classification"
     loss: Literal["cross_entropy", "mse"] = "cross_entropy"
     recipe: dict[str, Any] = Field(
-        default_factory=dict, description="Training recipe (optimizer, lr, schedule, epochs, ...); see GET /v1/architectures."
+        default_factory=dict,
+        description="Training recipe (optimizer, lr, schedule, epochs, ...); see GET /v1/architectures.",
     )
     train_dataset_id: str | None = Field(
-        None, description="Dataset the model was (or will be) trained on. Without weights, the service trains on it."
+        None,
+        description="Training dataset; without weights, the service trains the model on it.",
     )
     checkpoints: list[CheckpointMeta] = Field(
         default_factory=list, description="Step and learning rate of each uploaded checkpoint file, in order."

@@ -84,9 +84,13 @@ def create_from_upload(
     max_bytes: int,
 ) -> Dataset:
     """Validate the uploaded file completely before anything is stored."""
-    ds = read_dataset(path, fmt, pointer="/file", max_bytes=max_bytes, label_column=label_column, id_column=id_column)
+    ds = read_dataset(
+        path, fmt, pointer="/file", max_bytes=max_bytes, label_column=label_column, id_column=id_column
+    )
     details = {"label_column": label_column} if fmt == "parquet" else {}
-    return _store(session, store, ds, name=name, source="upload", fmt=fmt, upload_sha256=upload_sha256, details=details)
+    return _store(
+        session, store, ds, name=name, source="upload", fmt=fmt, upload_sha256=upload_sha256, details=details
+    )
 
 
 def _load_builtin(spec: BuiltinDatasetCreate) -> ArrayDataset:
@@ -116,7 +120,9 @@ def create_builtin(session: Session, store: ArtifactStore, spec: BuiltinDatasetC
     ds = _load_builtin(spec)
     name = spec.name or f"{spec.builtin}[{spec.split}]"
     details = spec.model_dump(exclude={"name"})
-    return _store(session, store, ds, name=name, source="builtin", fmt="builtin", upload_sha256=None, details=details)
+    return _store(
+        session, store, ds, name=name, source="builtin", fmt="builtin", upload_sha256=None, details=details
+    )
 
 
 def get(session: Session, dataset_id: str) -> Dataset:

@@ -72,7 +72,9 @@ def _validate(session: Session, settings: Settings, body: JobCreate) -> tuple[Mo
     for ds, ptr in ((train, "/train_dataset_id"), (query, "/query_dataset_id")):
         if ds.feature_shape != train.feature_shape:
             raise invalid_field(ptr, "query and train datasets have different feature shapes")
-        if model.task == "classification" and (ds.label_kind != "int" or (ds.num_classes or 0) > _outputs(model)):
+        if model.task == "classification" and (
+            ds.label_kind != "int" or (ds.num_classes or 0) > _outputs(model)
+        ):
             raise invalid_field(ptr, "labels do not fit the model's classes")
     if body.query_indices is not None:
         if len(body.query_indices) > settings.max_query_indices:
@@ -91,7 +93,9 @@ def _validate(session: Session, settings: Settings, body: JobCreate) -> tuple[Mo
             raise invalid_field("/checkpoint_ids", f"not checkpoints of this model: {missing[:5]}")
         checkpoints = [by_id[cid] for cid in body.checkpoint_ids]
     if estimator.needs_checkpoints and not checkpoints:
-        raise invalid_field("/checkpoint_ids", f"{estimator.name} needs at least one checkpoint; the model has none")
+        raise invalid_field(
+            "/checkpoint_ids", f"{estimator.name} needs at least one checkpoint; the model has none"
+        )
     if body.output.self_influence and not estimator.supports_self_influence:
         raise invalid_field("/output/self_influence", f"{estimator.name} has no self-influence")
 
@@ -99,10 +103,14 @@ def _validate(session: Session, settings: Settings, body: JobCreate) -> tuple[Mo
     size = ProblemSize(train.n_examples, n_query, model.n_parameters, len(checkpoints))
     cost = float(size.n_train) * size.n_query * size.n_parameters * max(1, size.n_checkpoints)
     if cost > settings.max_job_cost:
-        raise ProblemError(422, "job-too-large", "The job exceeds the cost limit",
-                           f"n_train x n_query x n_parameters x checkpoints = {cost:.3g} exceeds the limit "
-                           f"{settings.max_job_cost:.3g}; use fewer queries or a smaller model",
-                           [FieldError("/query_indices", "too many queries for this model and training set")])
+        raise ProblemError(
+            422,
+            "job-too-large",
+            "The job exceeds the cost limit",
+            f"n_train x n_query x n_parameters x checkpoints = {cost:.3g} exceeds the limit "
+            f"{settings.max_job_cost:.3g}; use fewer queries or a smaller model",
+            [FieldError("/query_indices", "too many queries for this model and training set")],
+        )
     try:
         estimator.check(size, params)
     except EstimatorError as exc:
@@ -160,8 +168,12 @@ def submit_influence(
 def _by_idempotency_key(session: Session, key: str, request_hash: str) -> Job | None:
     job = session.scalar(select(Job).where(Job.idempotency_key == key))
     if job is not None and job.request_hash != request_hash:
-        raise ProblemError(422, "idempotency-key-reused", "Idempotency-Key reused",
-                           "this Idempotency-Key was used with a different request body")
+        raise ProblemError(
+            422,
+            "idempotency-key-reused",
+            "Idempotency-Key reused",
+            "this Idempotency-Key was used with a different request body",
+        )
     return job
 
 
@@ -179,7 +191,9 @@ def get(session: Session, job_id: str, kind: str | None = "influence") -> Job:
     return job
 
 
-def list_page(session: Session, page_size: int, page_token: str | None, state: str | None, model_id: str | None):
+def list_page(
+    session: Session, page_size: int, page_token: str | None, state: str | None, model_id: str | None
+):
     stmt = select(Job).where(Job.kind == "influence")
     if state:
         stmt = stmt.where(Job.state == state)
@@ -195,7 +209,8 @@ def request_cancel(session: Session, job: Job) -> Job:
     now = utcnow()
     if job.state == "queued":
         session.execute(
-            update(Job).where(Job.id == job.id, Job.state == "queued")
+            update(Job)
+            .where(Job.id == job.id, Job.state == "queued")
             .values(state="cancelled", cancel_requested_at=now, finished_at=now, updated_at=now)
         )
     elif job.state == "running" and job.cancel_requested_at is None:
@@ -228,10 +243,22 @@ def claim(settings: Settings, job_id: str, worker_id: str) -> Claim | None:
                 Job.cancel_requested_at.is_(None),
                 (Job.state == "queued") | ((Job.state == "running") & (Job.lease_expires_at < now)),
             )
-            .values(state="running", attempt=Job.attempt + 1, worker_id=worker_id, heartbeat_at=now,
-                    lease_expires_at=lease_until, started_at=now, updated_at=now,
-                    progress={"phase": "starting", "completed_units": 0, "total_units": 0, "fraction": 0.0,
-                              "updated_at": now.isoformat()})
+            .values(
+                state="running",
+                attempt=Job.attempt + 1,
+                worker_id=worker_id,
+                heartbeat_at=now,
+                lease_expires_at=lease_until,
+                started_at=now,
+                updated_at=now,
+                progress={
+                    "phase": "starting",
+                    "completed_units": 0,
+                    "total_units": 0,
+                    "fraction": 0.0,
+                    "updated_at": now.isoformat(),
+                },
+            )
             .returning(Job.kind, Job.attempt)
         ).first()
     return Claim(job_id, row.kind, row.attempt) if row else None
@@ -270,7 +297,13 @@ def finish(
     """
     assert state in TERMINAL_STATES
     now = utcnow()
-    values: dict = {"state": state, "finished_at": now, "error": error, "lease_expires_at": None, "updated_at": now}
+    values: dict = {
+        "state": state,
+        "finished_at": now,
+        "error": error,
+        "lease_expires_at": None,
+        "updated_at": now,
+    }
     if progress is not None:
         values["progress"] = progress
     with session_scope(settings) as session:
@@ -313,29 +346,43 @@ def sweep(settings: Settings, *, requeue_all_queued: bool = False) -> list[str]:
         for job_id, attempt, max_attempts, cancel_requested_at in expired:
             guard = (Job.id == job_id) & (Job.state == "running") & (Job.attempt == attempt)
             if cancel_requested_at is not None:
-                session.execute(update(Job).where(guard).values(state="cancelled", finished_at=now, updated_at=now))
+                session.execute(
+                    update(Job).where(guard).values(state="cancelled", finished_at=now, updated_at=now)
+                )
             elif attempt < max_attempts:
                 moved = session.execute(
-                    update(Job).where(guard).values(state="queued", enqueued_at=now, updated_at=now,
-                                                    lease_expires_at=None, worker_id=None)
+                    update(Job)
+                    .where(guard)
+                    .values(
+                        state="queued", enqueued_at=now, updated_at=now, lease_expires_at=None, worker_id=None
+                    )
                 ).rowcount
                 if moved:
                     publish.append(job_id)
             else:
-                problem = ProblemError(500, "worker-lost", "The job's worker stopped",
-                                       f"the worker stopped heartbeating on all {max_attempts} attempts")
+                problem = ProblemError(
+                    500,
+                    "worker-lost",
+                    "The job's worker stopped",
+                    f"the worker stopped heartbeating on all {max_attempts} attempts",
+                )
                 moved = session.execute(
-                    update(Job).where(guard).values(state="failed", finished_at=now, updated_at=now,
-                                                    error=problem.to_dict())
+                    update(Job)
+                    .where(guard)
+                    .values(state="failed", finished_at=now, updated_at=now, error=problem.to_dict())
                 ).rowcount
                 job = session.get(Job, job_id)
                 if moved and job.kind == "training":
                     _fail_model(session, job_id, problem.to_dict())
         stale = select(Job.id).where(Job.state == "queued")
         if not requeue_all_queued:
-            stale = stale.where(Job.enqueued_at < now - timedelta(seconds=settings.requeue_queued_after_seconds))
+            stale = stale.where(
+                Job.enqueued_at < now - timedelta(seconds=settings.requeue_queued_after_seconds)
+            )
         for job_id in session.scalars(stale).all():
-            session.execute(update(Job).where(Job.id == job_id, Job.state == "queued").values(enqueued_at=now))
+            session.execute(
+                update(Job).where(Job.id == job_id, Job.state == "queued").values(enqueued_at=now)
+            )
             publish.append(job_id)
     for job_id in publish:
         dispatch.enqueue_job(settings, job_id)

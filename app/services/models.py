@@ -42,13 +42,20 @@ def _check_state(module: torch.nn.Module, state: dict[str, torch.Tensor], pointe
     errors = [FieldError(pointer, f"missing tensor {k!r}") for k in expected if k not in state]
     errors += [FieldError(pointer, f"unexpected tensor {k!r}") for k in state if k not in expected]
     errors += [
-        FieldError(pointer, f"tensor {k!r} has shape {list(v.shape)}, architecture expects {list(expected[k].shape)}")
+        FieldError(
+            pointer, f"tensor {k!r} has shape {list(v.shape)}, architecture expects {list(expected[k].shape)}"
+        )
         for k, v in state.items()
         if k in expected and tuple(v.shape) != tuple(expected[k].shape)
     ]
     if errors:
-        raise ProblemError(422, "weights-mismatch", "Weights do not fit the architecture",
-                           "; ".join(e.detail for e in errors), errors)
+        raise ProblemError(
+            422,
+            "weights-mismatch",
+            "Weights do not fit the architecture",
+            "; ".join(e.detail for e in errors),
+            errors,
+        )
     module.load_state_dict(state, strict=True)
 
 
@@ -57,14 +64,18 @@ def _check_dataset_fits(arch, params, task: TaskSpec, dataset: Dataset, pointer:
     for d in dataset.feature_shape:
         n_features *= d
     if n_features != arch.n_features(params):
-        raise invalid_field(pointer, f"dataset has {n_features} features per example, "
-                                     f"architecture expects {arch.n_features(params)}")
+        raise invalid_field(
+            pointer,
+            f"dataset has {n_features} features per example, architecture expects {arch.n_features(params)}",
+        )
     outputs = arch.n_outputs(params)
     if task.kind == "classification":
         if dataset.label_kind != "int":
             raise invalid_field(pointer, "classification needs integer labels")
         if dataset.num_classes is not None and dataset.num_classes > outputs:
-            raise invalid_field(pointer, f"labels go up to {dataset.num_classes - 1}, model has {outputs} outputs")
+            raise invalid_field(
+                pointer, f"labels go up to {dataset.num_classes - 1}, model has {outputs} outputs"
+            )
     elif outputs != 1:
         raise invalid_field("/spec/architecture/params", "regression models need exactly one output")
 
@@ -91,8 +102,10 @@ def create(
         raise invalid_field("/spec/architecture/params", f"cannot build the architecture: {exc}") from None
     n_parameters = sum(p.numel() for p in module.parameters())
     if n_parameters > settings.max_model_parameters:
-        raise invalid_field("/spec/architecture/params",
-                            f"{n_parameters} parameters exceed the limit of {settings.max_model_parameters}")
+        raise invalid_field(
+            "/spec/architecture/params",
+            f"{n_parameters} parameters exceed the limit of {settings.max_model_parameters}",
+        )
 
     dataset = None
     if spec.train_dataset_id is not None:
@@ -101,10 +114,14 @@ def create(
             raise invalid_field("/spec/train_dataset_id", f"no dataset {spec.train_dataset_id}")
         _check_dataset_fits(arch, params, task, dataset, "/spec/train_dataset_id")
     if weights is None and dataset is None:
-        raise invalid_field("/weights", "upload weights, or give train_dataset_id so the service trains the model")
+        raise invalid_field(
+            "/weights", "upload weights, or give train_dataset_id so the service trains the model"
+        )
     if len(checkpoints) != len(spec.checkpoints):
-        raise invalid_field("/spec/checkpoints", f"{len(checkpoints)} checkpoint files but "
-                                                 f"{len(spec.checkpoints)} entries in spec.checkpoints")
+        raise invalid_field(
+            "/spec/checkpoints",
+            f"{len(checkpoints)} checkpoint files but {len(spec.checkpoints)} entries in spec.checkpoints",
+        )
 
     model = Model(
         name=spec.name,
@@ -126,15 +143,21 @@ def create(
         model.weights_uri, model.weights_sha256 = stored.uri, stored.sha256
     for upload, meta in zip(checkpoints, spec.checkpoints, strict=True):
         stored = store.commit(upload.path, ".safetensors", upload.sha256)
-        model.checkpoints.append(Checkpoint(step=meta.step, learning_rate=meta.learning_rate, uri=stored.uri,
-                                            sha256=stored.sha256))
+        model.checkpoints.append(
+            Checkpoint(step=meta.step, learning_rate=meta.learning_rate, uri=stored.uri, sha256=stored.sha256)
+        )
     session.add(model)
     session.flush()
 
     job = None
     if weights is None:
-        job = Job(kind="training", model_id=model.id, train_dataset_id=dataset.id, spec={},
-                  max_attempts=settings.max_attempts)
+        job = Job(
+            kind="training",
+            model_id=model.id,
+            train_dataset_id=dataset.id,
+            spec={},
+            max_attempts=settings.max_attempts,
+        )
         session.add(job)
         session.flush()
         model.training_job_id = job.id
@@ -143,8 +166,12 @@ def create(
 
 def _read_weights(upload: WeightsUpload, settings: Settings) -> dict[str, torch.Tensor]:
     # I64 admits BatchNorm's num_batches_tracked buffer; _check_state then pins every tensor's shape.
-    return read_state_dict(upload.path, pointer=upload.pointer, max_bytes=settings.max_upload_bytes,
-                           allowed_dtypes=("F32", "F16", "BF16", "F64", "I64"))
+    return read_state_dict(
+        upload.path,
+        pointer=upload.pointer,
+        max_bytes=settings.max_upload_bytes,
+        allowed_dtypes=("F32", "F16", "BF16", "F64", "I64"),
+    )
 
 
 def _check_unique_steps(checkpoints: list[CheckpointMeta]) -> None:
@@ -153,13 +180,23 @@ def _check_unique_steps(checkpoints: list[CheckpointMeta]) -> None:
         raise invalid_field("/spec/checkpoints", "checkpoint steps must be unique")
 
 
-def add_checkpoint(session: Session, store: ArtifactStore, settings: Settings, model: Model,
-                   upload: WeightsUpload, meta: CheckpointMeta) -> Checkpoint:
+def add_checkpoint(
+    session: Session,
+    store: ArtifactStore,
+    settings: Settings,
+    model: Model,
+    upload: WeightsUpload,
+    meta: CheckpointMeta,
+) -> Checkpoint:
     if any(c.step == meta.step for c in model.checkpoints):
-        raise ProblemError(409, "conflict", "Checkpoint exists", f"model already has a checkpoint at step {meta.step}")
+        raise ProblemError(
+            409, "conflict", "Checkpoint exists", f"model already has a checkpoint at step {meta.step}"
+        )
     _check_state(build_model(model), _read_weights(upload, settings), upload.pointer)
     stored = store.commit(upload.path, ".safetensors", upload.sha256)
-    checkpoint = Checkpoint(step=meta.step, learning_rate=meta.learning_rate, uri=stored.uri, sha256=stored.sha256)
+    checkpoint = Checkpoint(
+        step=meta.step, learning_rate=meta.learning_rate, uri=stored.uri, sha256=stored.sha256
+    )
     model.checkpoints.append(checkpoint)
     session.flush()
     return checkpoint
@@ -185,9 +222,9 @@ def rename(session: Session, model: Model, name: str) -> Model:
 
 def delete(session: Session, model: Model) -> None:
     active = session.scalar(
-        select(func.count()).select_from(Job).where(
-            Job.model_id == model.id, Job.state.in_(("queued", "running")), Job.kind == "influence"
-        )
+        select(func.count())
+        .select_from(Job)
+        .where(Job.model_id == model.id, Job.state.in_(("queued", "running")), Job.kind == "influence")
     )
     if active or model.state == "training":
         raise ProblemError(409, "model-in-use", "Model in use", "the model has queued or running jobs")

@@ -27,9 +27,17 @@ class PreparedResult:
 
     def write(self, job_id: str, attempt: int):
         def _write(session: Session) -> None:
-            session.add(InfluenceResult(job_id=job_id, attempt=attempt, n_queries=self.n_queries,
-                                        n_train=self.n_train, scores_uri=self.scores_uri,
-                                        self_influence_uri=self.self_influence_uri, details=self.details))
+            session.add(
+                InfluenceResult(
+                    job_id=job_id,
+                    attempt=attempt,
+                    n_queries=self.n_queries,
+                    n_train=self.n_train,
+                    scores_uri=self.scores_uri,
+                    self_influence_uri=self.self_influence_uri,
+                    details=self.details,
+                )
+            )
             session.flush()
             session.execute(QueryResult.__table__.insert(), [dict(job_id=job_id, **row) for row in self.rows])
 
@@ -60,17 +68,34 @@ def prepare(
     n_train = int(scores.shape[1]) if scores is not None else int(len(self_influence))
     if scores is not None:
         if not np.isfinite(scores).all():
-            raise ProblemError(500, "numerical-instability", "Scores are not finite",
-                               "the estimator produced NaN or infinite scores; try more damping")
+            raise ProblemError(
+                500,
+                "numerical-instability",
+                "Scores are not finite",
+                "the estimator produced NaN or infinite scores; try more damping",
+            )
         pro, opp = top_k(scores, top)
 
         def entries(j: int, idx: np.ndarray) -> list[dict]:
-            return [{"train_index": int(i), "train_id": int(train_ids[i]) if train_ids is not None else None,
-                     "score": float(scores[j, i])} for i in idx]
+            return [
+                {
+                    "train_index": int(i),
+                    "train_id": int(train_ids[i]) if train_ids is not None else None,
+                    "score": float(scores[j, i]),
+                }
+                for i in idx
+            ]
 
-        rows = [{"query_index": j, "query_row": int(query_rows[j]),
-                 "query_id": int(query_ids[j]) if query_ids is not None else None, "proponents": entries(j, pro[j]),
-                 "opponents": entries(j, opp[j])} for j in range(scores.shape[0])]
+        rows = [
+            {
+                "query_index": j,
+                "query_row": int(query_rows[j]),
+                "query_id": int(query_ids[j]) if query_ids is not None else None,
+                "proponents": entries(j, pro[j]),
+                "opponents": entries(j, opp[j]),
+            }
+            for j in range(scores.shape[0])
+        ]
         if keep_full_matrix:
             scores_uri = store.put_npy(np.ascontiguousarray(scores, dtype=np.float32)).uri
     if self_influence is not None:
@@ -80,8 +105,13 @@ def prepare(
 
 def get_result(session: Session, job: Job) -> InfluenceResult:
     if job.state != "succeeded":
-        raise ProblemError(409, "job-not-succeeded", "No results yet", f"the job is {job.state}",
-                           headers={"Retry-After": "2"} if job.state in ("queued", "running") else {})
+        raise ProblemError(
+            409,
+            "job-not-succeeded",
+            "No results yet",
+            f"the job is {job.state}",
+            headers={"Retry-After": "2"} if job.state in ("queued", "running") else {},
+        )
     result = session.get(InfluenceResult, job.id)
     if result is None:  # cannot happen: state and result commit together
         raise ProblemError(500, "result-missing", "Result missing", "the job succeeded but has no result")

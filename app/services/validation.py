@@ -27,8 +27,13 @@ def pointer(prefix: str, loc: tuple[Any, ...]) -> str:
 def validate_params(cls: type, data: dict[str, Any], prefix: str) -> Any:
     """Validate ``data`` against dataclass ``cls``; unknown keys are errors too."""
     if not isinstance(data, dict):
-        raise ProblemError(422, "invalid-request", "The request is invalid", "expected an object",
-                           [FieldError(prefix, "expected an object")])
+        raise ProblemError(
+            422,
+            "invalid-request",
+            "The request is invalid",
+            "expected an object",
+            [FieldError(prefix, "expected an object")],
+        )
     known = set(cls.__dataclass_fields__)
     errors = [FieldError(f"{prefix}/{key}", "unknown parameter") for key in data if key not in known]
     try:
@@ -36,8 +41,13 @@ def validate_params(cls: type, data: dict[str, Any], prefix: str) -> Any:
     except ValidationError as exc:
         errors += [FieldError(pointer(prefix, err["loc"]), err["msg"]) for err in exc.errors()]
     if errors:
-        raise ProblemError(422, "invalid-parameters", "Invalid parameters",
-                           "; ".join(f"{e.pointer}: {e.detail}" for e in errors), errors)
+        raise ProblemError(
+            422,
+            "invalid-parameters",
+            "Invalid parameters",
+            "; ".join(f"{e.pointer}: {e.detail}" for e in errors),
+            errors,
+        )
     return value
 
 

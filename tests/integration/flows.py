@@ -14,8 +14,16 @@ from safetensors.torch import save as save_tensors
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 DIGITS_MLP = {"name": "mlp", "params": {"in_features": 64, "hidden": [32], "num_classes": 10}}
-FAST_RECIPE = {"optimizer": "sgd", "learning_rate": 0.1, "momentum": 0.9, "epochs": 8, "batch_size": 64,
-               "weight_decay": 1e-3, "seed": 0, "num_checkpoints": 3}
+FAST_RECIPE = {
+    "optimizer": "sgd",
+    "learning_rate": 0.1,
+    "momentum": 0.9,
+    "epochs": 8,
+    "batch_size": 64,
+    "weight_decay": 1e-3,
+    "seed": 0,
+    "num_checkpoints": 3,
+}
 
 
 def builtin(client: httpx.Client, name: str, split: str = "all") -> dict:
@@ -24,13 +32,19 @@ def builtin(client: httpx.Client, name: str, split: str = "all") -> dict:
     return response.json()
 
 
-def register_model(client: httpx.Client, spec: dict, weights: dict[str, torch.Tensor] | None = None,
-                   checkpoints: list[dict[str, torch.Tensor]] = ()) -> httpx.Response:
+def register_model(
+    client: httpx.Client,
+    spec: dict,
+    weights: dict[str, torch.Tensor] | None = None,
+    checkpoints: list[dict[str, torch.Tensor]] = (),
+) -> httpx.Response:
     files = []
     if weights is not None:
         files.append(("weights", ("w.safetensors", save_tensors(weights), "application/octet-stream")))
-    files += [("checkpoints", (f"c{i}.safetensors", save_tensors(c), "application/octet-stream"))
-              for i, c in enumerate(checkpoints)]
+    files += [
+        ("checkpoints", (f"c{i}.safetensors", save_tensors(c), "application/octet-stream"))
+        for i, c in enumerate(checkpoints)
+    ]
     return client.post("/v1/models", data={"spec": json.dumps(spec)}, files=files or None)
 
 
@@ -45,8 +59,12 @@ def wait(client: httpx.Client, path: str, timeout: float = 180, states=TERMINAL)
 
 
 def train_digits_model(client: httpx.Client, train_id: str, **recipe) -> dict:
-    spec = {"name": "digits-mlp", "architecture": DIGITS_MLP, "recipe": {**FAST_RECIPE, **recipe},
-            "train_dataset_id": train_id}
+    spec = {
+        "name": "digits-mlp",
+        "architecture": DIGITS_MLP,
+        "recipe": {**FAST_RECIPE, **recipe},
+        "train_dataset_id": train_id,
+    }
     response = register_model(client, spec)
     assert response.status_code == 201, response.text
     model = response.json()

@@ -51,7 +51,9 @@ def _npz(**arrays) -> bytes:
 
 
 def _upload(client, filename: str, content: bytes, **form):
-    return client.post("/v1/datasets", files={"file": (filename, content, "application/octet-stream")}, data=form)
+    return client.post(
+        "/v1/datasets", files={"file": (filename, content, "application/octet-stream")}, data=form
+    )
 
 
 def test_pickle_inside_npz(client, unchanged, tmp_path):
@@ -66,8 +68,9 @@ def test_pickle_inside_npz(client, unchanged, tmp_path):
 
 def test_lying_npy_header(client, unchanged):
     header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False,
-                                                  "shape": (10**6, 10**6)})
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f8", "fortran_order": False, "shape": (10**6, 10**6)}
+    )
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("X.npy", header.getvalue() + b"\0" * 64)
@@ -90,8 +93,9 @@ def test_nan_features(client, unchanged):
 
 
 def test_shape_mismatch(client, unchanged):
-    assert_problem(_upload(client, "bad.npz", _npz(X=np.ones((4, 3), np.float32), y=np.arange(5))),
-                   422, "shape-mismatch")
+    assert_problem(
+        _upload(client, "bad.npz", _npz(X=np.ones((4, 3), np.float32), y=np.arange(5))), 422, "shape-mismatch"
+    )
 
 
 def test_oversize_upload(client, unchanged, integration_env, tmp_path_factory):
@@ -111,15 +115,20 @@ def test_oversize_upload(client, unchanged, integration_env, tmp_path_factory):
                 for _ in range(64):
                     yield b"x" * 4096
 
-            response = capped.post("/v1/datasets", content=chunks(),
-                                   headers={"content-type": "multipart/form-data; boundary=zzz"})
+            response = capped.post(
+                "/v1/datasets",
+                content=chunks(),
+                headers={"content-type": "multipart/form-data; boundary=zzz"},
+            )
             assert_problem(response, 413, "too-large")
     finally:
         server.stop()
 
 
 def test_valid_upload_roundtrip(client):
-    response = _upload(client, "ok.npz", _npz(X=np.ones((6, 64), np.float32), y=np.arange(6) % 3), name="tiny")
+    response = _upload(
+        client, "ok.npz", _npz(X=np.ones((6, 64), np.float32), y=np.arange(6) % 3), name="tiny"
+    )
     assert response.status_code == 201, response.text
     body = response.json()
     assert body["n_examples"] == 6 and body["feature_shape"] == [64] and body["num_classes"] == 3
@@ -157,21 +166,31 @@ def test_pickled_and_pt2_checkpoints_refused(client, unchanged, tmp_path):
     # torch.save pickle as a checkpoint
     buffer = io.BytesIO()
     torch.save({"state": state, "evil": Payload(marker)}, buffer)
-    files = [("weights", ("w.safetensors", save_tensors(state))), ("checkpoints", ("c.pt", buffer.getvalue()))]
+    files = [
+        ("weights", ("w.safetensors", save_tensors(state))),
+        ("checkpoints", ("c.pt", buffer.getvalue())),
+    ]
     response = client.post("/v1/models", data={"spec": json.dumps(spec)}, files=files)
     assert_problem(response, 415, "pickle-refused")
     # a torch.export archive renamed .safetensors
     module = torch.nn.Linear(2, 2)
     pt2 = tmp_path / "m.pt2"
     torch.export.save(torch.export.export(module, (torch.zeros(1, 2),)), str(pt2))
-    files = [("weights", ("w.safetensors", save_tensors(state))),
-             ("checkpoints", ("c.safetensors", pt2.read_bytes()))]
+    files = [
+        ("weights", ("w.safetensors", save_tensors(state))),
+        ("checkpoints", ("c.safetensors", pt2.read_bytes())),
+    ]
     response = client.post("/v1/models", data={"spec": json.dumps(spec)}, files=files)
     assert_problem(response, 415, "executable-archive-refused")
     # a raw pickle as weights
     files = [("weights", ("w.safetensors", pickle.dumps(Payload(marker))))]
-    assert_problem(client.post("/v1/models", data={"spec": json.dumps({"name": "m", "architecture": DIGITS_MLP})},
-                               files=files), 415, "pickle-refused")
+    assert_problem(
+        client.post(
+            "/v1/models", data={"spec": json.dumps({"name": "m", "architecture": DIGITS_MLP})}, files=files
+        ),
+        415,
+        "pickle-refused",
+    )
     assert not marker.exists()
 
 

@@ -22,11 +22,20 @@ def test_embedded_profile_end_to_end(tmp_path):
             train = builtin(client, "sklearn:digits", "train")
             test = builtin(client, "sklearn:digits", "test")
             model = train_digits_model(client, train["id"])
-            job = wait(client, submit(client, {
-                "model_id": model["id"], "train_dataset_id": train["id"], "query_dataset_id": test["id"],
-                "query_indices": [0, 1, 2], "method": {"name": "tracincp"},
-                "output": {"keep_full_matrix": True, "top_k": 3},
-            }).headers["location"])
+            job = wait(
+                client,
+                submit(
+                    client,
+                    {
+                        "model_id": model["id"],
+                        "train_dataset_id": train["id"],
+                        "query_dataset_id": test["id"],
+                        "query_indices": [0, 1, 2],
+                        "method": {"name": "tracincp"},
+                        "output": {"keep_full_matrix": True, "top_k": 3},
+                    },
+                ).headers["location"],
+            )
             assert job["state"] == "succeeded", job
             assert scores(client, job["id"]).shape == (3, train["n_examples"])
             items = client.get(f"/v1/influence-jobs/{job['id']}/results").json()["items"]

@@ -40,28 +40,45 @@ def _problem(settings, client, model, train, test, query_indices, measurement="l
     tr, te = store.load_npz(train["uri"]), store.load_npz(test["uri"])
     ckpts = client.get(f"/v1/models/{model['id']}/checkpoints").json()["items"]
     return InfluenceProblem(
-        model=module, task=TaskSpec(), weights=load_file(str(store.path(model["weights_uri"]))),
-        train_x=torch.as_tensor(tr["X"]), train_y=torch.as_tensor(tr["y"]),
-        query_x=torch.as_tensor(te["X"][query_indices]), query_y=torch.as_tensor(te["y"][query_indices]),
-        measurement=measurement, weight_decay=model["recipe"]["weight_decay"],
-        checkpoints=[Checkpoint(c["step"], c["learning_rate"], load_file(str(store.path(c["uri"])))) for c in ckpts],
+        model=module,
+        task=TaskSpec(),
+        weights=load_file(str(store.path(model["weights_uri"]))),
+        train_x=torch.as_tensor(tr["X"]),
+        train_y=torch.as_tensor(tr["y"]),
+        query_x=torch.as_tensor(te["X"][query_indices]),
+        query_y=torch.as_tensor(te["y"][query_indices]),
+        measurement=measurement,
+        weight_decay=model["recipe"]["weight_decay"],
+        checkpoints=[
+            Checkpoint(c["step"], c["learning_rate"], load_file(str(store.path(c["uri"])))) for c in ckpts
+        ],
     )
 
 
-@pytest.mark.parametrize("method,params,measurement", [
-    ("tracincp", {}, "loss"),
-    ("grad_dot", {}, "margin"),
-    ("grad_cos", {}, "loss"),
-])
+@pytest.mark.parametrize(
+    "method,params,measurement",
+    [
+        ("tracincp", {}, "loss"),
+        ("grad_dot", {}, "margin"),
+        ("grad_cos", {}, "loss"),
+    ],
+)
 def test_job_results_equal_direct_call(trained, integration_settings, method, params, measurement):
     client, train, test, model = trained
     assert model["state"] == "ready" and model["n_checkpoints"] == 3
     queries = [0, 5, 17, 42]
-    response = submit(client, {
-        "model_id": model["id"], "train_dataset_id": train["id"], "query_dataset_id": test["id"],
-        "query_indices": queries, "method": {"name": method, "params": params}, "measurement": measurement,
-        "output": {"top_k": 7, "keep_full_matrix": True, "self_influence": method != "grad_cos"},
-    })
+    response = submit(
+        client,
+        {
+            "model_id": model["id"],
+            "train_dataset_id": train["id"],
+            "query_dataset_id": test["id"],
+            "query_indices": queries,
+            "method": {"name": method, "params": params},
+            "measurement": measurement,
+            "output": {"top_k": 7, "keep_full_matrix": True, "self_influence": method != "grad_cos"},
+        },
+    )
     assert response.status_code == 202, response.text
     assert response.headers["location"] == f"/v1/influence-jobs/{response.json()['id']}"
     job = wait(client, response.headers["location"])
@@ -71,8 +88,9 @@ def test_job_results_equal_direct_call(trained, integration_settings, method, pa
     got = scores(client, job["id"])
     problem = _problem(integration_settings, client, model, train, test, queries, measurement)
     estimator = REGISTRY[method]
-    want = estimator.attribute(problem, validate_params(estimator.Params, params, ""),
-                               want_self_influence=method != "grad_cos")
+    want = estimator.attribute(
+        problem, validate_params(estimator.Params, params, ""), want_self_influence=method != "grad_cos"
+    )
     assert got.shape == (len(queries), train["n_examples"])
     np.testing.assert_allclose(got, want.scores, rtol=1e-4, atol=1e-6)
 
@@ -81,7 +99,9 @@ def test_job_results_equal_direct_call(trained, integration_settings, method, pa
     assert [item["query_row"] for item in results["items"]] == queries
     for item in results["items"]:
         row = want.scores[item["query_index"]]
-        np.testing.assert_allclose([p["score"] for p in item["proponents"]], np.sort(row)[::-1][:7], rtol=1e-4)
+        np.testing.assert_allclose(
+            [p["score"] for p in item["proponents"]], np.sort(row)[::-1][:7], rtol=1e-4
+        )
         np.testing.assert_allclose([p["score"] for p in item["opponents"]], np.sort(row)[:7], rtol=1e-4)
         assert item["proponents"][0]["score"] >= item["opponents"][0]["score"]
         assert all(p["train_id"] is not None for p in item["proponents"])
@@ -94,27 +114,42 @@ def test_job_results_equal_direct_call(trained, integration_settings, method, pa
 
 def test_results_paging_and_formats(trained):
     client, train, test, model = trained
-    body = {"model_id": model["id"], "train_dataset_id": train["id"], "query_dataset_id": test["id"],
-            "query_indices": list(range(5)), "method": {"name": "grad_dot"}, "output": {"top_k": 3}}
+    body = {
+        "model_id": model["id"],
+        "train_dataset_id": train["id"],
+        "query_dataset_id": test["id"],
+        "query_indices": list(range(5)),
+        "method": {"name": "grad_dot"},
+        "output": {"top_k": 3},
+    }
     job = wait(client, submit(client, body).headers["location"])
     first = client.get(f"/v1/influence-jobs/{job['id']}/results", params={"page_size": 2}).json()
     assert [i["query_index"] for i in first["items"]] == [0, 1] and first["next_page_token"]
-    second = client.get(f"/v1/influence-jobs/{job['id']}/results",
-                        params={"page_size": 2, "page_token": first["next_page_token"]}).json()
+    second = client.get(
+        f"/v1/influence-jobs/{job['id']}/results",
+        params={"page_size": 2, "page_token": first["next_page_token"]},
+    ).json()
     assert [i["query_index"] for i in second["items"]] == [2, 3]
     one = client.get(f"/v1/influence-jobs/{job['id']}/results", params={"query_index": 4}).json()
     assert [i["query_index"] for i in one["items"]] == [4] and len(one["items"][0]["proponents"]) == 3
     assert_problem(client.get(f"/v1/influence-jobs/{job['id']}/artifacts/scores"), 404, "artifact-not-kept")
     # ETag round trip on the status monitor.
     first_get = client.get(f"/v1/influence-jobs/{job['id']}")
-    again = client.get(f"/v1/influence-jobs/{job['id']}", headers={"If-None-Match": first_get.headers["etag"]})
+    again = client.get(
+        f"/v1/influence-jobs/{job['id']}", headers={"If-None-Match": first_get.headers["etag"]}
+    )
     assert again.status_code == 304
 
 
 def test_idempotency_key(trained):
     client, train, test, model = trained
-    body = {"model_id": model["id"], "train_dataset_id": train["id"], "query_dataset_id": test["id"],
-            "query_indices": [1], "method": {"name": "grad_dot"}}
+    body = {
+        "model_id": model["id"],
+        "train_dataset_id": train["id"],
+        "query_dataset_id": test["id"],
+        "query_indices": [1],
+        "method": {"name": "grad_dot"},
+    }
     first = submit(client, body, **{"Idempotency-Key": "k-123"})
     again = submit(client, body, **{"Idempotency-Key": "k-123"})
     assert first.status_code == again.status_code == 202
@@ -126,13 +161,21 @@ def test_idempotency_key(trained):
 
 def test_submit_time_refusals(trained):
     client, train, test, model = trained
-    base = {"model_id": model["id"], "train_dataset_id": train["id"], "query_dataset_id": test["id"],
-            "method": {"name": "tracincp"}}
+    base = {
+        "model_id": model["id"],
+        "train_dataset_id": train["id"],
+        "query_dataset_id": test["id"],
+        "method": {"name": "tracincp"},
+    }
     body = assert_problem(submit(client, {**base, "method": {"name": "nope"}}), 422)
     assert body["errors"][0]["pointer"] == "/method/name"
-    body = assert_problem(submit(client, {**base, "method": {"name": "if_exact", "params": {"damping": -1}}}), 422)
+    body = assert_problem(
+        submit(client, {**base, "method": {"name": "if_exact", "params": {"damping": -1}}}), 422
+    )
     assert body["errors"][0]["pointer"] == "/method/params/damping"
-    body = assert_problem(submit(client, {**base, "method": {"name": "tracincp", "params": {"bogus": 1}}}), 422)
+    body = assert_problem(
+        submit(client, {**base, "method": {"name": "tracincp", "params": {"bogus": 1}}}), 422
+    )
     assert body["errors"][0]["pointer"] == "/method/params/bogus"
     body = assert_problem(submit(client, {**base, "query_indices": [10_000]}), 422)
     assert body["errors"][0]["pointer"] == "/query_indices"
@@ -152,9 +195,49 @@ def test_cost_cap_refuses_at_submit(api_server, integration_env, tmp_path_factor
     server = ServerProcess(env, tmp_path_factory.mktemp("cap") / "api.log", "--no-worker").wait_ready()
     try:
         with httpx.Client(base_url=server.url) as capped:
-            body = assert_problem(submit(capped, {
-                "model_id": model["id"], "train_dataset_id": train["id"], "method": {"name": "grad_dot"}}),
-                422, "job-too-large")
+            body = assert_problem(
+                submit(
+                    capped,
+                    {
+                        "model_id": model["id"],
+                        "train_dataset_id": train["id"],
+                        "method": {"name": "grad_dot"},
+                    },
+                ),
+                422,
+                "job-too-large",
+            )
             assert "exceeds the limit" in body["detail"]
     finally:
         server.stop()
+
+
+def test_exact_influence_on_service_trained_logistic_regression(trained, integration_settings):
+    """L-BFGS training on the service reaches the optimum; if_exact through the API = the library call."""
+    client, _, _, _ = trained
+    train = builtin(client, "sklearn:breast_cancer", "train")
+    test = builtin(client, "sklearn:breast_cancer", "test")
+    spec = {
+        "name": "cancer-logreg",
+        "architecture": {"name": "linear", "params": {"in_features": 30, "num_classes": 2}},
+        "recipe": {"optimizer": "lbfgs", "learning_rate": 1.0, "epochs": 200, "weight_decay": 1e-2,
+                   "num_checkpoints": 1},
+        "train_dataset_id": train["id"],
+    }
+    from tests.integration.flows import register_model
+
+    model = register_model(client, spec).json()
+    assert wait(client, f"/v1/training-jobs/{model['training_job_id']}")["state"] == "succeeded"
+    model = client.get(f"/v1/models/{model['id']}").json()
+    queries = list(range(10))
+    job = wait(client, submit(client, {
+        "model_id": model["id"], "train_dataset_id": train["id"], "query_dataset_id": test["id"],
+        "query_indices": queries, "method": {"name": "if_exact", "params": {"damping": 0.0}},
+        "output": {"keep_full_matrix": True, "self_influence": True},
+    }).headers["location"])
+    assert job["state"] == "succeeded", job
+    results = client.get(f"/v1/influence-jobs/{job['id']}/results").json()
+    assert results["details"]["objective_grad_norm"] < 1e-4, "L-BFGS on the service must reach the optimum"
+    problem = _problem(integration_settings, client, model, train, test, queries)
+    want = REGISTRY["if_exact"].attribute(problem, REGISTRY["if_exact"].Params(), want_self_influence=True)
+    np.testing.assert_allclose(scores(client, job["id"]), want.scores, rtol=1e-4, atol=1e-7)

@@ -27,28 +27,41 @@ def slow_job_body(api_server):
         arch = get_architecture("mlp")
         params = validate_params(arch.Params, SLOW_MLP["params"], "")
         states = [init_model(arch, params, seed=s).state_dict() for s in range(7)]
-        spec = {"name": "slow", "architecture": SLOW_MLP,
-                "checkpoints": [{"step": 10 * i, "learning_rate": 0.1} for i in range(6)]}
+        spec = {
+            "name": "slow",
+            "architecture": SLOW_MLP,
+            "checkpoints": [{"step": 10 * i, "learning_rate": 0.1} for i in range(6)],
+        }
         response = register_model(client, spec, weights=states[0], checkpoints=states[1:])
         assert response.status_code == 201, response.text
         model = response.json()
-    return {"model_id": model["id"], "train_dataset_id": train["id"], "query_indices": list(range(40)),
-            "method": {"name": "tracincp"}, "output": {"top_k": 5}}
+    return {
+        "model_id": model["id"],
+        "train_dataset_id": train["id"],
+        "query_indices": list(range(40)),
+        "method": {"name": "tracincp"},
+        "output": {"top_k": 5},
+    }
 
 
 def _wait_running_with_progress(client, location: str, timeout: float = 60) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.get(location).json()
-        if job["state"] == "running" and job["progress"]["completed_units"] > 0 \
-                and job["progress"]["phase"] == "train_gradients":
+        if (
+            job["state"] == "running"
+            and job["progress"]["completed_units"] > 0
+            and job["progress"]["phase"] == "train_gradients"
+        ):
             return job
         assert job["state"] in ("queued", "running"), job
         time.sleep(0.1)
     raise AssertionError(f"job never showed progress: {job}")
 
 
-def test_kill9_worker_mid_job_reruns_and_stores_once(client, worker_factory, slow_job_body, integration_settings):
+def test_kill9_worker_mid_job_reruns_and_stores_once(
+    client, worker_factory, slow_job_body, integration_settings
+):
     first = worker_factory()
     location = submit(client, slow_job_body).headers["location"]
     running = _wait_running_with_progress(client, location)
@@ -62,8 +75,12 @@ def test_kill9_worker_mid_job_reruns_and_stores_once(client, worker_factory, slo
 
     engine = create_engine(integration_settings.resolved_database_url)
     with engine.connect() as conn:
-        results = conn.execute(select(InfluenceResult.attempt).where(InfluenceResult.job_id == job["id"])).all()
-        n_rows = conn.scalar(select(func.count()).select_from(QueryResult).where(QueryResult.job_id == job["id"]))
+        results = conn.execute(
+            select(InfluenceResult.attempt).where(InfluenceResult.job_id == job["id"])
+        ).all()
+        n_rows = conn.scalar(
+            select(func.count()).select_from(QueryResult).where(QueryResult.job_id == job["id"])
+        )
     engine.dispose()
     assert results == [(2,)], "exactly one result, written by the second attempt"
     assert n_rows == len(slow_job_body["query_indices"])

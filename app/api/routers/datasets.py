@@ -5,7 +5,16 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 
-from app.api.deps import DEFAULT_PAGE, PageSize, PageToken, SessionDep, SettingsDep, StoreDep, conditional, stage_upload
+from app.api.deps import (
+    DEFAULT_PAGE,
+    PageSize,
+    PageToken,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+    conditional,
+    stage_upload,
+)
 from app.problems import invalid_field
 from app.schemas.common import Page
 from app.schemas.datasets import BuiltinDatasetCreate, DatasetRead
@@ -21,18 +30,26 @@ def _infer_format(filename: str | None) -> str:
     for suffix, fmt in _SUFFIX_FORMATS.items():
         if name.endswith(suffix):
             return fmt
-    raise invalid_field("/format", "cannot tell the format from the file name; send format=npz|safetensors|parquet",
-                        status=415, code="unsupported-format")
+    raise invalid_field(
+        "/format",
+        "cannot tell the format from the file name; send format=npz|safetensors|parquet",
+        status=415,
+        code="unsupported-format",
+    )
 
 
-@router.post("", status_code=201, response_model=DatasetRead, summary="Upload a dataset (.npz, .safetensors, Parquet)")
+@router.post(
+    "", status_code=201, response_model=DatasetRead, summary="Upload a dataset (.npz, .safetensors, Parquet)"
+)
 def upload_dataset(
     request: Request,
     response: Response,
     session: SessionDep,
     settings: SettingsDep,
     store: StoreDep,
-    file: Annotated[UploadFile, File(description="npz with X, y[, ids]; safetensors with X, y[, ids]; or Parquet.")],
+    file: Annotated[
+        UploadFile, File(description="npz with X, y[, ids]; safetensors with X, y[, ids]; or Parquet.")
+    ],
     name: Annotated[str | None, Form(max_length=200)] = None,
     format: Annotated[Literal["npz", "safetensors", "parquet"] | None, Form()] = None,
     label_column: Annotated[str, Form(description="Parquet: the label column.")] = "label",
@@ -43,17 +60,26 @@ def upload_dataset(
     with ExitStack() as stack:
         staged = stage_upload(stack, store, file, "/file")
         row = service.create_from_upload(
-            session, store, path=staged.path, upload_sha256=staged.sha256, fmt=fmt,
-            name=name or file.filename or "dataset", label_column=label_column, id_column=id_column,
+            session,
+            store,
+            path=staged.path,
+            upload_sha256=staged.sha256,
+            fmt=fmt,
+            name=name or file.filename or "dataset",
+            label_column=label_column,
+            id_column=id_column,
             max_bytes=settings.max_upload_bytes,
         )
     response.headers["Location"] = str(request.url_for("get_dataset", dataset_id=row.id))
     return DatasetRead.model_validate(row)
 
 
-@router.post("/builtin", status_code=201, response_model=DatasetRead, summary="Register a bundled sklearn dataset")
-def create_builtin_dataset(body: BuiltinDatasetCreate, request: Request, response: Response,
-                           session: SessionDep, store: StoreDep):
+@router.post(
+    "/builtin", status_code=201, response_model=DatasetRead, summary="Register a bundled sklearn dataset"
+)
+def create_builtin_dataset(
+    body: BuiltinDatasetCreate, request: Request, response: Response, session: SessionDep, store: StoreDep
+):
     row = service.create_builtin(session, store, body)
     response.headers["Location"] = str(request.url_for("get_dataset", dataset_id=row.id))
     return DatasetRead.model_validate(row)

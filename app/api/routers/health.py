@@ -36,7 +36,15 @@ def readyz(settings: SettingsDep):
     if ok:
         return body
     return JSONResponse(
-        {"type": "https://influence-service.dev/problems/not-ready", "title": "Service unavailable", "status": 503,
-         "detail": "; ".join(f"{k}: {v}" for k, v in checks.items()), "code": "not-ready", **body},
-        status_code=503, media_type="application/problem+json", headers={"Retry-After": "5"},
+        {
+            "type": "https://influence-service.dev/problems/not-ready",
+            "title": "Service unavailable",
+            "status": 503,
+            "detail": "; ".join(f"{k}: {v}" for k, v in checks.items()),
+            "code": "not-ready",
+            **body,
+        },
+        status_code=503,
+        media_type="application/problem+json",
+        headers={"Retry-After": "5"},
     )

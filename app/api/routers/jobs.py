@@ -13,7 +13,15 @@ from app.db.models import TERMINAL_STATES, Job
 from app.estimators import ORIENTATION, REGISTRY, SIGN_CONVENTION
 from app.problems import ProblemError, invalid_field
 from app.schemas.common import Page
-from app.schemas.jobs import EstimatorRead, JobCreate, JobRead, JobState, Progress, QueryResultRead, ResultsPage
+from app.schemas.jobs import (
+    EstimatorRead,
+    JobCreate,
+    JobRead,
+    JobState,
+    Progress,
+    QueryResultRead,
+    ResultsPage,
+)
 from app.services import jobs as service
 from app.services import results as results_service
 from app.services.pagination import decode_token, encode_token
@@ -27,14 +35,29 @@ def job_read(request: Request, job: Job) -> JobRead:
     base = "/v1/influence-jobs/" if job.kind == "influence" else "/v1/training-jobs/"
     links = {"self": base + job.id}
     if job.kind == "influence":
-        links.update(cancel=base + job.id + "/cancel", results=base + job.id + "/results",
-                     scores=base + job.id + "/artifacts/scores")
+        links.update(
+            cancel=base + job.id + "/cancel",
+            results=base + job.id + "/results",
+            scores=base + job.id + "/artifacts/scores",
+        )
     return JobRead(
-        id=job.id, kind=job.kind, state=job.state, model_id=job.model_id, train_dataset_id=job.train_dataset_id,
-        query_dataset_id=job.query_dataset_id, spec=job.spec, attempt=job.attempt, max_attempts=job.max_attempts,
-        progress=Progress.model_validate(job.progress or {}), error=job.error,
-        cancel_requested_at=job.cancel_requested_at, created_at=job.created_at, started_at=job.started_at,
-        finished_at=job.finished_at, heartbeat_at=job.heartbeat_at, duration_seconds=service.duration_seconds(job),
+        id=job.id,
+        kind=job.kind,
+        state=job.state,
+        model_id=job.model_id,
+        train_dataset_id=job.train_dataset_id,
+        query_dataset_id=job.query_dataset_id,
+        spec=job.spec,
+        attempt=job.attempt,
+        max_attempts=job.max_attempts,
+        progress=Progress.model_validate(job.progress or {}),
+        error=job.error,
+        cancel_requested_at=job.cancel_requested_at,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        heartbeat_at=job.heartbeat_at,
+        duration_seconds=service.duration_seconds(job),
         links=links,
     )
 
@@ -100,8 +123,11 @@ def delete_job(job_id: str, session: SessionDep) -> Response:
     return Response(status_code=204)
 
 
-@router.get("/v1/influence-jobs/{job_id}/results", response_model=ResultsPage,
-            summary="Top-k proponents and opponents per query")
+@router.get(
+    "/v1/influence-jobs/{job_id}/results",
+    response_model=ResultsPage,
+    summary="Top-k proponents and opponents per query",
+)
 def get_results(
     job_id: str,
     session: SessionDep,
@@ -119,10 +145,14 @@ def get_results(
     rows, more = results_service.page(session, job, page_size, after, query_index)
     details = dict(result.details)
     return ResultsPage(
-        job_id=job.id, method=job.spec["method"]["name"], measurement=job.spec["measurement"],
+        job_id=job.id,
+        method=job.spec["method"]["name"],
+        measurement=job.spec["measurement"],
         sign_convention=details.pop("sign_convention", SIGN_CONVENTION),
         orientation=details.pop("orientation", ORIENTATION),
-        n_queries=result.n_queries, n_train=result.n_train, details=details,
+        n_queries=result.n_queries,
+        n_train=result.n_train,
+        details=details,
         items=[QueryResultRead.model_validate(r) for r in rows],
         next_page_token=encode_token(rows[-1].query_index) if more else None,
     )
@@ -133,31 +163,48 @@ def _artifact(session, store, job_id: str, which: Literal["scores", "self_influe
     result = results_service.get_result(session, job)
     uri = result.scores_uri if which == "scores" else result.self_influence_uri
     if uri is None:
-        hint = "submit with output.keep_full_matrix=true" if which == "scores" else "submit with output.self_influence=true"
-        raise ProblemError(404, "artifact-not-kept", "Artifact not kept", f"this job did not keep {which}; {hint}")
+        hint = (
+            "submit with output.keep_full_matrix=true"
+            if which == "scores"
+            else "submit with output.self_influence=true"
+        )
+        raise ProblemError(
+            404, "artifact-not-kept", "Artifact not kept", f"this job did not keep {which}; {hint}"
+        )
     path = store.path(uri)
     filename = f"{job_id}-{which}"
     if fmt == "npy":
         return FileResponse(path, media_type="application/octet-stream", filename=filename + ".npy")
-    data = save_safetensors({which: np.load(path, allow_pickle=False)},
-                            metadata={"orientation": ORIENTATION, "sign_convention": SIGN_CONVENTION})
-    return StreamingResponse(io.BytesIO(data), media_type="application/octet-stream",
-                             headers={"Content-Disposition": f'attachment; filename="{filename}.safetensors"'})
+    data = save_safetensors(
+        {which: np.load(path, allow_pickle=False)},
+        metadata={"orientation": ORIENTATION, "sign_convention": SIGN_CONVENTION},
+    )
+    return StreamingResponse(
+        io.BytesIO(data),
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{filename}.safetensors"'},
+    )
 
 
 ArtifactFormat = Annotated[Literal["npy", "safetensors"], Query(description="File format of the download.")]
 
 
-@router.get("/v1/influence-jobs/{job_id}/artifacts/scores", response_class=Response,
-            responses={200: {"content": {"application/octet-stream": {}}}},
-            summary="The full query-major m x n score matrix")
+@router.get(
+    "/v1/influence-jobs/{job_id}/artifacts/scores",
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+    summary="The full query-major m x n score matrix",
+)
 def get_scores(job_id: str, session: SessionDep, store: StoreDep, format: ArtifactFormat = "npy"):
     return _artifact(session, store, job_id, "scores", format)
 
 
-@router.get("/v1/influence-jobs/{job_id}/artifacts/self-influence", response_class=Response,
-            responses={200: {"content": {"application/octet-stream": {}}}},
-            summary="Self-influence of every training example (length n)")
+@router.get(
+    "/v1/influence-jobs/{job_id}/artifacts/self-influence",
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+    summary="Self-influence of every training example (length n)",
+)
 def get_self_influence(job_id: str, session: SessionDep, store: StoreDep, format: ArtifactFormat = "npy"):
     return _artifact(session, store, job_id, "self_influence", format)
 
@@ -165,6 +212,13 @@ def get_self_influence(job_id: str, session: SessionDep, store: StoreDep, format
 @router.get("/v1/estimators", response_model=list[EstimatorRead], tags=["catalog"])
 def list_estimators(settings: SettingsDep):
     """Every estimator with its parameters as JSON Schema."""
-    return [EstimatorRead(name=e.name, summary=e.summary, needs_checkpoints=e.needs_checkpoints,
-                          supports_self_influence=e.supports_self_influence, params_schema=json_schema(e.Params))
-            for e in sorted(REGISTRY.values(), key=lambda e: e.name)]
+    return [
+        EstimatorRead(
+            name=e.name,
+            summary=e.summary,
+            needs_checkpoints=e.needs_checkpoints,
+            supports_self_influence=e.supports_self_influence,
+            params_schema=json_schema(e.Params),
+        )
+        for e in sorted(REGISTRY.values(), key=lambda e: e.name)
+    ]

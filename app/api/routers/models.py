@@ -47,11 +47,18 @@ def _parse_spec(raw: str) -> ModelCreate:
         return ModelCreate.model_validate_json(raw)
     except ValidationError as exc:
         errors = [FieldError("/spec" + "".join(f"/{p}" for p in e["loc"]), e["msg"]) for e in exc.errors()]
-        raise ProblemError(422, "invalid-request", "The request is invalid",
-                           "; ".join(f"{e.pointer}: {e.detail}" for e in errors), errors) from None
+        raise ProblemError(
+            422,
+            "invalid-request",
+            "The request is invalid",
+            "; ".join(f"{e.pointer}: {e.detail}" for e in errors),
+            errors,
+        ) from None
 
 
-@router.post("/v1/models", status_code=201, response_model=ModelRead, summary="Register (and optionally train) a model")
+@router.post(
+    "/v1/models", status_code=201, response_model=ModelRead, summary="Register (and optionally train) a model"
+)
 def create_model(
     request: Request,
     response: Response,
@@ -60,7 +67,9 @@ def create_model(
     store: StoreDep,
     spec: Annotated[str, Form(description="ModelCreate as JSON: architecture, task, loss, recipe, ...")],
     weights: Annotated[UploadFile | None, File(description="Final weights as .safetensors.")] = None,
-    checkpoints: Annotated[list[UploadFile] | None, File(description="Checkpoint .safetensors files.")] = None,
+    checkpoints: Annotated[
+        list[UploadFile] | None, File(description="Checkpoint .safetensors files.")
+    ] = None,
 ):
     """Weights must be safetensors for an architecture of the server-side registry.
 
@@ -71,7 +80,9 @@ def create_model(
     body = _parse_spec(spec)
     with ExitStack() as stack:
         staged_weights = stage_upload(stack, store, weights, "/weights") if weights is not None else None
-        staged_checkpoints = [stage_upload(stack, store, f, f"/checkpoints/{i}") for i, f in enumerate(checkpoints or [])]
+        staged_checkpoints = [
+            stage_upload(stack, store, f, f"/checkpoints/{i}") for i, f in enumerate(checkpoints or [])
+        ]
         model, job = service.create(session, store, settings, body, staged_weights, staged_checkpoints)
         jobs_service.publish_after_commit(session, settings, job)
     response.headers["Location"] = str(request.url_for("get_model", model_id=model.id))
@@ -117,8 +128,9 @@ def add_checkpoint(
     model = service.get(session, model_id)
     with ExitStack() as stack:
         staged = stage_upload(stack, store, file, "/file")
-        checkpoint = service.add_checkpoint(session, store, settings, model, staged,
-                                            CheckpointMeta(step=step, learning_rate=learning_rate))
+        checkpoint = service.add_checkpoint(
+            session, store, settings, model, staged, CheckpointMeta(step=step, learning_rate=learning_rate)
+        )
     response.headers["Location"] = str(request.url_for("list_checkpoints", model_id=model_id))
     return CheckpointRead.model_validate(checkpoint)
 
@@ -133,7 +145,9 @@ def list_checkpoints(model_id: str, session: SessionDep):
 def list_architectures():
     """Architectures of the server-side registry and the training recipe schema."""
     return ArchitectureCatalog(
-        architectures=[ArchitectureRead(name=a.name, summary=a.summary, params_schema=json_schema(a.Params))
-                       for a in ARCHITECTURES.values()],
+        architectures=[
+            ArchitectureRead(name=a.name, summary=a.summary, params_schema=json_schema(a.Params))
+            for a in ARCHITECTURES.values()
+        ],
         recipe_schema=json_schema(Recipe),
     )

@@ -13,7 +13,9 @@ class Dataset(IdMixin, TimestampMixin, Base):
 
     name: Mapped[str] = mapped_column(String(200))
     source: Mapped[str] = mapped_column(String(20))  # upload | builtin
-    format: Mapped[str] = mapped_column(String(20))  # format the user sent: npz | safetensors | parquet | builtin
+    format: Mapped[str] = mapped_column(
+        String(20)
+    )  # format the user sent: npz | safetensors | parquet | builtin
     state: Mapped[str] = mapped_column(String(20), default="ready")
     n_examples: Mapped[int] = mapped_column(BigInteger)
     feature_shape: Mapped[list] = mapped_column()

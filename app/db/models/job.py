@@ -26,7 +26,9 @@ class Job(IdMixin, TimestampMixin, Base):
     model_id: Mapped[str] = mapped_column(ForeignKey("model.id", ondelete="CASCADE"), index=True)
     train_dataset_id: Mapped[str] = mapped_column(ForeignKey("dataset.id", ondelete="RESTRICT"))
     query_dataset_id: Mapped[str | None] = mapped_column(ForeignKey("dataset.id", ondelete="RESTRICT"))
-    spec: Mapped[dict] = mapped_column(default=dict)  # the validated request: method, measurement, output, ...
+    spec: Mapped[dict] = mapped_column(
+        default=dict
+    )  # the validated request: method, measurement, output, ...
 
     attempt: Mapped[int] = mapped_column(default=0)
     max_attempts: Mapped[int] = mapped_column(default=3)

@@ -28,21 +28,22 @@ from ..base import (
     NumericalError,
     ProblemSize,
     Runtime,
+    TrainState,
     register,
 )
 from ..gradients import (
     Ticker,
     as_params,
     check_state_finite,
-    flatten,
+    column_range,
     metadata,
     n_chunks,
     n_parameters,
     numpy_dtype,
     objective_hessian,
+    objective_value_and_gradient,
     query_gradients,
     train_gradients,
-    trainable_names,
     validate_problem,
 )
 
@@ -77,22 +78,20 @@ class IFExact(Estimator):
                 parameter="/method/name",
             )
 
-    def attribute(self, problem, params=None, *, want_scores=True, want_self_influence=False, runtime=None):
+    def fit(self, problem, params=None, runtime=None) -> TrainState:
+        """Cholesky factor of the damped Hessian of the training objective (float64)."""
         p = as_params(self.Params, params)
         runtime = runtime or Runtime()
         model = problem.model
         self.check(
             ProblemSize(problem.n_train, problem.n_query, n_parameters(model), len(problem.checkpoints)), p
         )
-        validate_problem(problem, need_queries=want_scores)
+        validate_problem(problem, need_queries=False)
         check_state_finite(problem.weights, what="the model weights", parameter="/model_id")
-        dev = torch.device(runtime.device)
-        n, m = problem.n_train, problem.n_query
-        if n == 0:
+        if problem.n_train == 0:
             raise EstimatorError("the training set is empty", parameter="/train_dataset_id")
-        dtype = numpy_dtype(runtime.dtype)
         wd = float(problem.weight_decay)
-
+        dev = torch.device(runtime.device)
         H = objective_hessian(
             model,
             problem.weights,
@@ -120,29 +119,62 @@ class IFExact(Estimator):
                 f"Increase damping above {needed:.3g}, e.g. to {suggest:.3g}",
                 parameter="/method/params/damping",
             )
+        _, objective_grad = objective_value_and_gradient(
+            model,
+            problem.weights,
+            problem.train_x,
+            problem.train_y,
+            problem.task,
+            wd,
+            chunk_size=max(runtime.chunk_size, 1024),
+            device=dev,
+        )
+        return TrainState(
+            tensors={"cholesky": L.cpu()},
+            info={"objective_grad_norm": float(torch.linalg.vector_norm(objective_grad)), "weight_decay": wd},
+        )
+
+    def state_params(self, params) -> dict:
+        return {"damping": as_params(self.Params, params).damping}
+
+    def attribute(
+        self,
+        problem,
+        params=None,
+        *,
+        want_scores=True,
+        want_self_influence=False,
+        runtime=None,
+        state=None,
+        train_range=None,
+    ):
+        p = as_params(self.Params, params)
+        runtime = runtime or Runtime()
+        validate_problem(problem, need_queries=want_scores)
+        state = state or self.fit(problem, p, runtime)
+        dev = torch.device(runtime.device)
+        L = state.tensors["cholesky"].to(dev, torch.float64)
+        n = problem.n_train  # the 1/n of the removal effect uses the full training set
+        lo, hi = column_range(problem, train_range)
+        m, cols = problem.n_query, hi - lo
+        dtype = numpy_dtype(runtime.dtype)
 
         S = None
         if want_scores:
             qt = Ticker(runtime, "query_gradients", n_chunks(m, runtime.chunk_size))
             Q = query_gradients(problem, problem.weights, runtime, qt)
             S = torch.cholesky_solve(Q.T.to(torch.float64), L)  # p x m: H^-1 g'_j
-        scores = np.zeros((m, n), dtype=dtype) if want_scores else None
-        self_inf = np.zeros(n, dtype=dtype) if want_self_influence else None
-        gsum = torch.zeros(H.shape[0], device=dev, dtype=torch.float64)
-        tt = Ticker(runtime, "train_gradients", n_chunks(n, runtime.chunk_size))
-        for start, stop, G in train_gradients(problem, problem.weights, runtime):
+        scores = np.zeros((m, cols), dtype=dtype) if want_scores else None
+        self_inf = np.zeros(cols, dtype=dtype) if want_self_influence else None
+        tt = Ticker(runtime, "train_gradients", n_chunks(cols, runtime.chunk_size))
+        for start, stop, G in train_gradients(problem, problem.weights, runtime, train_range):
             Gd = G.to(torch.float64)
-            gsum += Gd.sum(dim=0)
             if scores is not None:
                 scores[:, start:stop] = ((Gd @ S).T / n).cpu().numpy()
             if self_inf is not None:
                 Z = torch.linalg.solve_triangular(L, Gd.T, upper=False)
                 self_inf[start:stop] = ((Z * Z).sum(dim=0) / n).cpu().numpy()
             tt.tick()
-
-        names = trainable_names(model)
-        theta = flatten({k: problem.weights[k] for k in names}, names).to(dev, torch.float64)
-        grad_norm = float(torch.linalg.vector_norm(gsum / n + wd * theta))
         return Attribution(
             scores=scores,
             self_influence=self_inf,
@@ -151,7 +183,7 @@ class IFExact(Estimator):
                 problem,
                 normalisation="1/n",
                 damping=p.damping,
-                weight_decay=wd,
-                objective_grad_norm=grad_norm,
+                weight_decay=state.info["weight_decay"],
+                objective_grad_norm=state.info["objective_grad_norm"],
             ),
         )

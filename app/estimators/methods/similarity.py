@@ -20,6 +20,7 @@ from ..gradients import (
     Ticker,
     as_params,
     check_state_finite,
+    column_range,
     metadata,
     n_chunks,
     numpy_dtype,
@@ -47,11 +48,13 @@ def _similarity(
     cosine: bool,
     want_scores: bool,
     want_self_influence: bool,
+    train_range: tuple[int, int] | None,
 ) -> Attribution:
     validate_problem(problem, need_queries=want_scores)
     check_state_finite(problem.weights, what="the model weights", parameter="/model_id")
     dtype = numpy_dtype(runtime.dtype)
-    n, m = problem.n_train, problem.n_query
+    lo, hi = column_range(problem, train_range)
+    n, m = hi - lo, problem.n_query
     Q = None
     if want_scores:
         qt = Ticker(runtime, "query_gradients", n_chunks(m, runtime.chunk_size))
@@ -62,7 +65,7 @@ def _similarity(
     self_inf = np.zeros(n, dtype=dtype) if want_self_influence else None
     tt = Ticker(runtime, "train_gradients", n_chunks(n, runtime.chunk_size))
     if want_scores or want_self_influence:
-        for start, stop, G in train_gradients(problem, problem.weights, runtime):
+        for start, stop, G in train_gradients(problem, problem.weights, runtime, train_range):
             if self_inf is not None:
                 self_inf[start:stop] = (G * G).sum(dim=1).cpu().numpy()
             if scores is not None:
@@ -85,7 +88,17 @@ class GradDot(Estimator):
     summary = "gradient dot product g'.g_i at the final weights (TracIn with one checkpoint, lr 1)"
     Params = GradDotParams
 
-    def attribute(self, problem, params=None, *, want_scores=True, want_self_influence=False, runtime=None):
+    def attribute(
+        self,
+        problem,
+        params=None,
+        *,
+        want_scores=True,
+        want_self_influence=False,
+        runtime=None,
+        state=None,
+        train_range=None,
+    ):
         as_params(self.Params, params)
         return _similarity(
             self.name,
@@ -94,6 +107,7 @@ class GradDot(Estimator):
             cosine=False,
             want_scores=want_scores,
             want_self_influence=want_self_influence,
+            train_range=train_range,
         )
 
 
@@ -104,7 +118,17 @@ class GradCos(Estimator):
     Params = GradCosParams
     supports_self_influence = False
 
-    def attribute(self, problem, params=None, *, want_scores=True, want_self_influence=False, runtime=None):
+    def attribute(
+        self,
+        problem,
+        params=None,
+        *,
+        want_scores=True,
+        want_self_influence=False,
+        runtime=None,
+        state=None,
+        train_range=None,
+    ):
         as_params(self.Params, params)
         if want_self_influence:
             raise EstimatorError(
@@ -119,6 +143,7 @@ class GradCos(Estimator):
             cosine=True,
             want_scores=want_scores,
             want_self_influence=False,
+            train_range=train_range,
         )
 
 

@@ -21,6 +21,7 @@ from ..gradients import (
     Ticker,
     as_params,
     check_state_finite,
+    column_range,
     metadata,
     n_chunks,
     numpy_dtype,
@@ -50,12 +51,23 @@ class TracInCP(Estimator):
     summary = "TracInCP: sum over checkpoints of eta_t * gradient dot products (Pruthi et al. 2020)"
     Params = TracInCPParams
     needs_checkpoints = True
+    checkpoint_additive = True
 
     def check(self, problem_size: ProblemSize, params) -> None:
         if problem_size.n_checkpoints < 1:
             raise _no_checkpoints()
 
-    def attribute(self, problem, params=None, *, want_scores=True, want_self_influence=False, runtime=None):
+    def attribute(
+        self,
+        problem,
+        params=None,
+        *,
+        want_scores=True,
+        want_self_influence=False,
+        runtime=None,
+        state=None,
+        train_range=None,
+    ):
         p = as_params(self.Params, params)
         runtime = runtime or Runtime()
         validate_problem(problem, need_queries=want_scores)
@@ -75,7 +87,8 @@ class TracInCP(Estimator):
             etas.append(float(eta))
 
         dtype = numpy_dtype(runtime.dtype)
-        n, m, T = problem.n_train, problem.n_query, len(ckpts)
+        lo, hi = column_range(problem, train_range)
+        n, m, T = hi - lo, problem.n_query, len(ckpts)
         scores = np.zeros((m, n), dtype=dtype) if want_scores else None
         self_inf = np.zeros(n, dtype=dtype) if want_self_influence else None
         qt = Ticker(runtime, "query_gradients", T * n_chunks(m, runtime.chunk_size)) if want_scores else None
@@ -83,7 +96,7 @@ class TracInCP(Estimator):
         if want_scores or want_self_influence:
             for ck, eta in zip(ckpts, etas, strict=True):
                 Q = query_gradients(problem, ck.state, runtime, qt) if want_scores else None
-                for start, stop, G in train_gradients(problem, ck.state, runtime):
+                for start, stop, G in train_gradients(problem, ck.state, runtime, train_range):
                     if scores is not None:
                         scores[:, start:stop] += (eta * (Q @ G.T)).cpu().numpy()
                     if self_inf is not None:

@@ -11,6 +11,8 @@ from celery import Celery
 from app.settings import Settings
 
 RUN_JOB_TASK = "ia.run_job"
+RUN_SHARD_TASK = "ia.run_shard"
+FINALIZE_TASK = "ia.finalize_job"
 log = logging.getLogger(__name__)
 
 
@@ -28,6 +30,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "processed_folder": str(folder / "processed"),
             "control_folder": str(folder / "control"),
             "store_processed": False,
+            "polling_interval": 0.1,  # listing a folder is cheap; the default 1 s delays every job
         }
     else:
         transport_options = {
@@ -68,17 +71,29 @@ def client(settings: Settings) -> Celery:
     return _client(settings.model_dump_json())
 
 
-def enqueue_job(settings: Settings, job_id: str) -> bool:
-    """Publish; a failure is logged, not raised: the sweeper re-publishes queued jobs (outbox)."""
+def _publish(settings: Settings, task: str, object_id: str) -> bool:
+    """Publish; a failure is logged, not raised: the row is committed and the sweeper re-publishes it."""
     try:
         client(settings).send_task(
-            RUN_JOB_TASK,
-            args=[job_id],
+            task,
+            args=[object_id],
             queue=settings.compute_queue,
             retry=True,
             retry_policy={"max_retries": 2, "interval_start": 0.2},
         )
         return True
-    except Exception:  # noqa: BLE001 - broker down: the job row is committed, the sweeper retries
-        log.warning("could not publish job %s; the sweeper will retry", job_id, exc_info=True)
+    except Exception:  # noqa: BLE001 - broker down: the sweeper retries (outbox)
+        log.warning("could not publish %s(%s); the sweeper will retry", task, object_id, exc_info=True)
         return False
+
+
+def enqueue_job(settings: Settings, job_id: str) -> bool:
+    return _publish(settings, RUN_JOB_TASK, job_id)
+
+
+def enqueue_shard(settings: Settings, shard_id: str) -> bool:
+    return _publish(settings, RUN_SHARD_TASK, shard_id)
+
+
+def enqueue_finalize(settings: Settings, job_id: str) -> bool:
+    return _publish(settings, FINALIZE_TASK, job_id)

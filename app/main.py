@@ -19,12 +19,13 @@ UPLOAD_PATHS = r"/v1/datasets|/v1/models|/v1/models/[^/]+/checkpoints"
 
 def _sweeper(settings: Settings, stop: threading.Event) -> None:
     """Re-queue jobs whose worker vanished; first pass also re-publishes every queued job."""
-    from app.services.jobs import sweep
+    from app.services import jobs, shards
 
     first = True
     while True:
         try:
-            sweep(settings, requeue_all_queued=first)
+            jobs.sweep(settings, requeue_all_queued=first)
+            shards.sweep(settings)
             first = False
         except Exception:  # noqa: BLE001 - DB or broker down: try again next round
             log.warning("sweeper pass failed", exc_info=True)

@@ -61,7 +61,15 @@ class Settings(BaseSettings):
     )
     task_soft_time_limit: int = Field(3 * 3600, description="Seconds before a task is asked to stop.")
     task_time_limit: int = Field(3 * 3600 + 300, description="Seconds before a task's process is killed.")
-    chunk_size: int = Field(256, description="Examples per per-sample-gradient chunk.")
+    chunk_size: int = Field(256, description="Most examples per per-sample-gradient chunk.")
+    memory_budget_bytes: int = Field(
+        2 * 1024**3,
+        description="Per-job working memory for gradient chunks; lowers the chunk size for big models.",
+    )
+    train_shard_size: int = Field(
+        0,
+        description="Default training rows per shard; a job over more rows fans out (0 = never by default).",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the worker computes.")
     torch_threads: int = Field(0, description="torch intra-op threads in the worker (0 = torch default).")
 

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -167,7 +168,7 @@ def run_profile(name: str, env: dict[str, str], tmp: Path, repeats: int, n_queri
                 "method": {"name": "tracincp"},
                 "output": {"top_k": 10},
             }
-            api, worker = [], []
+            api, worker, queue_wait, run = [], [], [], []
             for _ in range(repeats):
                 started = time.perf_counter()
                 job = client.post("/v1/influence-jobs", json=body).json()
@@ -178,6 +179,11 @@ def run_profile(name: str, env: dict[str, str], tmp: Path, repeats: int, n_queri
                     f"/v1/influence-jobs/{job['id']}/results", params={"page_size": 1}
                 ).json()
                 worker.append(details["details"]["compute_seconds"])
+                created, started, finished = (
+                    datetime.fromisoformat(job[k]) for k in ("created_at", "started_at", "finished_at")
+                )
+                queue_wait.append((started - created).total_seconds())
+                run.append((finished - started).total_seconds())
             torch.set_num_threads(1)
             store = ArtifactStore(Path(env["IA_DATA_DIR"]).resolve() / "artifacts")
             direct = [_direct(store, client, model, train, test, queries) for _ in range(repeats)]
@@ -190,6 +196,8 @@ def run_profile(name: str, env: dict[str, str], tmp: Path, repeats: int, n_queri
         "api_s": med(api),
         "worker_compute_s": med(worker),
         "in_process_s": med(direct),
+        "queue_wait_s": med(queue_wait),
+        "run_s": med(run),
         "overhead_s": med(api) - med(direct),
         "ratio": med(api) / med(direct),
         "n_train": train["n_examples"],
@@ -224,13 +232,13 @@ def main() -> None:
     )
     print(
         f"{'profile':<10} {'n_train':>7} {'queries':>7} {'ckpts':>5} {'api s':>8} {'worker s':>9} "
-        f"{'in-proc s':>9} {'overhead s':>10} {'api/in-proc':>11}"
+        f"{'in-proc s':>9} {'overhead s':>10} {'api/in-proc':>11} {'queue wait s':>12} {'claim->done s':>13}"
     )
     for r in rows:
         print(
             f"{r['profile']:<10} {r['n_train']:>7} {r['n_queries']:>7} {r['checkpoints']:>5} "
             f"{r['api_s']:>8.3f} {r['worker_compute_s']:>9.3f} {r['in_process_s']:>9.3f} "
-            f"{r['overhead_s']:>10.3f} {r['ratio']:>11.2f}"
+            f"{r['overhead_s']:>10.3f} {r['ratio']:>11.2f} {r['queue_wait_s']:>12.3f} {r['run_s']:>13.3f}"
         )
 
 

@@ -6,6 +6,7 @@ Shared by the Celery task and by anything else that wants to run a job by id
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -20,8 +21,11 @@ from app.db.models import Checkpoint as CheckpointRow
 from app.db.models import Dataset, Job, Model
 from app.db.session import session_scope
 from app.estimators import (
+    ORIENTATION,
+    SIGN_CONVENTION,
     Cancelled,
     Checkpoint,
+    Estimator,
     EstimatorError,
     InfluenceProblem,
     Recipe,
@@ -30,11 +34,14 @@ from app.estimators import (
     get_estimator,
     train,
 )
+from app.estimators.sharding import merge_shards, plan_shards
 from app.problems import FieldError, ProblemError
 from app.services import datasets as datasets_service
 from app.services import jobs as jobs_service
 from app.services import models as models_service
 from app.services import results as results_service
+from app.services import shards as shards_service
+from app.services import train_state
 from app.services.validation import validate_params
 from app.settings import Settings
 from app.storage.artifacts import ArtifactStore
@@ -51,9 +58,10 @@ class Reporter:
     seen the flag. Cancel latency is therefore one heartbeat plus one batch.
     """
 
-    def __init__(self, settings: Settings, claim: jobs_service.Claim) -> None:
+    def __init__(self, settings: Settings, claim, beat=jobs_service.heartbeat) -> None:
         self.settings = settings
         self.claim = claim
+        self._beat_fn = beat
         self.cancel = threading.Event()
         self.lost = threading.Event()
         self._stop = threading.Event()
@@ -61,7 +69,7 @@ class Reporter:
         self._progress: dict | None = None
         self._phase: str | None = None
         self._phase_started = time.monotonic()
-        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{claim.job_id}", daemon=True)
+        self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
 
     def __enter__(self) -> Reporter:
         self._thread.start()
@@ -91,9 +99,9 @@ class Reporter:
 
     def check(self) -> None:
         if self.lost.is_set():
-            raise jobs_service.LeaseLost(self.claim.job_id)
+            raise jobs_service.LeaseLost(self.claim)
         if self.cancel.is_set():
-            raise Cancelled(self.claim.job_id)
+            raise Cancelled(self.claim)
 
     @property
     def last_progress(self) -> dict | None:
@@ -103,13 +111,13 @@ class Reporter:
     def _beat(self) -> None:
         while not self._stop.wait(self.settings.heartbeat_seconds):
             try:
-                if jobs_service.heartbeat(self.settings, self.claim, self.last_progress):
+                if self._beat_fn(self.settings, self.claim, self.last_progress):
                     self.cancel.set()
             except jobs_service.LeaseLost:
                 self.lost.set()
                 return
             except Exception:  # noqa: BLE001 - DB blip: keep computing, the lease has slack
-                log.warning("heartbeat failed for job %s", self.claim.job_id, exc_info=True)
+                log.warning("heartbeat failed for %s", self.claim, exc_info=True)
 
 
 @dataclass
@@ -167,33 +175,148 @@ def run_job(settings: Settings, job_id: str, worker_id: str) -> str:
     if claim is None:
         log.info("job %s not claimable (finished, running elsewhere or cancelled); dropping message", job_id)
         return "skipped"
+    _threads(settings)
+    store = ArtifactStore(settings.resolved_artifact_dir)
+    reporter = Reporter(settings, claim)
+    try:
+        with reporter:
+            if claim.kind == "training":
+                outcome = _train(settings, store, claim, reporter)
+            else:
+                outcome = _influence(settings, store, claim, reporter)
+            reporter.check()
+    except jobs_service.LeaseLost:
+        log.warning("job %s attempt %d lost its lease; discarding its work", job_id, claim.attempt)
+        return "lease-lost"
+    except Cancelled:
+        jobs_service.finish(settings, claim, "cancelled", progress=reporter.last_progress)
+        return "cancelled"
+    except BaseException as exc:
+        if not isinstance(exc, ProblemError | EstimatorError):
+            log.exception("job %s failed", job_id)
+        jobs_service.finish(
+            settings, claim, "failed", error=_problem_for(exc), progress=reporter.last_progress
+        )
+        if not isinstance(exc, Exception):
+            raise
+        return "failed"
+    if isinstance(outcome, list):  # shard plans: hand the job over to its shards
+        return "fanned-out" if shards_service.fan_out(settings, claim, outcome) else "lease-lost"
+    write, progress = outcome
+    return (
+        "succeeded"
+        if jobs_service.finish(settings, claim, "succeeded", write=write, progress=progress)
+        else "lease-lost"
+    )
+
+
+def run_shard(settings: Settings, shard_id: str, worker_id: str) -> str:
+    """Compute one shard of a fanned-out job and record its partial result."""
+    claim = shards_service.claim(settings, shard_id, worker_id)
+    if claim is None:
+        return "skipped"
+    _threads(settings)
+    store = ArtifactStore(settings.resolved_artifact_dir)
+    try:
+        with Reporter(settings, claim, beat=shards_service.heartbeat) as reporter:
+            ctx = _context(settings, store, claim.job_id)
+            problem = ctx.problem
+            if claim.plan.checkpoint_indices is not None:
+                problem = dataclasses.replace(
+                    problem, checkpoints=[problem.checkpoints[i] for i in claim.plan.checkpoint_indices]
+                )
+            runtime = _runtime(settings, ctx, reporter)
+            state = train_state.get_or_fit(
+                settings, store, ctx.estimator, ctx.params, ctx.problem, runtime, ctx.state_inputs
+            ).state
+            started = time.perf_counter()
+            attribution = ctx.estimator.attribute(
+                problem,
+                ctx.params,
+                want_scores=True,
+                want_self_influence=ctx.output["self_influence"],
+                runtime=runtime,
+                state=state,
+                train_range=(claim.plan.train_lo, claim.plan.train_hi),
+            )
+            seconds = time.perf_counter() - started
+            reporter.check()
+    except jobs_service.LeaseLost:
+        return "lease-lost"
+    except Cancelled:
+        shards_service.stop_job(settings, claim, "cancelled")
+        return "cancelled"
+    except BaseException as exc:
+        if not isinstance(exc, ProblemError | EstimatorError):
+            log.exception("shard %s failed", shard_id)
+        shards_service.stop_job(settings, claim, "failed", _problem_for(exc))
+        if not isinstance(exc, Exception):
+            raise
+        return "failed"
+    scores_uri = store.put_npy(attribution.scores).uri if attribution.scores is not None else None
+    self_uri = (
+        store.put_npy(attribution.self_influence).uri if attribution.self_influence is not None else None
+    )
+    return (
+        "succeeded"
+        if shards_service.complete(settings, claim, scores_uri, self_uri, seconds)
+        else "lease-lost"
+    )
+
+
+def finalize_job(settings: Settings, job_id: str) -> str:
+    """Merge a fanned-out job's shards into its result; idempotent: the current attempt commits once."""
+    ready = shards_service.finalize_claim(settings, job_id)
+    if ready is None:
+        return "skipped"
+    claim, parts = ready
+    store = ArtifactStore(settings.resolved_artifact_dir)
+    loaded = _load(settings, job_id)
+    spec = loaded.job.spec
+    arrays = datasets_service.load_arrays(store, loaded.train)
+    query_arrays = (
+        arrays
+        if (loaded.query or loaded.train).id == loaded.train.id
+        else datasets_service.load_arrays(store, loaded.query)
+    )
+    query_rows = _query_rows(spec, loaded.query or loaded.train)
+
+    def load(uri):
+        return np.load(store.path(uri), allow_pickle=False) if uri else None
+
+    scores, self_influence = merge_shards(
+        len(query_rows),
+        loaded.train.n_examples,
+        ((p.plan, load(p.scores_uri), load(p.self_uri)) for p in parts),
+    )
+    details = {
+        "method": spec["method"]["name"],
+        "measurement": spec["measurement"],
+        "sign_convention": SIGN_CONVENTION,
+        "orientation": ORIENTATION,
+        "shards": len(parts),
+        "compute_seconds": round(sum(p.compute_seconds or 0.0 for p in parts), 4),
+    }
+    prepared = results_service.prepare(
+        store,
+        scores=scores,
+        self_influence=self_influence,
+        query_rows=query_rows,
+        query_ids=query_arrays.ids[query_rows] if query_arrays.ids is not None else None,
+        train_ids=arrays.ids,
+        top=spec["output"]["top_k"],
+        keep_full_matrix=spec["output"]["keep_full_matrix"],
+        details=details,
+    )
+    stored = jobs_service.finish(
+        settings, claim, "succeeded", write=prepared.write(job_id, claim.attempt), progress=_done()
+    )
+    return "succeeded" if stored else "skipped"
+
+
+def _threads(settings: Settings) -> None:
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
-    store = ArtifactStore(settings.resolved_artifact_dir)
-    with Reporter(settings, claim) as reporter:
-        try:
-            if claim.kind == "training":
-                write, progress = _train(settings, store, claim, reporter)
-            else:
-                write, progress = _influence(settings, store, claim, reporter)
-            reporter.check()
-            stored = jobs_service.finish(settings, claim, "succeeded", write=write, progress=progress)
-            return "succeeded" if stored else "lease-lost"
-        except jobs_service.LeaseLost:
-            log.warning("job %s attempt %d lost its lease; discarding its work", job_id, claim.attempt)
-            return "lease-lost"
-        except Cancelled:
-            jobs_service.finish(settings, claim, "cancelled", progress=reporter.last_progress)
-            return "cancelled"
-        except BaseException as exc:
-            if not isinstance(exc, ProblemError | EstimatorError):
-                log.exception("job %s failed", job_id)
-            jobs_service.finish(
-                settings, claim, "failed", error=_problem_for(exc), progress=reporter.last_progress
-            )
-            if not isinstance(exc, Exception):
-                raise
-            return "failed"
 
 
 def _done(phase: str = "done") -> dict:
@@ -207,19 +330,35 @@ def _done(phase: str = "done") -> dict:
     }
 
 
-def _influence(settings: Settings, store: ArtifactStore, claim, reporter: Reporter):
-    loaded = _load(settings, claim.job_id)
+@dataclass
+class _Context:
+    """An influence job's inputs, loaded and ready for the estimator."""
+
+    loaded: _Loaded
+    problem: InfluenceProblem
+    estimator: Estimator
+    params: object
+    output: dict
+    query_rows: np.ndarray
+    query_ids: np.ndarray | None
+    train_ids: np.ndarray | None
+    state_inputs: dict
+
+
+def _query_rows(spec: dict, query_ds: Dataset) -> np.ndarray:
+    rows = spec["query_indices"] if spec.get("query_indices") is not None else np.arange(query_ds.n_examples)
+    return np.asarray(rows, dtype=np.int64)
+
+
+def _context(settings: Settings, store: ArtifactStore, job_id: str) -> _Context:
+    loaded = _load(settings, job_id)
     spec, model = loaded.job.spec, loaded.model
-    reporter("loading", 0, 1)
     train_arrays = datasets_service.load_arrays(store, loaded.train)
     query_ds = loaded.query or loaded.train
     query_arrays = (
         train_arrays if query_ds.id == loaded.train.id else datasets_service.load_arrays(store, query_ds)
     )
-    query_rows = np.asarray(
-        spec["query_indices"] if spec.get("query_indices") is not None else np.arange(query_ds.n_examples),
-        dtype=np.int64,
-    )
+    query_rows = _query_rows(spec, query_ds)
     recipe = validate_params(Recipe, model.recipe, "/recipe")
     checkpoints = [
         Checkpoint(
@@ -243,35 +382,85 @@ def _influence(settings: Settings, store: ArtifactStore, claim, reporter: Report
     )
     estimator = get_estimator(spec["method"]["name"])
     params = validate_params(estimator.Params, spec["method"]["params"], "/method/params")
-    output = spec["output"]
-    started = time.perf_counter()
-    attribution = estimator.attribute(
+    state_inputs = {
+        "weights_sha256": model.weights_sha256,
+        "checkpoints_sha256": [c.sha256 for c in loaded.checkpoints],
+        "train_dataset_sha256": loaded.train.sha256,
+        "architecture": model.architecture,
+        "architecture_params": model.architecture_params,
+        "task": model.task,
+        "weight_decay": recipe.weight_decay,
+    }
+    return _Context(
+        loaded,
         problem,
+        estimator,
         params,
+        spec["output"],
+        query_rows,
+        query_arrays.ids[query_rows] if query_arrays.ids is not None else None,
+        train_arrays.ids,
+        state_inputs,
+    )
+
+
+def _runtime(settings: Settings, ctx: _Context, reporter: Reporter) -> Runtime:
+    """Chunk size bounded by the memory budget: a chunk of per-sample gradients is rows x p floats."""
+    n_params = sum(p.numel() for p in ctx.problem.model.parameters())
+    bytes_per_row = 4 * n_params * 4  # the gradient chunk plus vmap's intermediates, float32
+    chunk = max(1, min(settings.chunk_size, settings.memory_budget_bytes // max(bytes_per_row, 1)))
+    return Runtime(device=_device(settings), chunk_size=int(chunk), progress=reporter)
+
+
+def _influence(settings: Settings, store: ArtifactStore, claim, reporter: Reporter):
+    reporter("loading", 0, 1)
+    ctx = _context(settings, store, claim.job_id)
+    spec = ctx.loaded.job.spec
+    runtime = _runtime(settings, ctx, reporter)
+    outcome = train_state.get_or_fit(
+        settings, store, ctx.estimator, ctx.params, ctx.problem, runtime, ctx.state_inputs
+    )
+    execution = spec.get("execution") or {}
+    plans = plan_shards(
+        ctx.problem.n_train,
+        len(ctx.problem.checkpoints),
+        train_shard_size=execution.get("train_shard_size") or settings.train_shard_size or None,
+        by_checkpoint=bool(execution.get("shard_by_checkpoint")) and ctx.estimator.checkpoint_additive,
+    )
+    if len(plans) > 1:
+        return plans
+    started = time.perf_counter()
+    attribution = ctx.estimator.attribute(
+        ctx.problem,
+        ctx.params,
         want_scores=True,
-        want_self_influence=output["self_influence"],
-        runtime=Runtime(device=_device(settings), chunk_size=settings.chunk_size, progress=reporter),
+        want_self_influence=ctx.output["self_influence"],
+        runtime=runtime,
+        state=outcome.state,
     )
     compute_seconds = time.perf_counter() - started
     reporter("writing", 0, 1)
     details = dict(attribution.metadata)
     details.update(
         compute_seconds=round(compute_seconds, 4),
-        device=str(_device(settings)),
-        model_weights_sha256=model.weights_sha256,
-        train_dataset_sha256=loaded.train.sha256,
-        n_checkpoints=len(checkpoints),
+        device=str(runtime.device),
+        chunk_size=runtime.chunk_size,
+        model_weights_sha256=ctx.loaded.model.weights_sha256,
+        train_dataset_sha256=ctx.loaded.train.sha256,
+        n_checkpoints=len(ctx.problem.checkpoints),
         torch_version=torch.__version__,
     )
+    if outcome.info:
+        details["train_state"] = outcome.info
     prepared = results_service.prepare(
         store,
         scores=attribution.scores,
         self_influence=attribution.self_influence,
-        query_rows=query_rows,
-        query_ids=query_arrays.ids[query_rows] if query_arrays.ids is not None else None,
-        train_ids=train_arrays.ids,
-        top=output["top_k"],
-        keep_full_matrix=output["keep_full_matrix"],
+        query_rows=ctx.query_rows,
+        query_ids=ctx.query_ids,
+        train_ids=ctx.train_ids,
+        top=ctx.output["top_k"],
+        keep_full_matrix=ctx.output["keep_full_matrix"],
         details=details,
     )
     return prepared.write(claim.job_id, claim.attempt), _done()

@@ -48,6 +48,26 @@ def trainable_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
+def select_parameters(model: nn.Module, modules: list[str] | None) -> list[str]:
+    """Trainable parameter names under the given module prefixes (layer selection); all when None.
+
+    ``modules=["fc2"]`` keeps ``fc2.weight`` and ``fc2.bias``; ``"last"`` names the
+    module holding the last trainable parameter (the output layer).
+    """
+    names = trainable_names(model)
+    if modules is None:
+        return names
+    if "last" in modules:
+        modules = [m for m in modules if m != "last"] + [names[-1].rsplit(".", 1)[0]]
+    chosen = [n for n in names if any(n == m or n.startswith(m + ".") for m in modules)]
+    if not chosen:
+        raise EstimatorError(
+            f"no trainable parameters under modules {modules}; the model has {names}",
+            parameter="/method/params/layers",
+        )
+    return chosen
+
+
 def n_parameters(model: nn.Module) -> int:
     """Number of trainable scalars ``p`` (the length of a flattened gradient)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -79,15 +99,17 @@ def functional_state(
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    names: list[str] | None = None,
 ) -> tuple[list[str], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Split ``state`` into (names, trainable tensors, fixed tensors) on ``device``/``dtype``.
+    """Split ``state`` into (names, differentiated tensors, fixed tensors) on ``device``/``dtype``.
 
-    Fixed tensors are the buffers and frozen parameters; a buffer missing from
-    ``state`` is taken from the module. Floating tensors are cast to ``dtype``
-    (default: the dtype of the first trainable tensor in ``state``).
+    ``names`` selects the parameters to differentiate (default: all trainable ones,
+    see :func:`select_parameters`); fixed tensors are the buffers and every other
+    parameter; a buffer missing from ``state`` is taken from the module. Floating
+    tensors are cast to ``dtype`` (default: that of the first differentiated tensor).
     """
     dev = _resolve_device(device)
-    names = trainable_names(model)
+    names = trainable_names(model) if names is None else list(names)
     if not names:
         raise EstimatorError("the model has no trainable parameters")
     params: dict[str, torch.Tensor] = {}
@@ -147,11 +169,13 @@ def per_sample_gradients(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     what: str = "examples",
+    names: list[str] | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield ``(start, stop, G)`` with ``G[i - start] = d objective(f(x_i), y_i) / d theta`` flattened.
 
     ``G`` has shape ``(stop - start, p)`` on ``device`` in ``dtype``, columns in
-    :func:`trainable_names` order. The model is put in eval mode. ``what`` names
+    :func:`trainable_names` order (restricted to ``names`` when given, e.g. from
+    :func:`select_parameters`). The model is put in eval mode. ``what`` names
     the rows in error messages (e.g. "training examples"). Raises
     :class:`NumericalError` when a chunk holds NaN/inf.
     """
@@ -159,7 +183,7 @@ def per_sample_gradients(
         raise EstimatorError("chunk_size must be at least 1", parameter="/chunk_size")
     dev = _resolve_device(device)
     model.eval()
-    names, params, fixed = functional_state(model, state, device=dev, dtype=dtype)
+    names, params, fixed = functional_state(model, state, device=dev, dtype=dtype, names=names)
     dt = params[names[0]].dtype
 
     def one(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
@@ -331,6 +355,7 @@ def query_gradients(
     state: dict[str, torch.Tensor],
     runtime: Runtime,
     ticker: Ticker | None = None,
+    names: list[str] | None = None,
 ) -> torch.Tensor:
     """The ``m x p`` matrix of query-objective gradients at ``state`` (on the runtime device)."""
     rows = []
@@ -344,12 +369,17 @@ def query_gradients(
         device=runtime.device,
         dtype=runtime.dtype,
         what="queries",
+        names=names,
     ):
         rows.append(G)
         if ticker is not None:
             ticker.tick()
     if not rows:
-        p = n_parameters(problem.model)
+        p = (
+            n_parameters(problem.model)
+            if names is None
+            else sum(dict(problem.model.named_parameters())[k].numel() for k in names)
+        )
         return torch.zeros(0, p, device=_resolve_device(runtime.device), dtype=runtime.dtype)
     return torch.cat(rows, dim=0)
 
@@ -368,6 +398,7 @@ def train_gradients(
     state: dict[str, torch.Tensor],
     runtime: Runtime,
     train_range: tuple[int, int] | None = None,
+    names: list[str] | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Stream ``(start, stop, G)`` chunks of training-loss gradients at ``state``.
 
@@ -385,6 +416,7 @@ def train_gradients(
         device=runtime.device,
         dtype=runtime.dtype,
         what="training examples" if lo == 0 else f"training examples (from row {lo})",
+        names=names,
     )
 
 

@@ -23,6 +23,17 @@ class OutputSpec(RequestModel):
     self_influence: bool = Field(False, description="Also compute each training example's self-influence.")
 
 
+class ExecutionSpec(RequestModel):
+    """How to split the work; results are identical either way."""
+
+    train_shard_size: int | None = Field(
+        None, ge=1, description="Training rows per shard task (default: the server's IA_TRAIN_SHARD_SIZE)."
+    )
+    shard_by_checkpoint: bool = Field(
+        False, description="Also one shard per checkpoint, for estimators whose scores sum over checkpoints."
+    )
+
+
 class JobCreate(RequestModel):
     model_id: str
     checkpoint_ids: list[str] | None = Field(
@@ -36,6 +47,7 @@ class JobCreate(RequestModel):
     method: MethodSpec
     measurement: Literal["loss", "margin"] = "loss"
     output: OutputSpec = Field(default_factory=OutputSpec)
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
 
 
 class Progress(ReadModel):

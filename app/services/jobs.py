@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from app import dispatch
 from app.db.base import utcnow
-from app.db.models import TERMINAL_STATES, Checkpoint, Dataset, Job, Model
+from app.db.models import TERMINAL_STATES, Checkpoint, Dataset, Job, JobShard, Model
 from app.db.session import session_scope
 from app.estimators import EstimatorError, ProblemSize, get_estimator
 from app.problems import FieldError, ProblemError, invalid_field
@@ -214,7 +214,15 @@ def request_cancel(session: Session, job: Job) -> Job:
             .values(state="cancelled", cancel_requested_at=now, finished_at=now, updated_at=now)
         )
     elif job.state == "running" and job.cancel_requested_at is None:
-        session.execute(update(Job).where(Job.id == job.id).values(cancel_requested_at=now, updated_at=now))
+        values: dict = {"cancel_requested_at": now, "updated_at": now}
+        if job.shards_total:  # fanned out: end it now; running shards see it at their next heartbeat
+            values.update(state="cancelled", finished_at=now)
+            session.execute(
+                update(JobShard)
+                .where(JobShard.job_id == job.id, JobShard.state == "queued")
+                .values(state="cancelled", updated_at=now)
+            )
+        session.execute(update(Job).where(Job.id == job.id, Job.state == "running").values(**values))
     session.commit()
     session.refresh(job)
     return job

@@ -220,8 +220,13 @@ def test_exact_influence_on_service_trained_logistic_regression(trained, integra
     spec = {
         "name": "cancer-logreg",
         "architecture": {"name": "linear", "params": {"in_features": 30, "num_classes": 2}},
-        "recipe": {"optimizer": "lbfgs", "learning_rate": 1.0, "epochs": 200, "weight_decay": 1e-2,
-                   "num_checkpoints": 1},
+        "recipe": {
+            "optimizer": "lbfgs",
+            "learning_rate": 1.0,
+            "epochs": 200,
+            "weight_decay": 1e-2,
+            "num_checkpoints": 1,
+        },
         "train_dataset_id": train["id"],
     }
     from tests.integration.flows import register_model
@@ -230,11 +235,20 @@ def test_exact_influence_on_service_trained_logistic_regression(trained, integra
     assert wait(client, f"/v1/training-jobs/{model['training_job_id']}")["state"] == "succeeded"
     model = client.get(f"/v1/models/{model['id']}").json()
     queries = list(range(10))
-    job = wait(client, submit(client, {
-        "model_id": model["id"], "train_dataset_id": train["id"], "query_dataset_id": test["id"],
-        "query_indices": queries, "method": {"name": "if_exact", "params": {"damping": 0.0}},
-        "output": {"keep_full_matrix": True, "self_influence": True},
-    }).headers["location"])
+    job = wait(
+        client,
+        submit(
+            client,
+            {
+                "model_id": model["id"],
+                "train_dataset_id": train["id"],
+                "query_dataset_id": test["id"],
+                "query_indices": queries,
+                "method": {"name": "if_exact", "params": {"damping": 0.0}},
+                "output": {"keep_full_matrix": True, "self_influence": True},
+            },
+        ).headers["location"],
+    )
     assert job["state"] == "succeeded", job
     results = client.get(f"/v1/influence-jobs/{job['id']}/results").json()
     assert results["details"]["objective_grad_norm"] < 1e-4, "L-BFGS on the service must reach the optimum"

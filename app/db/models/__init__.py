@@ -4,5 +4,16 @@ from app.db.models.dataset import Dataset
 from app.db.models.job import TERMINAL_STATES, Job
 from app.db.models.model import Checkpoint, Model
 from app.db.models.result import InfluenceResult, QueryResult
+from app.db.models.shard import JobShard, TrainStateEntry
 
-__all__ = ["Checkpoint", "Dataset", "InfluenceResult", "Job", "Model", "QueryResult", "TERMINAL_STATES"]
+__all__ = [
+    "Checkpoint",
+    "Dataset",
+    "InfluenceResult",
+    "Job",
+    "JobShard",
+    "Model",
+    "QueryResult",
+    "TERMINAL_STATES",
+    "TrainStateEntry",
+]

@@ -42,5 +42,8 @@ class Job(IdMixin, TimestampMixin, Base):
     progress: Mapped[dict] = mapped_column(default=dict)
     error: Mapped[dict | None] = mapped_column()
 
+    shards_total: Mapped[int] = mapped_column(default=0, server_default="0")  # 0: the job runs as one task
+    shards_done: Mapped[int] = mapped_column(default=0, server_default="0")
+
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     request_hash: Mapped[str | None] = mapped_column(String(64))

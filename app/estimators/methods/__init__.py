@@ -1,5 +1,11 @@
-"""Built-in estimators; importing this package registers them in ``base.REGISTRY``."""
+"""Estimator implementations; importing this package registers every module's estimators.
 
-from . import influence_exact, similarity, tracin
+Each module registers its classes with ``@register``; new modules are picked up
+automatically, so adding a method is adding a file.
+"""
 
-__all__ = ["influence_exact", "similarity", "tracin"]
+import importlib
+import pkgutil
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")

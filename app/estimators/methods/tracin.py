@@ -1,22 +1,45 @@
-"""TracInCP (Pruthi et al., NeurIPS 2020; ESTIMATORS.md 2.23).
+"""TracInCP, TracIn-RP and GAS (Pruthi et al. 2020; Hammoudeh & Lowd 2022; ESTIMATORS.md 2.18, 2.23).
 
-``scores[j, i] = sum_t eta_t g'_{j,t} . g_{i,t}`` over the checkpoints ``t``,
+``scores[j, i] = sum_t eta_t s(g'_{j,t}, g_{i,t})`` over the checkpoints ``t``,
 where ``g'`` is the gradient of the query objective (loss, or minus the margin)
-and ``g_i`` that of the training loss at checkpoint ``theta_t``, and ``eta_t`` is
-the checkpoint's learning rate (or 1). Self-influence
-``sum_t eta_t ||g_{i,t}||^2`` (mislabel detection). Plain gradients are used for
-every optimizer; for Adam the true update is preconditioned, so the scores are
-the SGD approximation.
+and ``g_i`` that of the training loss at checkpoint ``theta_t``, ``eta_t`` is the
+checkpoint's learning rate (or 1), and ``s`` is
+
+* the dot product (``normalize="none"``, TracInCP), or
+* the cosine (``normalize="cosine"``): GAS, gradient-aggregated similarity, the
+  renormalised TracIn that removes the dominance of large-gradient examples
+  (zero when either gradient is zero).
+
+Options:
+
+* ``projection_dim=k`` (TracIn-RP): both gradients are replaced by seeded
+  random projections ``g P`` (``p x k``, see :mod:`..projection`), which keeps
+  inner products in expectation. The projected training gradients (``n x k`` per
+  checkpoint) are the cacheable train-side state returned by :meth:`fit`;
+  without a projection there is nothing worth caching (``fit`` returns None).
+  ``k >= p`` means no projection.
+* ``layers``: restrict the gradients to the parameters of these module prefixes
+  (``"last"`` = the output layer).
+
+Self-influence is ``sum_t eta_t ||g_{i,t}||^2`` (mislabel detection; projected
+norms under TracIn-RP); the cosine variant has none. Scores are a sum over
+checkpoints, so jobs may be sharded by checkpoint (``checkpoint_additive``),
+also for GAS. Plain gradients are used for every optimizer; for Adam the true
+update is preconditioned, so the scores are the SGD approximation.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from annotated_types import Ge
 
-from ..base import Attribution, Estimator, EstimatorError, ProblemSize, Runtime, register
+from ..base import Attribution, Estimator, EstimatorError, ProblemSize, Runtime, TrainState, register
 from ..gradients import (
     Ticker,
     as_params,
@@ -26,18 +49,44 @@ from ..gradients import (
     n_chunks,
     numpy_dtype,
     query_gradients,
+    select_parameters,
     train_gradients,
     validate_problem,
 )
+from ..projection import Projector, capped, make_projector
 
 
 @dataclass
 class TracInCPParams:
-    """TracInCP: sum over checkpoints of learning-rate-weighted gradient dot products."""
+    """TracInCP: sum over checkpoints of learning-rate-weighted gradient dot products (or cosines: GAS),
+    optionally on randomly projected gradients (TracIn-RP) and selected layers."""
 
     use_checkpoint_learning_rates: bool = field(
         default=True,
         metadata={"description": "weight checkpoint t by its learning rate eta_t; false uses eta_t = 1"},
+    )
+    projection_dim: Annotated[int, Ge(1)] | None = field(
+        default=None,
+        metadata={
+            "description": "TracIn-RP: project gradients to this many dimensions (null: exact gradients; "
+            "values >= the number of selected parameters mean no projection)"
+        },
+    )
+    projection: Literal["gaussian", "rademacher", "srht"] = field(
+        default="rademacher",
+        metadata={"description": "random projection kind used when projection_dim is set"},
+    )
+    seed: Annotated[int, Ge(0)] = field(default=0, metadata={"description": "seed of the random projection"})
+    normalize: Literal["none", "cosine"] = field(
+        default="none",
+        metadata={"description": "'cosine': sum_t eta_t cos(g'_t, g_t) (GAS, Hammoudeh & Lowd 2022)"},
+    )
+    layers: list[str] | None = field(
+        default=None,
+        metadata={
+            "description": "module name prefixes whose parameters enter the gradients ('last' = output "
+            "layer); null: all trainable parameters"
+        },
     )
 
 
@@ -48,7 +97,10 @@ def _no_checkpoints() -> EstimatorError:
 @register
 class TracInCP(Estimator):
     name = "tracincp"
-    summary = "TracInCP: sum over checkpoints of eta_t * gradient dot products (Pruthi et al. 2020)"
+    summary = (
+        "TracInCP: sum over checkpoints of eta_t * gradient dot products (Pruthi et al. 2020); "
+        "options: random projection (TracIn-RP), cosine (GAS), layer selection"
+    )
     Params = TracInCPParams
     needs_checkpoints = True
     checkpoint_additive = True
@@ -56,6 +108,109 @@ class TracInCP(Estimator):
     def check(self, problem_size: ProblemSize, params) -> None:
         if problem_size.n_checkpoints < 1:
             raise _no_checkpoints()
+
+    def state_params(self, params) -> dict:
+        p = as_params(self.Params, params)
+        return {
+            "projection_dim": p.projection_dim,
+            "projection": p.projection,
+            "seed": p.seed,
+            "layers": p.layers,
+        }
+
+    # ------------------------------------------------------------------ helpers
+
+    def _checkpoints(self, problem, p: TracInCPParams) -> tuple[list, list[float]]:
+        ckpts = list(problem.checkpoints)
+        if not ckpts:
+            raise _no_checkpoints()
+        etas = []
+        for t, ck in enumerate(ckpts):
+            check_state_finite(ck.state, what=f"checkpoint {t} (step {ck.step})", parameter="/checkpoint_ids")
+            eta = ck.learning_rate if p.use_checkpoint_learning_rates else 1.0
+            if eta is None or not math.isfinite(float(eta)):
+                raise EstimatorError(
+                    f"checkpoint {t} (step {ck.step}) has no usable learning rate ({eta!r}); "
+                    "record it, or set use_checkpoint_learning_rates to false",
+                    parameter="/method/params/use_checkpoint_learning_rates",
+                )
+            etas.append(float(eta))
+        return ckpts, etas
+
+    def _projector(self, problem, p: TracInCPParams, runtime: Runtime) -> tuple[list[str], Projector | None]:
+        names = select_parameters(problem.model, p.layers)
+        if p.projection_dim is None:
+            return names, None
+        shapes = dict(problem.model.named_parameters())
+        n_params = sum(shapes[k].numel() for k in names)
+        kind, k = capped(p.projection, n_params, p.projection_dim)
+        if kind == "identity":
+            return names, None
+        return names, make_projector(kind, n_params, k, p.seed, runtime.device, runtime.dtype)
+
+    def _projected_train(self, problem, ck, runtime, names, projector, train_range, ticker) -> torch.Tensor:
+        rows = []
+        for _, _, G in train_gradients(problem, ck.state, runtime, train_range, names=names):
+            rows.append(projector.project(G))
+            ticker.tick()
+        if not rows:
+            return torch.zeros(0, projector.k, device=torch.device(runtime.device), dtype=runtime.dtype)
+        return torch.cat(rows)
+
+    @staticmethod
+    def _state_index(state: TrainState, problem, ckpts: list) -> list[int]:
+        """For each checkpoint of ``problem``, its entry in ``state`` (matched by step).
+
+        The state may hold more checkpoints than the problem: a job sharded by
+        checkpoint reuses the state fitted on all of them.
+        """
+        steps = [int(s) for s in state.info.get("checkpoint_steps", [])]
+        if state.info.get("n_train") != problem.n_train:
+            raise EstimatorError(
+                "the cached train state was fitted on a different training set", parameter="/method/params"
+            )
+        out = []
+        for t, ck in enumerate(ckpts):
+            matches = [i for i, s in enumerate(steps) if s == int(ck.step)]
+            if len(matches) == 1:
+                out.append(matches[0])
+            elif len(steps) == len(ckpts) and steps[t] == int(ck.step):
+                out.append(t)
+            else:
+                raise EstimatorError(
+                    f"the cached train state has no unique entry for checkpoint step {ck.step} "
+                    f"(it holds steps {steps})",
+                    parameter="/checkpoint_ids",
+                )
+        return out
+
+    # ------------------------------------------------------------------ contract
+
+    def fit(self, problem, params=None, runtime=None) -> TrainState | None:
+        """TracIn-RP: projected training-loss gradients per checkpoint (``n x k`` each); else None."""
+        p = as_params(self.Params, params)
+        runtime = runtime or Runtime()
+        validate_problem(problem, need_queries=False)
+        ckpts, _ = self._checkpoints(problem, p)
+        names, projector = self._projector(problem, p, runtime)
+        if projector is None:
+            return None
+        n = problem.n_train
+        tt = Ticker(runtime, "train_gradients", len(ckpts) * n_chunks(n, runtime.chunk_size))
+        tensors = {
+            f"train_features_{t}": self._projected_train(
+                problem, ck, runtime, names, projector, None, tt
+            ).cpu()
+            for t, ck in enumerate(ckpts)
+        }
+        return TrainState(
+            tensors=tensors,
+            info={
+                "checkpoint_steps": [int(ck.step) for ck in ckpts],
+                "n_train": n,
+                "projection": projector.describe(),
+            },
+        )
 
     def attribute(
         self,
@@ -71,20 +226,18 @@ class TracInCP(Estimator):
         p = as_params(self.Params, params)
         runtime = runtime or Runtime()
         validate_problem(problem, need_queries=want_scores)
-        ckpts = list(problem.checkpoints)
-        if not ckpts:
-            raise _no_checkpoints()
-        etas = []
-        for t, ck in enumerate(ckpts):
-            check_state_finite(ck.state, what=f"checkpoint {t} (step {ck.step})", parameter="/checkpoint_ids")
-            eta = ck.learning_rate if p.use_checkpoint_learning_rates else 1.0
-            if eta is None or not math.isfinite(float(eta)):
-                raise EstimatorError(
-                    f"checkpoint {t} (step {ck.step}) has no usable learning rate ({eta!r}); "
-                    "record it, or set use_checkpoint_learning_rates to false",
-                    parameter="/method/params/use_checkpoint_learning_rates",
-                )
-            etas.append(float(eta))
+        ckpts, etas = self._checkpoints(problem, p)
+        cosine = p.normalize == "cosine"
+        if cosine and want_self_influence:
+            raise EstimatorError(
+                "tracincp with normalize='cosine' (GAS) has no self-influence (the cosine of a gradient "
+                "with itself is 1); use normalize='none'",
+                parameter="/method/params/normalize",
+            )
+        names, projector = self._projector(problem, p, runtime)
+        rows_of = (
+            self._state_index(state, problem, ckpts) if state is not None and projector is not None else []
+        )
 
         dtype = numpy_dtype(runtime.dtype)
         lo, hi = column_range(problem, train_range)
@@ -92,26 +245,49 @@ class TracInCP(Estimator):
         scores = np.zeros((m, n), dtype=dtype) if want_scores else None
         self_inf = np.zeros(n, dtype=dtype) if want_self_influence else None
         qt = Ticker(runtime, "query_gradients", T * n_chunks(m, runtime.chunk_size)) if want_scores else None
-        tt = Ticker(runtime, "train_gradients", T * n_chunks(n, runtime.chunk_size))
+        cached = state is not None and projector is not None
+        tt = None if cached else Ticker(runtime, "train_gradients", T * n_chunks(n, runtime.chunk_size))
+        dev = torch.device(runtime.device)
         if want_scores or want_self_influence:
-            for ck, eta in zip(ckpts, etas, strict=True):
-                Q = query_gradients(problem, ck.state, runtime, qt) if want_scores else None
-                for start, stop, G in train_gradients(problem, ck.state, runtime, train_range):
+            for t, (ck, eta) in enumerate(zip(ckpts, etas, strict=True)):
+                Q = query_gradients(problem, ck.state, runtime, qt, names=names) if want_scores else None
+                if projector is None:
+                    if Q is not None and cosine:
+                        Q = F.normalize(Q, dim=1)
+                    chunks = train_gradients(problem, ck.state, runtime, train_range, names=names)
+                else:
+                    if Q is not None:
+                        Q = projector.project(Q)
+                        if cosine:
+                            Q = F.normalize(Q, dim=1)
+                    if cached:
+                        Phi = state.tensors[f"train_features_{rows_of[t]}"][lo:hi].to(dev, runtime.dtype)
+                    else:
+                        Phi = self._projected_train(problem, ck, runtime, names, projector, train_range, tt)
+                    chunks = iter([(0, n, Phi)])
+                for start, stop, G in chunks:
                     if scores is not None:
-                        scores[:, start:stop] += (eta * (Q @ G.T)).cpu().numpy()
+                        Gs = F.normalize(G, dim=1) if cosine else G
+                        scores[:, start:stop] += (eta * (Q @ Gs.T)).cpu().numpy()
                     if self_inf is not None:
                         self_inf[start:stop] += (eta * (G * G).sum(dim=1)).cpu().numpy()
-                    tt.tick()
+                    if tt is not None and projector is None:
+                        tt.tick()
+        normalisation = "sum_t eta_t (no 1/n)" if p.use_checkpoint_learning_rates else "sum_t (eta_t = 1)"
+        if cosine:
+            normalisation += "; cosine of gradients (GAS)"
         return Attribution(
             scores=scores,
             self_influence=self_inf,
             metadata=metadata(
                 self.name,
                 problem,
-                normalisation="sum_t eta_t (no 1/n)"
-                if p.use_checkpoint_learning_rates
-                else "sum_t (eta_t = 1)",
+                normalisation=normalisation,
                 checkpoint_steps=[int(ck.step) for ck in ckpts],
                 learning_rates=etas,
+                projection=projector.describe() if projector is not None else {"kind": "identity"},
+                normalize=p.normalize,
+                layers=p.layers,
+                n_selected_parameters=sum(dict(problem.model.named_parameters())[k].numel() for k in names),
             ),
         )

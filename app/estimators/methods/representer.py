@@ -1,0 +1,314 @@
+"""Representer point selection (Yeh, Kim, Yen & Ravikumar, NeurIPS 2018; ESTIMATORS.md 2.19).
+
+Features ``f_i`` are the inputs of the model's last ``nn.Linear`` layer (its
+output must be the model's output: the logits), taken at the final weights in
+eval mode, with a 1 appended so the bias is part of the head: ``f~ = [f; 1]``.
+The head ``Theta`` (``c x (d + 1)``, weight and bias) is refitted on the frozen
+features to stationarity of
+
+    J(Theta) = (1/n) sum_i L(Theta f~_i, y_i) + l2 * ||Theta||_F^2
+
+(cross-entropy; float64 full-batch L-BFGS with strong-Wolfe line search from
+the current head, then Newton-CG polishing until the relative residual
+``||grad J|| / (2 l2 ||Theta||)`` is at most ``tol``; that residual bounds the
+relative error of the decomposition below, and a refit that cannot reach it
+raises :class:`NumericalError`). Stationarity gives the
+representer theorem
+
+    Theta = sum_i alpha_i f~_i^T,   alpha_i = -(1/(2 l2 n)) dL(z_i)/dPhi_i   (c-vector),
+
+so the refitted logits of any input decompose exactly over the training set:
+``Phi(z') = Theta f~' = sum_i alpha_i (f~_i^T f~')``.
+
+``scores[j, i] = alpha_{i, c_j} f~_i^T f~'_j`` where ``c_j`` is query ``j``'s label:
+training example ``i``'s contribution to the refitted logit of the query's true
+class. Positive = the example pushes the query towards its label (a proponent;
+removing its contribution lowers that logit), for either ``measurement`` (the
+logit decomposition does not depend on it; the metadata records this).
+Self-influence: ``alpha_{i, y_i} f~_i^T f~_i >= 0`` (large for mislabelled
+points). Note that this explains the refitted head, not the trained network.
+Classification only. Train-side state (:meth:`fit`): features ``F~`` (``n x (d+1)``),
+``alpha`` (``n x c``) and ``Theta``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated
+
+import torch
+import torch.nn.functional as F
+from annotated_types import Ge, Gt
+from torch import nn
+from torch.func import functional_call
+
+from ..base import Attribution, Estimator, EstimatorError, NumericalError, Runtime, TrainState, register
+from ..gradients import (
+    Ticker,
+    as_params,
+    check_state_finite,
+    column_range,
+    functional_state,
+    metadata,
+    n_chunks,
+    numpy_dtype,
+    validate_problem,
+)
+
+
+@dataclass
+class RepresenterParams:
+    """Representer points: refit the last layer with L2, decompose its logits over the training set."""
+
+    l2: Annotated[float, Gt(0)] = field(
+        default=1e-3,
+        metadata={"description": "L2 coefficient lambda of the refit: (1/n) sum L + lambda ||Theta||^2"},
+    )
+    max_iter: Annotated[int, Ge(1)] = field(
+        default=2000, metadata={"description": "maximum L-BFGS iterations of the last-layer refit"}
+    )
+    tol: Annotated[float, Gt(0)] = field(
+        default=1e-8,
+        metadata={
+            "description": "the refit stops when ||grad J|| / (2 l2 ||Theta||) <= tol: the relative error of "
+            "the decomposition Theta = sum_i alpha_i f_i^T"
+        },
+    )
+
+
+def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The last ``nn.Linear`` module (in ``named_modules`` order): the output layer."""
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not found:
+        raise EstimatorError(
+            "representer needs a model whose output layer is nn.Linear", parameter="/method/name"
+        )
+    return found[-1]
+
+
+def head_features(
+    model: nn.Module, state: dict[str, torch.Tensor], x: torch.Tensor, runtime: Runtime, ticker: Ticker | None
+) -> torch.Tensor:
+    """``[f; 1]`` for every row of ``x``: the last linear layer's input plus a bias column (float64)."""
+    model.eval()
+    dev = torch.device(runtime.device)
+    _, layer = last_linear(model)
+    names, params, fixed = functional_state(model, state, device=dev, dtype=runtime.dtype)
+    dt = params[names[0]].dtype
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    handle = layer.register_forward_hook(lambda mod, inp, out: seen.append((inp[0], out)))
+    rows = []
+    try:
+        with torch.no_grad():
+            for s in range(0, int(x.shape[0]), runtime.chunk_size):
+                seen.clear()
+                xs = x[s : s + runtime.chunk_size]
+                xs = xs.to(dev, dt) if xs.is_floating_point() else xs.to(dev)
+                out = functional_call(model, (params, fixed), (xs,))
+                is_output = len(seen) == 1 and (seen[0][1] is out or torch.equal(seen[0][1], out))
+                if not is_output or seen[0][0].dim() != 2:
+                    raise EstimatorError(
+                        "representer needs a model whose output is its last nn.Linear layer applied once to "
+                        "(batch, features) inputs",
+                        parameter="/method/name",
+                    )
+                f = seen[0][0].to(torch.float64)
+                rows.append(torch.cat([f, torch.ones(f.shape[0], 1, dtype=torch.float64, device=dev)], 1))
+                if ticker is not None:
+                    ticker.tick()
+    finally:
+        handle.remove()
+    if not rows:
+        return torch.zeros(0, layer.in_features + 1, dtype=torch.float64, device=dev)
+    return torch.cat(rows)
+
+
+def _objective(theta: torch.Tensor, Fx: torch.Tensor, y: torch.Tensor, l2: float) -> torch.Tensor:
+    return F.cross_entropy(Fx @ theta.T, y) + l2 * (theta * theta).sum()
+
+
+def _relative_residual(theta: torch.Tensor, g: torch.Tensor, l2: float) -> float:
+    """``||grad J|| / (2 l2 ||Theta||)``: the relative error of ``Theta = sum_i alpha_i f~_i^T``."""
+    return float(torch.linalg.vector_norm(g)) / max(2.0 * l2 * float(torch.linalg.vector_norm(theta)), 1e-300)
+
+
+def _conjugate_gradient(hvp, b: torch.Tensor, max_iter: int, rtol: float = 1e-13) -> torch.Tensor:
+    x = torch.zeros_like(b)
+    r = b.clone()
+    d = r.clone()
+    rr = float((r * r).sum())
+    stop = rtol * rtol * rr
+    for _ in range(max_iter):
+        if rr <= stop:
+            break
+        Hd = hvp(d)
+        step = rr / float((d * Hd).sum())
+        x = x + step * d
+        r = r - step * Hd
+        rr_new = float((r * r).sum())
+        d = r + (rr_new / rr) * d
+        rr = rr_new
+    return x
+
+
+def refit_head(
+    Fx: torch.Tensor, y: torch.Tensor, theta0: torch.Tensor, l2: float, max_iter: int, tol: float
+) -> tuple[torch.Tensor, float, int]:
+    """Minimise ``mean CE(Theta f~_i, y_i) + l2 ||Theta||^2`` in float64.
+
+    Full-batch L-BFGS (strong Wolfe) from ``theta0``, then Newton steps with
+    conjugate-gradient solves on Hessian-vector products (the objective is
+    strictly convex) until ``||grad J|| / (2 l2 ||Theta||) <= tol``. Returns
+    ``(Theta, that relative residual, L-BFGS + Newton iterations)``.
+    """
+    theta = theta0.detach().clone().to(torch.float64).requires_grad_(True)
+    opt = torch.optim.LBFGS(
+        [theta],
+        lr=1.0,
+        max_iter=max_iter,
+        max_eval=2 * max_iter,
+        tolerance_grad=1e-12,
+        tolerance_change=0.0,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = _objective(theta, Fx, y, l2)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    iters = int(opt.state[theta].get("n_iter", 0))
+    theta = theta.detach()
+    grad_fn = torch.func.grad(_objective)
+    for _ in range(20):  # Newton-CG polish
+        g = grad_fn(theta, Fx, y, l2)
+        if _relative_residual(theta, g, l2) <= tol:
+            break
+        _, vjp_fn = torch.func.vjp(lambda t: grad_fn(t, Fx, y, l2), theta)  # H v = H^T v (reverse mode)
+        step = _conjugate_gradient(lambda v, f=vjp_fn: f(v)[0], -g, max_iter=min(theta.numel(), 500))
+        value = float(_objective(theta, Fx, y, l2))
+        t = 1.0
+        while t > 1e-8 and float(_objective(theta + t * step, Fx, y, l2)) > value:
+            t *= 0.5
+        theta = theta + t * step
+        iters += 1
+    g = grad_fn(theta, Fx, y, l2)
+    return theta, _relative_residual(theta, g, l2), iters
+
+
+@register
+class Representer(Estimator):
+    name = "representer"
+    summary = "representer points: L2-refitted last layer decomposed over training features (Yeh et al. 2018)"
+    Params = RepresenterParams
+
+    @staticmethod
+    def _check_task(problem) -> None:
+        if problem.task.kind != "classification":
+            raise EstimatorError(
+                "representer decomposes class logits; it does not support regression models",
+                parameter="/method/name",
+            )
+
+    def fit(self, problem, params=None, runtime=None) -> TrainState:
+        """Training features, refitted head ``Theta`` and representer weights ``alpha``."""
+        p = as_params(self.Params, params)
+        runtime = runtime or Runtime()
+        validate_problem(problem, need_queries=False)
+        self._check_task(problem)
+        check_state_finite(problem.weights, what="the model weights", parameter="/model_id")
+        n = problem.n_train
+        if n == 0:
+            raise EstimatorError("the training set is empty", parameter="/train_dataset_id")
+        dev = torch.device(runtime.device)
+        name, layer = last_linear(problem.model)
+        tt = Ticker(runtime, "train_features", n_chunks(n, runtime.chunk_size))
+        Fx = head_features(problem.model, problem.weights, problem.train_x, runtime, tt)
+        prefix = f"{name}." if name else ""
+        W = problem.weights[prefix + "weight"].to(dev, torch.float64)
+        b = problem.weights.get(prefix + "bias")
+        b = (
+            torch.zeros(W.shape[0], dtype=torch.float64, device=dev)
+            if b is None
+            else b.to(dev, torch.float64)
+        )
+        y = problem.train_y.to(dev).long()
+        runtime.progress("refit", 0, 1)
+        theta, resid, iters = refit_head(Fx, y, torch.cat([W, b[:, None]], 1), p.l2, p.max_iter, p.tol)
+        runtime.progress("refit", 1, 1)
+        if not bool(torch.isfinite(theta).all()):
+            raise NumericalError("the last-layer refit diverged; increase l2", parameter="/method/params/l2")
+        if not resid <= p.tol:
+            raise NumericalError(
+                "the last-layer refit stopped at relative residual ||grad J||/(2 l2 ||Theta||) = "
+                f"{resid:.3g} "
+                f"> tol = {p.tol:g} after {iters} iterations; the representer decomposition needs a "
+                "stationary point: raise max_iter, raise tol, or increase l2",
+                parameter="/method/params/max_iter",
+            )
+        dL = torch.softmax(Fx @ theta.T, dim=1)
+        dL[torch.arange(n, device=dev), y] -= 1.0  # dL_i / dPhi_i for cross-entropy
+        alpha = -dL / (2.0 * p.l2 * n)
+        return TrainState(
+            tensors={"features": Fx.cpu(), "alpha": alpha.cpu(), "theta": theta.cpu()},
+            info={"n_train": n, "refit_relative_residual": resid, "refit_iterations": iters, "l2": p.l2},
+        )
+
+    def attribute(
+        self,
+        problem,
+        params=None,
+        *,
+        want_scores=True,
+        want_self_influence=False,
+        runtime=None,
+        state=None,
+        train_range=None,
+    ):
+        p = as_params(self.Params, params)
+        runtime = runtime or Runtime()
+        validate_problem(problem, need_queries=want_scores)
+        self._check_task(problem)
+        if state is None:
+            state = self.fit(problem, p, runtime)
+        if state.info.get("n_train") != problem.n_train:
+            raise EstimatorError(
+                "the cached representer state does not match this problem's training set",
+                parameter="/method/params",
+            )
+        dev = torch.device(runtime.device)
+        lo, hi = column_range(problem, train_range)
+        m = problem.n_query
+        dtype = numpy_dtype(runtime.dtype)
+        Fs = state.tensors["features"][lo:hi].to(dev, torch.float64)
+        alpha = state.tensors["alpha"][lo:hi].to(dev, torch.float64)
+        scores = self_inf = None
+        if want_scores:
+            qt = Ticker(runtime, "query_features", n_chunks(m, runtime.chunk_size))
+            Fq = head_features(problem.model, problem.weights, problem.query_x, runtime, qt)
+            c = problem.query_y.to(dev).long()
+            if m and (int(c.min()) < 0 or int(c.max()) >= alpha.shape[1]):
+                raise EstimatorError(
+                    "query labels outside the model's classes", parameter="/query_dataset_id"
+                )
+            scores = ((Fq @ Fs.T) * alpha[:, c].T).cpu().numpy().astype(dtype)
+        if want_self_influence:
+            yt = problem.train_y[lo:hi].to(dev).long()
+            a_own = alpha.gather(1, yt[:, None])[:, 0]
+            self_inf = (a_own * (Fs * Fs).sum(dim=1)).cpu().numpy().astype(dtype)
+        return Attribution(
+            scores=scores,
+            self_influence=self_inf,
+            metadata=metadata(
+                self.name,
+                problem,
+                normalisation="alpha = -(1/(2 l2 n)) dL/dPhi; score = alpha_{i,y'} f~_i.f~'",
+                l2=p.l2,
+                refit_relative_residual=state.info["refit_relative_residual"],
+                refit_iterations=state.info["refit_iterations"],
+                explains="the query's true-class logit of the L2-refitted last layer (any measurement)",
+            ),
+        )

@@ -1,0 +1,303 @@
+"""Fan-out of a job into shards, their leases, and the hand-over to ``finalize``.
+
+The DB is the coordinator (no Celery chords): each shard commits its partial
+result and bumps ``job.shards_done`` in one transaction guarded by the shard's
+attempt; the shard that completes the set publishes ``finalize``. A fanned-out
+job keeps ``state='running'`` with no lease of its own; its shards carry leases
+and the sweeper re-queues them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import select, update
+
+from app import dispatch
+from app.db.base import utcnow
+from app.db.models import Job, JobShard
+from app.db.session import session_scope
+from app.estimators.sharding import ShardPlan
+from app.problems import ProblemError
+from app.services.jobs import Claim, LeaseLost
+from app.settings import Settings
+
+
+@dataclass(frozen=True)
+class ShardOutput:
+    plan: ShardPlan
+    scores_uri: str | None
+    self_uri: str | None
+    compute_seconds: float | None
+
+
+@dataclass(frozen=True)
+class ShardClaim:
+    shard_id: str
+    job_id: str
+    attempt: int
+    plan: ShardPlan
+
+
+def _plan(shard: JobShard) -> ShardPlan:
+    indices = tuple(shard.checkpoint_indices) if shard.checkpoint_indices is not None else None
+    return ShardPlan(shard.index, shard.train_lo, shard.train_hi, indices)
+
+
+def fan_out(settings: Settings, claim: Claim, plans: list[ShardPlan]) -> bool:
+    """Create the shard rows and hand the job over to them; False if this delivery lost the job."""
+    now = utcnow()
+    with session_scope(settings) as session:
+        moved = session.execute(
+            update(Job)
+            .where(Job.id == claim.job_id, Job.attempt == claim.attempt, Job.state == "running")
+            .values(
+                shards_total=len(plans),
+                shards_done=0,
+                lease_expires_at=None,
+                updated_at=now,
+                progress={
+                    "phase": "shards",
+                    "completed_units": 0,
+                    "total_units": len(plans),
+                    "fraction": 0.0,
+                    "updated_at": now.isoformat(),
+                },
+            )
+        ).rowcount
+        if moved != 1:
+            session.rollback()
+            return False
+        session.execute(
+            JobShard.__table__.delete().where(JobShard.job_id == claim.job_id)
+        )  # an earlier attempt's
+        ids = []
+        for plan in plans:
+            shard = JobShard(
+                job_id=claim.job_id,
+                index=plan.index,
+                train_lo=plan.train_lo,
+                train_hi=plan.train_hi,
+                checkpoint_indices=list(plan.checkpoint_indices) if plan.checkpoint_indices else None,
+                state="queued",
+                max_attempts=settings.max_attempts,
+                enqueued_at=now,
+            )
+            session.add(shard)
+            session.flush()
+            ids.append(shard.id)
+    for shard_id in ids:
+        dispatch.enqueue_shard(settings, shard_id)
+    return True
+
+
+def claim(settings: Settings, shard_id: str, worker_id: str) -> ShardClaim | None:
+    now = utcnow()
+    with session_scope(settings) as session:
+        shard = session.get(JobShard, shard_id)
+        if shard is None:
+            return None
+        job = session.get(Job, shard.job_id)
+        if job.state != "running" or job.cancel_requested_at is not None:
+            return None
+        row = session.execute(
+            update(JobShard)
+            .where(
+                JobShard.id == shard_id,
+                JobShard.attempt < JobShard.max_attempts,
+                (JobShard.state == "queued")
+                | ((JobShard.state == "running") & (JobShard.lease_expires_at < now)),
+            )
+            .values(
+                state="running",
+                attempt=JobShard.attempt + 1,
+                worker_id=worker_id,
+                started_at=now,
+                heartbeat_at=now,
+                lease_expires_at=now + timedelta(seconds=settings.lease_seconds),
+                updated_at=now,
+            )
+            .returning(JobShard.attempt)
+        ).first()
+        if row is None:
+            return None
+        return ShardClaim(shard_id, shard.job_id, row.attempt, _plan(shard))
+
+
+def heartbeat(settings: Settings, claim: ShardClaim, progress: dict | None) -> bool:
+    """Extend the shard's lease; True when the job's cancellation was requested."""
+    now = utcnow()
+    with session_scope(settings) as session:
+        moved = session.execute(
+            update(JobShard)
+            .where(
+                JobShard.id == claim.shard_id, JobShard.attempt == claim.attempt, JobShard.state == "running"
+            )
+            .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=settings.lease_seconds))
+        ).rowcount
+        if moved != 1:
+            raise LeaseLost(claim.shard_id)
+        job = session.get(Job, claim.job_id)
+        if progress is not None and job.state == "running" and job.shards_total:
+            job.progress = {
+                **(job.progress or {}),
+                "shard_phase": progress.get("phase"),
+                "updated_at": now.isoformat(),
+            }
+        return job.cancel_requested_at is not None or job.state != "running"
+
+
+def complete(
+    settings: Settings,
+    claim: ShardClaim,
+    scores_uri: str | None,
+    self_uri: str | None,
+    compute_seconds: float,
+) -> bool:
+    """Record the partial result and count it; the last shard publishes finalize. False: lease lost."""
+    now = utcnow()
+    with session_scope(settings) as session:
+        moved = session.execute(
+            update(JobShard)
+            .where(
+                JobShard.id == claim.shard_id, JobShard.attempt == claim.attempt, JobShard.state == "running"
+            )
+            .values(
+                state="succeeded",
+                finished_at=now,
+                lease_expires_at=None,
+                scores_uri=scores_uri,
+                self_influence_uri=self_uri,
+                compute_seconds=compute_seconds,
+                updated_at=now,
+            )
+        ).rowcount
+        if moved != 1:
+            session.rollback()
+            return False
+        done, total = session.execute(
+            update(Job)
+            .where(Job.id == claim.job_id)
+            .values(shards_done=Job.shards_done + 1, updated_at=now)
+            .returning(Job.shards_done, Job.shards_total)
+        ).one()
+        job = session.get(Job, claim.job_id)
+        job.progress = {
+            "phase": "shards",
+            "completed_units": done,
+            "total_units": total,
+            "fraction": round(done / total, 4),
+            "updated_at": now.isoformat(),
+        }
+    if done == total:
+        dispatch.enqueue_finalize(settings, claim.job_id)
+    return True
+
+
+def stop_job(settings: Settings, claim: ShardClaim, state: str, error: dict | None = None) -> None:
+    """A shard failed or saw a cancel: end the shard and the job, drop the job's other queued shards."""
+    now = utcnow()
+    with session_scope(settings) as session:
+        session.execute(
+            update(JobShard)
+            .where(
+                JobShard.id == claim.shard_id, JobShard.attempt == claim.attempt, JobShard.state == "running"
+            )
+            .values(state=state, finished_at=now, lease_expires_at=None, updated_at=now)
+        )
+        _end_job(session, claim.job_id, state, error, now)
+
+
+def _end_job(session, job_id: str, state: str, error: dict | None, now) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == "running")
+        .values(state=state, error=error, finished_at=now, updated_at=now)
+    )
+    session.execute(
+        update(JobShard)
+        .where(JobShard.job_id == job_id, JobShard.state == "queued")
+        .values(state="cancelled", updated_at=now)
+    )
+
+
+def finalize_claim(settings: Settings, job_id: str) -> tuple[Claim, list[ShardOutput]] | None:
+    """The job's claim (current attempt) and its shards' partial results, if it is ready to merge."""
+    with session_scope(settings) as session:
+        job = session.get(Job, job_id)
+        if (
+            job is None
+            or job.state != "running"
+            or not job.shards_total
+            or job.shards_done < job.shards_total
+        ):
+            return None
+        shards = session.scalars(
+            select(JobShard).where(JobShard.job_id == job_id).order_by(JobShard.index)
+        ).all()
+        if any(s.state != "succeeded" for s in shards):
+            return None
+        outputs = [
+            ShardOutput(_plan(s), s.scores_uri, s.self_influence_uri, s.compute_seconds) for s in shards
+        ]
+        return Claim(job.id, job.kind, job.attempt), outputs
+
+
+def sweep(settings: Settings) -> tuple[list[str], list[str]]:
+    """Re-queue shards whose lease expired (or fail their job); re-publish stuck finalizes.
+
+    Returns (shard ids, job ids to finalize) it published.
+    """
+    now = utcnow()
+    shards_out: list[str] = []
+    finalize_out: list[str] = []
+    with session_scope(settings) as session:
+        expired = session.execute(
+            select(JobShard.id, JobShard.job_id, JobShard.attempt, JobShard.max_attempts).where(
+                JobShard.state == "running", JobShard.lease_expires_at < now
+            )
+        ).all()
+        for shard_id, job_id, attempt, max_attempts in expired:
+            guard = (JobShard.id == shard_id) & (JobShard.state == "running") & (JobShard.attempt == attempt)
+            if attempt < max_attempts:
+                if session.execute(
+                    update(JobShard)
+                    .where(guard)
+                    .values(state="queued", enqueued_at=now, lease_expires_at=None, worker_id=None)
+                ).rowcount:
+                    shards_out.append(shard_id)
+            else:
+                session.execute(update(JobShard).where(guard).values(state="failed", finished_at=now))
+                problem = ProblemError(
+                    500,
+                    "worker-lost",
+                    "A shard's worker stopped",
+                    f"shard {shard_id} stopped heartbeating on all {max_attempts} attempts",
+                )
+                _end_job(session, job_id, "failed", problem.to_dict(), now)
+        stale = now - timedelta(seconds=settings.requeue_queued_after_seconds)
+        for shard_id in session.scalars(
+            select(JobShard.id)
+            .join(Job, Job.id == JobShard.job_id)
+            .where(JobShard.state == "queued", JobShard.enqueued_at < stale, Job.state == "running")
+        ).all():
+            session.execute(update(JobShard).where(JobShard.id == shard_id).values(enqueued_at=now))
+            shards_out.append(shard_id)
+        finalize_out = list(
+            session.scalars(
+                select(Job.id).where(
+                    Job.state == "running",
+                    Job.shards_total > 0,
+                    Job.shards_done >= Job.shards_total,
+                    Job.updated_at < stale,
+                )
+            ).all()
+        )
+        if finalize_out:
+            session.execute(update(Job).where(Job.id.in_(finalize_out)).values(updated_at=now))
+    for shard_id in shards_out:
+        dispatch.enqueue_shard(settings, shard_id)
+    for job_id in finalize_out:
+        dispatch.enqueue_finalize(settings, job_id)
+    return shards_out, finalize_out

@@ -1,0 +1,112 @@
+"""Fan-out over shard tasks on two worker processes equals the single-task run; train-side state is reused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.integration.flows import builtin, scores, submit, train_digits_model, wait
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def setup(api_server, integration_env, tmp_path_factory):
+    import httpx
+
+    from tests.conftest import WorkerProcess
+
+    workers = [
+        WorkerProcess(integration_env, tmp_path_factory.mktemp("w") / f"w{i}.log").start() for i in range(2)
+    ]
+    with httpx.Client(base_url=api_server.url, timeout=60) as client:
+        train = builtin(client, "sklearn:digits", "train")
+        test = builtin(client, "sklearn:digits", "test")
+        model = train_digits_model(client, train["id"])
+        yield client, train, test, model
+    for worker in workers:
+        worker.stop()
+
+
+def _run(client, body) -> dict:
+    job = wait(client, submit(client, body).headers["location"], timeout=300)
+    assert job["state"] == "succeeded", job
+    return job
+
+
+@pytest.mark.parametrize("method", ["tracincp", "grad_dot"])
+def test_sharded_equals_unsharded(setup, method):
+    client, train, test, model = setup
+    body = {
+        "model_id": model["id"],
+        "train_dataset_id": train["id"],
+        "query_dataset_id": test["id"],
+        "query_indices": list(range(12)),
+        "method": {"name": method},
+        "output": {"top_k": 5, "keep_full_matrix": True, "self_influence": True},
+    }
+    whole = _run(client, body)
+    sharded = _run(client, {**body, "execution": {"train_shard_size": 500, "shard_by_checkpoint": True}})
+    n_checkpoint_groups = 3 if method == "tracincp" else 1
+    assert whole["spec"]["execution"]["train_shard_size"] is None
+    results = client.get(f"/v1/influence-jobs/{sharded['id']}/results").json()
+    assert results["details"]["shards"] == 3 * n_checkpoint_groups  # 1437 rows / 500 per shard
+    np.testing.assert_allclose(
+        scores(client, sharded["id"]), scores(client, whole["id"]), rtol=1e-5, atol=1e-7
+    )
+    self_whole = client.get(f"/v1/influence-jobs/{whole['id']}/artifacts/self-influence").content
+    self_sharded = client.get(f"/v1/influence-jobs/{sharded['id']}/artifacts/self-influence").content
+    import io
+
+    np.testing.assert_allclose(np.load(io.BytesIO(self_sharded)), np.load(io.BytesIO(self_whole)), rtol=1e-5)
+    whole_items = client.get(f"/v1/influence-jobs/{whole['id']}/results").json()["items"]
+    assert [[p["train_index"] for p in i["proponents"]] for i in results["items"]] == [
+        [p["train_index"] for p in i["proponents"]] for i in whole_items
+    ]
+
+
+def test_train_state_is_cached_and_sharded_if_exact_matches(setup):
+    """if_exact's Cholesky factor is fitted once; later jobs (new queries, or sharded) reuse it."""
+    client, _, _, _ = setup
+    train = builtin(client, "sklearn:breast_cancer", "train")
+    test = builtin(client, "sklearn:breast_cancer", "test")
+    from tests.integration.flows import register_model
+
+    spec = {
+        "name": "cancer",
+        "architecture": {"name": "linear", "params": {"in_features": 30, "num_classes": 2}},
+        "recipe": {
+            "optimizer": "lbfgs",
+            "learning_rate": 1.0,
+            "epochs": 100,
+            "weight_decay": 1e-2,
+            "num_checkpoints": 1,
+        },
+        "train_dataset_id": train["id"],
+    }
+    model = register_model(client, spec).json()
+    assert wait(client, f"/v1/training-jobs/{model['training_job_id']}")["state"] == "succeeded"
+    body = {
+        "model_id": model["id"],
+        "train_dataset_id": train["id"],
+        "query_dataset_id": test["id"],
+        "method": {"name": "if_exact", "params": {"damping": 0.001}},
+        "output": {"keep_full_matrix": True},
+    }
+    first = _run(client, {**body, "query_indices": [0, 1, 2]})
+    second = _run(client, {**body, "query_indices": [3, 4, 5, 6]})
+    d1 = client.get(f"/v1/influence-jobs/{first['id']}/results").json()["details"]["train_state"]
+    d2 = client.get(f"/v1/influence-jobs/{second['id']}/results").json()["details"]["train_state"]
+    assert d1["cache_hit"] is False and d2["cache_hit"] is True and d1["key"] == d2["key"]
+    phases = {second["progress"]["phase"]}
+    assert "hessian" not in phases
+    other_damping = _run(
+        client, {**body, "query_indices": [0], "method": {"name": "if_exact", "params": {"damping": 0.01}}}
+    )
+    d3 = client.get(f"/v1/influence-jobs/{other_damping['id']}/results").json()["details"]["train_state"]
+    assert d3["cache_hit"] is False and d3["key"] != d1["key"]
+
+    sharded = _run(client, {**body, "query_indices": [0, 1, 2], "execution": {"train_shard_size": 100}})
+    np.testing.assert_allclose(
+        scores(client, sharded["id"]), scores(client, first["id"]), rtol=1e-6, atol=1e-9
+    )

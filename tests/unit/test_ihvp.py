@@ -1,0 +1,282 @@
+"""Inverse-Hessian-vector-product machinery (app/estimators/ihvp.py) vs explicit float64 linear algebra.
+
+Fixtures: a tiny tanh MLP (p = 131, not convex: its Hessian needs damping) and an
+L2-regularised 2-class logistic regression (p = 12, positive definite), both float64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from app.estimators import InfluenceProblem, NumericalError, Recipe, Runtime, TaskSpec, init_model, train
+from app.estimators.gradients import objective_hessian
+from app.estimators.ihvp import (
+    TrainingHessian,
+    arnoldi,
+    conjugate_gradient,
+    extreme_eigenvalues,
+    lissa,
+    subsample_rows,
+)
+
+torch.set_num_threads(1)
+
+CLS = TaskSpec("classification", "cross_entropy")
+F64 = Runtime(dtype=torch.float64, chunk_size=32)
+MLP = {"in_features": 4, "hidden": [16], "num_classes": 3, "activation": "tanh"}
+MLP_WD = 1e-2
+LOGREG_WD = 0.1
+
+
+def _blobs(n, seed, d=4, k=3, spread=1.0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, k, (n,), generator=g)
+    centres = spread * torch.randn(k, d, generator=g, dtype=torch.float64)
+    return centres[y] + torch.randn(n, d, generator=g, dtype=torch.float64), y
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    x, y = _blobs(80, 0)
+    qx, qy = _blobs(6, 1)
+    model = init_model("mlp", MLP, 0).double()
+    res = train(
+        model,
+        CLS,
+        x,
+        y,
+        Recipe(learning_rate=0.2, epochs=30, batch_size=16, weight_decay=MLP_WD, num_checkpoints=0),
+    )
+    prob = InfluenceProblem(
+        model=model,
+        task=CLS,
+        weights=res.weights,
+        train_x=x,
+        train_y=y,
+        query_x=qx,
+        query_y=qy,
+        weight_decay=MLP_WD,
+    )
+    H = objective_hessian(model, res.weights, x, y, CLS, MLP_WD)
+    return prob, H
+
+
+@pytest.fixture(scope="module")
+def logreg():
+    x, y = _blobs(200, 0, d=5, k=2, spread=0.7)
+    qx, qy = _blobs(4, 1, d=5, k=2, spread=0.7)
+    model = init_model("linear", {"in_features": 5, "num_classes": 2}, 0).double()
+    res = train(
+        model,
+        CLS,
+        x,
+        y,
+        Recipe(
+            optimizer="lbfgs",
+            learning_rate=1.0,
+            epochs=100,
+            weight_decay=LOGREG_WD,
+            num_checkpoints=0,
+            lbfgs_tolerance=1e-10,
+        ),
+    )
+    prob = InfluenceProblem(
+        model=model,
+        task=CLS,
+        weights=res.weights,
+        train_x=x,
+        train_y=y,
+        query_x=qx,
+        query_y=qy,
+        weight_decay=LOGREG_WD,
+    )
+    return prob, objective_hessian(model, res.weights, x, y, CLS, LOGREG_WD)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+def test_hvp_equals_explicit_hessian(mlp):
+    prob, H = mlp
+    op = TrainingHessian(prob, Runtime(dtype=torch.float64, chunk_size=7))  # several row chunks
+    assert op.p == H.shape[0] == 131
+    V = torch.randn(op.p, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    HV = op.matmul(V)
+    assert HV.shape == (op.p, 5) and HV.dtype == torch.float64
+    torch.testing.assert_close(HV, H @ V, rtol=1e-10, atol=1e-10 * float((H @ V).abs().max()))
+    torch.testing.assert_close(op(V[:, 0]), H @ V[:, 0], rtol=1e-10, atol=1e-12)
+    # a row subsample / mini-batch: the Hessian of the mean loss over those rows (+ weight decay)
+    rows = subsample_rows(prob.n_train, 30, seed=3)
+    assert rows.shape == (30,) and subsample_rows(prob.n_train, 500) is None
+    H_rows = objective_hessian(prob.model, prob.weights, prob.train_x[rows], prob.train_y[rows], CLS, MLP_WD)
+    torch.testing.assert_close(op.rows_matmul(rows, V), H_rows @ V, rtol=1e-10, atol=1e-12)
+    sub = TrainingHessian(prob, F64, rows=rows)
+    torch.testing.assert_close(sub.matmul(V), H_rows @ V, rtol=1e-10, atol=1e-12)
+    assert op.products == 3 and sub.n_rows == 30
+
+
+def test_cg_matches_linalg_solve_within_p_iterations(mlp):
+    prob, H = mlp
+    p = H.shape[0]
+    damping = 0.05  # the trained MLP's Hessian has eigenvalues down to about -0.02
+    assert float(torch.linalg.eigvalsh(H)[0]) + damping > 0
+    op = TrainingHessian(prob, F64)
+    B = torch.randn(p, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    B[:, 3] = 0.0  # a zero right-hand side is solved exactly and costs nothing
+    res = conjugate_gradient(op.matmul, B, damping=damping, max_iter=p, rtol=1e-10)
+    exact = torch.linalg.solve(H + damping * torch.eye(p, dtype=H.dtype), B)
+    errs = [_rel(res.x[:, j], exact[:, j]) for j in range(3)]
+    print(f"\nCG vs solve on the MLP (p={p}): {res.iterations} iterations, relative errors {errs}")
+    assert res.converged and res.iterations <= p
+    assert max(errs) < 1e-6
+    assert torch.equal(res.x[:, 3], torch.zeros(p, dtype=torch.float64))
+    assert float(res.relative_residual.max()) <= 1e-10
+    # a single vector, and columns do not influence each other
+    one = conjugate_gradient(op.matmul, B[:, 1], damping=damping, max_iter=p, rtol=1e-10)
+    assert one.x.shape == (p,)
+    torch.testing.assert_close(one.x, res.x[:, 1], rtol=1e-9, atol=1e-12)
+
+
+def test_cg_stops_at_max_iter_and_reports_residual(logreg):
+    prob, H = logreg
+    op = TrainingHessian(prob, F64)
+    b = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    res = conjugate_gradient(op.matmul, b, damping=0.0, max_iter=2, rtol=1e-12)
+    assert not res.converged and res.iterations == 2 and 0 < float(res.relative_residual[0]) < 1
+
+
+def test_cg_negative_curvature_names_damping(mlp):
+    # an explicit indefinite matrix, right-hand side along its negative eigenvector: fails at iteration 1
+    A = torch.diag(torch.tensor([3.0, 1.0, -0.5], dtype=torch.float64))
+    with pytest.raises(NumericalError) as e:
+        conjugate_gradient(lambda V: A @ V, torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64), damping=0.1)
+    assert e.value.parameter == "/method/params/damping" and "increase damping" in e.value.detail.lower()
+    conjugate_gradient(lambda V: A @ V, torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64), damping=0.6)
+
+    # a non-convex MLP at its random initialisation, no weight decay, no damping
+    prob, _ = mlp
+    model = init_model("mlp", MLP, 1).double()
+    raw = InfluenceProblem(
+        model=model,
+        task=CLS,
+        weights=model.state_dict(),
+        train_x=prob.train_x[:40],
+        train_y=prob.train_y[:40],
+        query_x=prob.query_x,
+        query_y=prob.query_y,
+    )
+    H = objective_hessian(model, raw.weights, raw.train_x, raw.train_y, CLS, 0.0)
+    lam_min = float(torch.linalg.eigvalsh(H)[0])
+    assert lam_min < -0.1  # strongly indefinite, so every generic right-hand side meets negative curvature
+    op = TrainingHessian(raw, F64)
+    B = torch.randn(op.p, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with pytest.raises(NumericalError) as e:
+        conjugate_gradient(op.matmul, B, damping=0.0, max_iter=op.p, rtol=1e-10)
+    assert e.value.parameter == "/method/params/damping" and "not positive definite" in e.value.detail
+    # with damping above -lambda_min it converges
+    ok = conjugate_gradient(op.matmul, B, damping=-lam_min + 0.1, max_iter=op.p, rtol=1e-10)
+    assert ok.converged
+
+
+def test_lissa_matches_solve_on_logistic_regression(logreg):
+    prob, H = logreg
+    ev = torch.linalg.eigvalsh(H)
+    lam_max, kappa = float(ev[-1]), float(ev[-1] / ev[0])
+    op = TrainingHessian(prob, Runtime(dtype=torch.float64, chunk_size=256))
+    B = torch.randn(H.shape[0], 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    res = lissa(
+        op.rows_matmul,
+        B,
+        n_rows=prob.n_train,
+        damping=0.0,
+        scale=1.5 * lam_max,
+        depth=int(20 * kappa),
+        repeats=10,
+        batch_size=64,
+        seed=0,
+    )
+    exact = torch.linalg.solve(H, B)
+    errs = [_rel(res.x[:, j], exact[:, j]) for j in range(3)]
+    print(
+        f"\nLiSSA vs solve (kappa={kappa:.2f}, depth={int(20 * kappa)}, 10 repeats, batch 64): errors {errs}"
+    )
+    assert max(errs) < 0.05
+    assert res.max_growth <= 1.0 and res.products == 10 * int(20 * kappa)
+    # columns depend only on the seed
+    one = lissa(
+        op.rows_matmul,
+        B[:, 1],
+        n_rows=prob.n_train,
+        damping=0.0,
+        scale=1.5 * lam_max,
+        depth=20,
+        repeats=2,
+        batch_size=64,
+        seed=4,
+    )
+    both = lissa(
+        op.rows_matmul,
+        B[:, :2],
+        n_rows=prob.n_train,
+        damping=0.0,
+        scale=1.5 * lam_max,
+        depth=20,
+        repeats=2,
+        batch_size=64,
+        seed=4,
+    )
+    torch.testing.assert_close(one.x, both.x[:, 1], rtol=1e-10, atol=1e-14)
+
+
+def test_lissa_divergence_names_scale():
+    A = torch.diag(torch.tensor([4.0, 1.0, 0.5], dtype=torch.float64))
+
+    def batch_hvp(rows, V):
+        return A @ V
+
+    v = torch.ones(3, dtype=torch.float64)
+    common = dict(n_rows=10, damping=0.01, depth=200, repeats=1, batch_size=4, seed=0)
+    with pytest.raises(NumericalError) as e:
+        lissa(batch_hvp, v, scale=0.4 * 4.0, **common)
+    assert e.value.parameter == "/method/params/scale"
+    assert "scale=1.6" in e.value.detail and "damping=0.01" in e.value.detail
+    # negative curvature the damping does not cover also diverges (geometrically)
+    with pytest.raises(NumericalError):
+        lissa(lambda r, V: -0.5 * V, v, scale=1.0, **common)
+    good = lissa(batch_hvp, v, scale=6.0, **common)
+    torch.testing.assert_close(good.x, v / (A.diagonal() + 0.01), rtol=1e-6, atol=0)
+
+
+def test_arnoldi_top_eigenvalues_match_eigh(mlp):
+    prob, H = mlp
+    ev = torch.linalg.eigvalsh(H)
+    top = ev[torch.argsort(ev.abs(), descending=True)]
+    op = TrainingHessian(prob, F64)
+    k = 10
+    res = arnoldi(op.matmul, op.p, k, 3 * k, seed=0)
+    rel = ((res.eigenvalues - top[:k]).abs() / top[:k].abs()).max().item()
+    print(f"\nArnoldi top-{k} eigenvalues with {3 * k} iterations: max relative error {rel:.2e}")
+    assert rel < 1e-4 and res.iterations == 3 * k
+    V = res.eigenvectors
+    assert V.shape == (op.p, k)
+    torch.testing.assert_close(V.T @ V, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-10)
+    assert float(torch.linalg.vector_norm(H @ V[:, :5] - V[:, :5] * res.eigenvalues[:5], dim=0).max()) < 1e-3
+    lo, hi = extreme_eigenvalues(op.matmul, op.p, 30)
+    assert abs(hi - float(ev[-1])) < 1e-6 * float(ev[-1]) and lo >= float(ev[0]) - 1e-12
+
+
+def test_arnoldi_full_rank_reconstructs_the_hessian(logreg):
+    # the 2-class softmax Hessian has a 6-fold eigenvalue (= weight decay): the Krylov space is exhausted
+    # early and Arnoldi must restart in the orthogonal complement to find all of it
+    prob, H = logreg
+    op = TrainingHessian(prob, F64)
+    p = op.p
+    res = arnoldi(op.matmul, p, p, p, seed=1)
+    assert res.restarts >= 1
+    Hr = res.eigenvectors @ torch.diag(res.eigenvalues) @ res.eigenvectors.T
+    torch.testing.assert_close(Hr, H, rtol=0, atol=1e-10 * float(H.abs().max()))
+    torch.testing.assert_close(res.eigenvalues.sort().values, torch.linalg.eigvalsh(H), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError):
+        arnoldi(op.matmul, p, 5, 3)

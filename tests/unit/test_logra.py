@@ -1,0 +1,214 @@
+"""LoGra: in-backprop Kronecker projection vs explicit gradients, identity == Fisher-IF, state and shards."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from app.estimators import (
+    EstimatorError,
+    InfluenceProblem,
+    Recipe,
+    Runtime,
+    TaskSpec,
+    get_estimator,
+    init_model,
+    train,
+)
+from app.estimators.gradients import (
+    per_sample_gradients,
+    query_objective_fn,
+    select_parameters,
+    train_objective,
+)
+from app.estimators.methods.logra import LoGraParams, layer_projectors, linear_layers, projected_gradients
+
+torch.set_num_threads(1)
+
+CLS = TaskSpec("classification", "cross_entropy")
+F64 = Runtime(dtype=torch.float64, chunk_size=16)
+MLP = {"in_features": 5, "hidden": [12, 9], "num_classes": 3, "activation": "tanh"}
+
+
+def _data(n, seed, d=5, k=3):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, k, (n,), generator=g)
+    x = torch.randn(k, d, generator=g, dtype=torch.float64)[y] + torch.randn(
+        n, d, generator=g, dtype=torch.float64
+    )
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def trained():
+    x, y = _data(40, 0)
+    qx, qy = _data(6, 1)
+    model = init_model("mlp", MLP, 0).double()
+    res = train(model, CLS, x, y, Recipe(learning_rate=0.2, epochs=5, batch_size=10))
+    return model, res.weights, x, y, qx, qy
+
+
+def _problem(trained, **kw):
+    model, w, x, y, qx, qy = trained
+    base = dict(model=model, task=CLS, weights=w, train_x=x, train_y=y, query_x=qx, query_y=qy)
+    base.update(kw)
+    return InfluenceProblem(**base)
+
+
+def _explicit_projection(model, state, x, y, objective, layers):
+    """(P_in (x) P_out) vec([grad W, grad b]) per layer from the core's per-example gradients."""
+    n = len(x)
+    out = []
+    for name, mod, kron in layers:
+        names = [f"{name}.weight"] + ([f"{name}.bias"] if mod.bias is not None else [])
+        G = torch.cat([g for _, _, g in per_sample_gradients(model, state, x, y, objective, names=names)])
+        d_out, d_in = mod.out_features, mod.in_features
+        W = G[:, : d_out * d_in].reshape(n, d_out, d_in)
+        if mod.bias is not None:
+            W = torch.cat([W, G[:, d_out * d_in :, None]], 2)  # [grad W | grad b] = delta [a; 1]^T
+        vec = W.transpose(1, 2).reshape(n, -1)  # column-major vec
+        kron_mat = torch.kron(kron.in_matrix(), kron.out_matrix())
+        proj = (vec @ kron_mat.T).reshape(n, kron.k_in, kron.k_out).transpose(1, 2)  # back to k_out x k_in
+        out.append(proj.reshape(n, -1))
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher", "srht"])
+def test_in_backprop_projection_equals_explicit_kronecker(trained, kind):
+    model, w, x, y, qx, qy = trained
+    layers = layer_projectors(
+        model, LoGraParams(k_in=4, k_out=3, projection=kind, seed=7), "cpu", torch.float64
+    )
+    assert [(n, k.k_in, k.k_out) for n, _, k in layers] == [("1", 4, 3), ("3", 4, 3), ("5", 4, 3)]
+    for obj in (train_objective(CLS), query_objective_fn(CLS, "margin")):
+        got = torch.cat([g for _, _, g in projected_gradients(model, w, x, y, obj, layers, chunk_size=16)])
+        ref = _explicit_projection(model, w, x, y, obj, layers)
+        assert got.shape == (40, 36)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-10)
+        print(f"logra {kind}: max |in-backprop - explicit| = {float((got - ref).abs().max()):.2e}")
+
+
+class _TokenModel(nn.Module):
+    """A linear layer applied per position of a (b, T, d) sequence, then a classifier."""
+
+    def __init__(self, T=4, d=3, h=5, c=3):
+        super().__init__()
+        self.T, self.d = T, d
+        self.tok = nn.Linear(d, h)
+        self.head = nn.Linear(T * h, c, bias=False)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.tok(x.reshape(x.shape[0], self.T, self.d))).flatten(1))
+
+
+def test_token_sum_and_bias_free_layers():
+    torch.manual_seed(0)
+    model = _TokenModel().double()
+    x = torch.randn(10, 12, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,))
+    w = model.state_dict()
+    layers = layer_projectors(model, LoGraParams(k_in=3, k_out=2, seed=1), "cpu", torch.float64)
+    assert [(n, k.d_in, k.d_out) for n, _, k in layers] == [("tok", 4, 5), ("head", 20, 3)]
+    got = torch.cat([g for _, _, g in projected_gradients(model, w, x, y, train_objective(CLS), layers)])
+    ref = _explicit_projection(model, w, x, y, train_objective(CLS), layers)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("layers", [None, ["last"], ["1", "5"]])
+def test_identity_projection_is_fisher_influence(trained, layers):
+    model, w, x, y, qx, qy = trained
+    damping = 1e-2
+    out = get_estimator("logra").attribute(
+        _problem(trained),
+        {"projection": "identity", "damping": damping, "layers": layers},
+        want_self_influence=True,
+        runtime=F64,
+    )
+    names = select_parameters(model, layers)
+    G = torch.cat([g for _, _, g in per_sample_gradients(model, w, x, y, train_objective(CLS), names=names)])
+    Q = torch.cat(
+        [
+            g
+            for _, _, g in per_sample_gradients(
+                model, w, qx, qy, query_objective_fn(CLS, "loss"), names=names
+            )
+        ]
+    )
+    n = len(x)
+    Fisher = G.T @ G / n
+    A = Fisher + damping * Fisher.diagonal().mean() * torch.eye(len(Fisher), dtype=torch.float64)
+    Ainv = torch.linalg.inv(A)
+    np.testing.assert_allclose(out.scores, (Q @ Ainv @ G.T / n).numpy(), rtol=1e-7, atol=1e-12)
+    np.testing.assert_allclose(out.self_influence, (((G @ Ainv) * G).sum(1) / n).numpy(), rtol=1e-7)
+    assert out.metadata["projected_dim"] == G.shape[1]
+    assert out.metadata["damping_absolute"] == pytest.approx(damping * float(Fisher.diagonal().mean()))
+
+
+def test_state_reuse_shards_and_default_projection(trained):
+    est = get_estimator("logra")
+    params = {"k_in": 4, "k_out": 4}
+    prob = _problem(trained, measurement="margin")
+    state = est.fit(prob, params, F64)
+    assert state.tensors["train_features"].shape == (40, 44)  # last layer: k_out capped at 3
+    assert state.tensors["fisher_cholesky"].shape == (44, 44)
+    full = est.attribute(prob, params, want_self_influence=True, runtime=F64)
+    calls = []
+    rt = Runtime(dtype=torch.float64, chunk_size=16, progress=lambda *a: calls.append(a))
+    reused = est.attribute(prob, params, want_self_influence=True, runtime=rt, state=state)
+    np.testing.assert_allclose(reused.scores, full.scores, rtol=1e-12)
+    np.testing.assert_allclose(reused.self_influence, full.self_influence, rtol=1e-12)
+    assert {c[0] for c in calls} == {"query_gradients"}
+    parts = [
+        est.attribute(prob, params, want_self_influence=True, runtime=F64, state=state, train_range=r)
+        for r in [(0, 13), (13, 40)]
+    ]
+    np.testing.assert_allclose(np.concatenate([a.scores for a in parts], 1), full.scores, rtol=1e-12)
+    np.testing.assert_allclose(np.concatenate([a.self_influence for a in parts]), full.self_influence)
+    # defaults: k = 16 capped at the layer sizes (inputs 5+1, 12+1, 9+1; outputs 12, 9, 3)
+    default = est.fit(prob, None, F64)
+    assert [(d["k_in"], d["k_out"]) for d in default.info["layers"]] == [(6, 12), (13, 9), (10, 3)]
+    assert bool((full.self_influence > 0).all())
+    f32 = est.attribute(prob, params, runtime=Runtime(chunk_size=16))
+    np.testing.assert_allclose(f32.scores, full.scores, rtol=2e-3, atol=2e-4 * np.abs(full.scores).max())
+
+
+def test_shuffling_permutes_columns(trained):
+    model, w, x, y, qx, qy = trained
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(5))
+    est = get_estimator("logra")
+    a = est.attribute(_problem(trained), {"k_in": 3, "k_out": 3}, want_self_influence=True, runtime=F64)
+    b = est.attribute(
+        _problem(trained, train_x=x[perm], train_y=y[perm]),
+        {"k_in": 3, "k_out": 3},
+        want_self_influence=True,
+        runtime=F64,
+    )
+    np.testing.assert_allclose(b.scores, a.scores[:, perm.numpy()], rtol=1e-8, atol=1e-13)
+    np.testing.assert_allclose(b.self_influence, a.self_influence[perm.numpy()], rtol=1e-8)
+
+
+def test_layer_selection_errors(trained):
+    model = trained[0]
+    assert [n for n, _ in linear_layers(model, ["last"])] == ["5"]
+    with pytest.raises(EstimatorError) as e:
+        get_estimator("logra").attribute(_problem(trained), {"layers": ["7"]}, runtime=F64)
+    assert e.value.parameter == "/method/params/layers"
+    conv = init_model(
+        "cnn", {"in_channels": 1, "height": 4, "width": 4, "num_classes": 2, "channels": [2]}, 0
+    )
+    assert [n for n, _ in linear_layers(conv, None)] == ["5"]
+    big = init_model("mlp", {"in_features": 200, "hidden": [200], "num_classes": 200}, 0)
+    prob = InfluenceProblem(
+        model=big,
+        task=CLS,
+        weights=big.state_dict(),
+        train_x=torch.randn(3, 200),
+        train_y=torch.zeros(3, dtype=torch.long),
+        query_x=torch.randn(1, 200),
+        query_y=torch.zeros(1, dtype=torch.long),
+    )
+    with pytest.raises(EstimatorError) as e:
+        get_estimator("logra").fit(prob, {"k_in": 65, "k_out": 65})
+    assert e.value.parameter == "/method/params/k_in"

@@ -146,11 +146,18 @@ class TrainState:
 
 @dataclass
 class Attribution:
-    """An estimator's output: the full score matrix and/or self-influence."""
+    """An estimator's output: the score matrix, self-influence, and/or data values.
+
+    ``values`` (length n) is the output of data-valuation methods (Shapley, Banzhaf,
+    ...: the worth of each training example to a utility); ``values_stderr`` their
+    Monte-Carlo standard errors (0 for exact methods).
+    """
 
     scores: np.ndarray | None
     self_influence: np.ndarray | None
     metadata: dict[str, Any]
+    values: np.ndarray | None = None
+    values_stderr: np.ndarray | None = None
 
 
 class Estimator:

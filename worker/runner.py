@@ -427,7 +427,7 @@ def _influence(settings: Settings, store: ArtifactStore, claim, reporter: Report
         train_shard_size=execution.get("train_shard_size") or settings.train_shard_size or None,
         by_checkpoint=bool(execution.get("shard_by_checkpoint")) and ctx.estimator.checkpoint_additive,
     )
-    if len(plans) > 1:
+    if len(plans) > 1 and ctx.estimator.shardable_by_rows:
         return plans
     started = time.perf_counter()
     attribution = ctx.estimator.attribute(
@@ -462,6 +462,8 @@ def _influence(settings: Settings, store: ArtifactStore, claim, reporter: Report
         top=ctx.output["top_k"],
         keep_full_matrix=ctx.output["keep_full_matrix"],
         details=details,
+        values=attribution.values,
+        values_stderr=attribution.values_stderr,
     )
     return prepared.write(claim.job_id, claim.attempt), _done()
 

@@ -174,6 +174,8 @@ class Estimator:
     supports_self_influence: ClassVar[bool] = True
     checkpoint_additive: ClassVar[bool] = False
     """Scores are a sum over checkpoints, so a job may be sharded by checkpoint and summed."""
+    shardable_by_rows: ClassVar[bool] = True
+    """``attribute`` honours ``train_range``, so a job may be split into training-row shards."""
 
     def fit(
         self, problem: InfluenceProblem, params: Any, runtime: Runtime | None = None

@@ -115,3 +115,20 @@ class EstimatorRead(ReadModel):
     needs_checkpoints: bool
     supports_self_influence: bool
     params_schema: dict[str, Any]
+
+
+class DataValue(ReadModel):
+    rank: int = Field(description="Position in the requested order (0 = lowest value for order=asc).")
+    train_index: int
+    train_id: int | None = None
+    value: float
+    stderr: float = Field(description="Monte-Carlo standard error (0 for exact methods).")
+
+
+class ValuesPage(ReadModel):
+    job_id: str
+    method: str
+    order: Literal["asc", "desc"]
+    n_train: int
+    items: list[DataValue]
+    next_page_token: str | None = None

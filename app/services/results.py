@@ -9,7 +9,7 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.db.models import InfluenceResult, Job, QueryResult
+from app.db.models import Dataset, InfluenceResult, Job, QueryResult
 from app.problems import ProblemError
 from app.storage.artifacts import ArtifactStore
 
@@ -22,6 +22,7 @@ class PreparedResult:
     n_train: int
     scores_uri: str | None
     self_influence_uri: str | None
+    values_uri: str | None
     details: dict
     rows: list[dict]
 
@@ -35,11 +36,15 @@ class PreparedResult:
                     n_train=self.n_train,
                     scores_uri=self.scores_uri,
                     self_influence_uri=self.self_influence_uri,
+                    values_uri=self.values_uri,
                     details=self.details,
                 )
             )
             session.flush()
-            session.execute(QueryResult.__table__.insert(), [dict(job_id=job_id, **row) for row in self.rows])
+            if self.rows:
+                session.execute(
+                    QueryResult.__table__.insert(), [dict(job_id=job_id, **row) for row in self.rows]
+                )
 
         return _write
 
@@ -62,10 +67,14 @@ def prepare(
     top: int,
     keep_full_matrix: bool,
     details: dict,
+    values: np.ndarray | None = None,
+    values_stderr: np.ndarray | None = None,
 ) -> PreparedResult:
     rows: list[dict] = []
-    scores_uri = self_uri = None
-    n_train = int(scores.shape[1]) if scores is not None else int(len(self_influence))
+    scores_uri = self_uri = values_uri = None
+    n_train = next(
+        len(a) for a in (scores.T if scores is not None else None, self_influence, values) if a is not None
+    )
     if scores is not None:
         if not np.isfinite(scores).all():
             raise ProblemError(
@@ -100,7 +109,19 @@ def prepare(
             scores_uri = store.put_npy(np.ascontiguousarray(scores, dtype=np.float32)).uri
     if self_influence is not None:
         self_uri = store.put_npy(np.asarray(self_influence, dtype=np.float32)).uri
-    return PreparedResult(len(query_rows), n_train, scores_uri, self_uri, details, rows)
+    if values is not None:
+        stderr = np.zeros_like(values) if values_stderr is None else values_stderr
+        if not (np.isfinite(values).all() and np.isfinite(stderr).all()):
+            raise ProblemError(
+                500,
+                "numerical-instability",
+                "Values are not finite",
+                "the valuation produced NaN or infinite values",
+            )
+        values_uri = store.put_npz(
+            value=np.asarray(values, np.float64), stderr=np.asarray(stderr, np.float64)
+        ).uri
+    return PreparedResult(len(query_rows), n_train, scores_uri, self_uri, values_uri, details, rows)
 
 
 def get_result(session: Session, job: Job) -> InfluenceResult:
@@ -116,6 +137,43 @@ def get_result(session: Session, job: Job) -> InfluenceResult:
     if result is None:  # cannot happen: state and result commit together
         raise ProblemError(500, "result-missing", "Result missing", "the job succeeded but has no result")
     return result
+
+
+def train_ids(session: Session, store: ArtifactStore, job: Job) -> np.ndarray | None:
+    dataset = session.get(Dataset, job.train_dataset_id)
+    return store.load_npz(dataset.uri).get("ids") if dataset.has_ids else None
+
+
+def values_page(
+    store: ArtifactStore,
+    result: InfluenceResult,
+    train_ids: np.ndarray | None,
+    *,
+    order: str,
+    page_size: int,
+    offset: int,
+) -> tuple[list[dict], bool]:
+    """Data values sorted ascending (lowest first: candidates for mislabeled/harmful) or descending."""
+    if result.values_uri is None:
+        raise ProblemError(
+            404, "no-values", "No data values", "this job's estimator does not produce data values"
+        )
+    data = store.load_npz(result.values_uri)
+    order_idx = np.argsort(data["value"], kind="stable")
+    if order == "desc":
+        order_idx = order_idx[::-1]
+    chosen = order_idx[offset : offset + page_size]
+    items = [
+        {
+            "rank": offset + r,
+            "train_index": int(i),
+            "train_id": int(train_ids[i]) if train_ids is not None else None,
+            "value": float(data["value"][i]),
+            "stderr": float(data["stderr"][i]),
+        }
+        for r, i in enumerate(chosen)
+    ]
+    return items, offset + page_size < len(order_idx)
 
 
 def page(session: Session, job: Job, page_size: int, after: int | None, query_index: int | None):

@@ -14,6 +14,7 @@ from app.estimators import ORIENTATION, REGISTRY, SIGN_CONVENTION
 from app.problems import ProblemError, invalid_field
 from app.schemas.common import Page
 from app.schemas.jobs import (
+    DataValue,
     EstimatorRead,
     JobCreate,
     JobRead,
@@ -21,6 +22,7 @@ from app.schemas.jobs import (
     Progress,
     QueryResultRead,
     ResultsPage,
+    ValuesPage,
 )
 from app.services import jobs as service
 from app.services import results as results_service
@@ -207,6 +209,41 @@ def get_scores(job_id: str, session: SessionDep, store: StoreDep, format: Artifa
 )
 def get_self_influence(job_id: str, session: SessionDep, store: StoreDep, format: ArtifactFormat = "npy"):
     return _artifact(session, store, job_id, "self_influence", format)
+
+
+@router.get(
+    "/v1/influence-jobs/{job_id}/values",
+    response_model=ValuesPage,
+    summary="Data values per training example (valuation methods), lowest first by default",
+)
+def get_values(
+    job_id: str,
+    session: SessionDep,
+    store: StoreDep,
+    order: Annotated[Literal["asc", "desc"], Query(description="asc: least valuable first.")] = "asc",
+    page_size: PageSize = DEFAULT_PAGE,
+    page_token: str | None = None,
+):
+    """Lowest values first: the training examples most likely mislabeled or harmful."""
+    job = service.get(session, job_id)
+    result = results_service.get_result(session, job)
+    offset = 0
+    if page_token:
+        (offset,) = decode_token(page_token)
+        if not isinstance(offset, int) or offset < 0:
+            raise invalid_field("/page_token", "page_token is not a token this service issued")
+    train_ids = results_service.train_ids(session, store, job)
+    items, more = results_service.values_page(
+        store, result, train_ids, order=order, page_size=page_size, offset=offset
+    )
+    return ValuesPage(
+        job_id=job.id,
+        method=job.spec["method"]["name"],
+        order=order,
+        n_train=result.n_train,
+        items=[DataValue(**i) for i in items],
+        next_page_token=encode_token(offset + page_size) if more else None,
+    )
 
 
 @router.get("/v1/estimators", response_model=list[EstimatorRead], tags=["catalog"])

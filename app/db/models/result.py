@@ -17,6 +17,7 @@ class InfluenceResult(TimestampMixin, Base):
     n_train: Mapped[int] = mapped_column()
     scores_uri: Mapped[str | None] = mapped_column(String(500))
     self_influence_uri: Mapped[str | None] = mapped_column(String(500))
+    values_uri: Mapped[str | None] = mapped_column(String(500))  # npz: value, stderr (data valuation)
     details: Mapped[dict] = mapped_column(default=dict)  # sign convention, orientation, timings, ...
 
 

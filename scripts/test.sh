@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh test
+# Peer libraries (captum, dattri, kronfluence, pyDVL, traker) are test/bench extras; without them
+# tests/peers skips.
+scripts/install-peers.sh || echo "peer libraries unavailable: tests/peers will be skipped" >&2
 
 if ! pg_isready -q -h 127.0.0.1 -p 5432; then
   pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql)" main start

@@ -1,0 +1,853 @@
+"""Service-facing retraining estimators, registered in :data:`app.estimators.base.REGISTRY`.
+
+Each one exposes the three shardable pieces plus an in-process pipeline:
+
+* ``plan(problem, params, ...)`` -> :class:`SubsetPlan` (static methods) or
+  ``sampler(problem, params)`` -> a round sampler (adaptive methods);
+* ``train_subsets(problem, params, plan, runtime)`` -> :class:`SubsetOutputs` for any
+  row range of a plan (one shard);
+* ``estimate(problem, params, ...)`` -> :class:`Attribution` from merged outputs;
+* ``attribute(problem, params)`` runs sampler -> engine -> estimator in-process.
+
+:class:`InfluenceProblem` has neither a training recipe nor a validation set:
+
+* the recipe is ``params.recipe`` (None: ``Recipe()`` defaults with the problem's
+  ``weight_decay``); pass the model's own recipe to replay its training;
+* the **query set doubles as the validation set**: utilities (``"accuracy"``, or
+  ``"loss"`` meaning minus the mean loss) are computed on ``(query_x, query_y)``.
+
+Pointwise methods (``loo``, ``downsampling``, ``datamodels``) return ``scores``
+m x n in the problem's measurement (positive = proponent); valuation methods
+(``shapley_exact``, ``tmc_shapley``, ``beta_shapley``, ``banzhaf_msr``,
+``knn_shapley``) return ``values`` (n, positive = helpful) and ``values_stderr``
+with ``scores = None``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import torch
+from annotated_types import Ge, Gt, Le
+
+from ..base import (
+    Attribution,
+    Estimator,
+    EstimatorError,
+    InfluenceProblem,
+    ProblemSize,
+    Runtime,
+    register,
+)
+from ..gradients import as_params, column_range, metadata, numpy_dtype, validate_problem
+from ..training import Recipe, validate_recipe
+from .datamodels import datamodels_estimate
+from .driver import RunResult, run_until
+from .engine import SubsetOutputs, train_subsets
+from .knn import knn_shapley, penultimate_embedder
+from .samplers import (
+    MAX_EXHAUSTIVE_N,
+    PermutationSampler,
+    PermutationSamples,
+    StreamSampler,
+    SubsetPlan,
+    derived_seed,
+    exhaustive_plan,
+    fixed_fraction_plan,
+    loo_plan,
+)
+from .semivalues import (
+    DifferenceOfMeansAccumulator,
+    PermutationAccumulator,
+    beta_cardinality_weights,
+    downsampling_estimate,
+    exact_shapley,
+    loo_estimate,
+    mean_and_stderr,
+    memorisation_estimate,
+    msr_banzhaf_estimate,
+    permutation_contributions,
+    utility_table,
+)
+
+
+def _p(default: Any, description: str) -> Any:
+    return field(default=default, metadata={"description": description})
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+@dataclass
+class RetrainingParams:
+    """How every subset is retrained (shared by all retraining estimators)."""
+
+    recipe: Recipe | None = _p(
+        None,
+        "training recipe replayed on every subset; null: Recipe defaults with the problem's weight_decay. "
+        "Pass the model's own recipe to retrain the way the model was trained",
+    )
+    solver: Literal["auto", "newton", "batched", "sequential"] = _p(
+        "auto",
+        "newton: exact minimiser for linear models (float64); batched: K models in lock-step with "
+        "torch.func.vmap (SGD/Adam/AdamW); sequential: one model at a time; auto: newton for a linear "
+        "model with an lbfgs recipe, else batched when the model has no buffers/dropout, else sequential",
+    )
+    train_seed: Annotated[int, Ge(0)] | None = _p(
+        None, "initialisation/shuffling seed of every retrain; null: the recipe's seed"
+    )
+    seed_per_mask: bool = _p(
+        False,
+        "derive a different training seed for every subset from `seed` (seed noise then averages out "
+        "over subsets); false keeps the learner a deterministic function of the subset",
+    )
+    seed: Annotated[int, Ge(0)] = _p(0, "seed of the subset sampler")
+    n_models_per_batch: Annotated[int, Ge(1)] = _p(64, "models trained together (memory/speed trade-off)")
+
+
+@dataclass
+class LOOParams(RetrainingParams):
+    """Leave-one-out: retrain without each training example; score = q(D without i) - q(D)."""
+
+    repeats: Annotated[int, Ge(1)] = _p(
+        1, "train the full set and every leave-one-out set this many times (paired seeds) and average"
+    )
+
+
+@dataclass
+class DownsamplingParams(RetrainingParams):
+    """Downsampling (Feldman & Zhang 2020): mean objective over subsets without i minus with i."""
+
+    alpha: Annotated[float, Gt(0), Le(0.99)] = _p(0.7, "subset size as a fraction of n")
+    n_masks: Annotated[int, Ge(4)] = _p(1000, "number of random subsets (models) to train")
+
+
+@dataclass
+class DatamodelsParams(RetrainingParams):
+    """Datamodels (Ilyas et al. 2022): per-query sparse linear fit of the objective on subset masks."""
+
+    alpha: Annotated[float, Gt(0), Le(0.99)] = _p(0.5, "subset size as a fraction of n")
+    n_masks: Annotated[int, Ge(4)] = _p(1000, "number of random subsets (models) to train")
+    regression: Literal["lasso", "ridge"] = _p("lasso", "LASSO (coordinate descent) or ridge fit")
+    l1: Annotated[float, Ge(0)] | None = _p(
+        None, "LASSO penalty; null: chosen per query on held-out masks (every 5th)"
+    )
+    l2: Annotated[float, Gt(0)] = _p(1e-3, "ridge penalty")
+
+
+@dataclass
+class UtilityParams(RetrainingParams):
+    """Retraining data valuation against a utility on the query (validation) set."""
+
+    utility: Literal["accuracy", "loss"] = _p(
+        "accuracy", "utility on the query set: accuracy, or minus the mean loss ('loss', also for regression)"
+    )
+
+
+@dataclass
+class ShapleyExactParams(UtilityParams):
+    """Exact Data Shapley by training on all 2^n subsets (tiny training sets only)."""
+
+    max_n: Annotated[int, Ge(1), Le(MAX_EXHAUSTIVE_N)] = _p(14, "refuse training sets larger than this")
+
+
+@dataclass
+class AdaptiveParams(UtilityParams):
+    """Monte-Carlo valuation run in rounds until the standard errors are small or the budget is spent."""
+
+    tolerance: Annotated[float, Ge(0)] = _p(
+        0.0, "stop when the largest standard error falls below this (0: run the whole budget)"
+    )
+    max_retrains: Annotated[int, Ge(1)] = _p(2000, "budget: models trained")
+    max_seconds: Annotated[float, Gt(0)] = _p(3600.0, "budget: wall-clock seconds")
+    min_samples: Annotated[int, Ge(2)] = _p(30, "samples before the tolerance rule may stop the run")
+    cache: bool = _p(True, "reuse the utility of a subset already trained (only with shared seeds)")
+
+
+@dataclass
+class TMCShapleyParams(AdaptiveParams):
+    """TMC-Shapley (Ghorbani & Zou 2019): permutation sampling with truncation."""
+
+    truncation: Annotated[float, Ge(0)] = _p(
+        0.01, "stop a permutation once |U(D) - U(prefix)| <= truncation * |U(D)| (0: no truncation)"
+    )
+
+
+@dataclass
+class BetaShapleyParams(AdaptiveParams):
+    """Beta Shapley (Kwon & Zou 2022): permutation sampling reweighted by subset size."""
+
+    alpha: Annotated[float, Gt(0)] = _p(16.0, "Beta alpha; alpha > beta favours small subsets")
+    beta: Annotated[float, Gt(0)] = _p(1.0, "Beta beta")
+    truncation: Annotated[float, Ge(0)] = _p(0.0, "as in tmc_shapley (0: no truncation)")
+
+
+@dataclass
+class BanzhafMSRParams(AdaptiveParams):
+    """Data Banzhaf (Wang & Jia 2023) with the maximum-sample-reuse estimator."""
+
+
+@dataclass
+class KNNShapleyParams:
+    """Exact KNN-Shapley (Jia et al. 2019) of a K-nearest-neighbour classifier; no retraining."""
+
+    k: Annotated[int, Ge(1)] = _p(5, "neighbours K")
+    metric: Literal["euclidean", "cosine"] = _p("euclidean", "distance between feature vectors")
+    embedding: Literal["raw", "penultimate"] = _p(
+        "raw", "features: the raw inputs, or the input of the model's last Linear layer at its weights"
+    )
+    per_query_scores: bool = _p(False, "also return the per-query values as scores (m x n)")
+    chunk_size: Annotated[int, Ge(1)] = _p(256, "queries processed at once")
+
+
+# ----------------------------------------------------------------------------- shared machinery
+
+
+def _recipe(problem: InfluenceProblem, p: RetrainingParams) -> Recipe:
+    r = p.recipe
+    if r is None:
+        r = Recipe(weight_decay=float(problem.weight_decay))
+    elif isinstance(r, dict):
+        try:
+            r = Recipe(**r)
+        except TypeError as e:
+            raise EstimatorError(f"invalid recipe: {e}", parameter="/method/params/recipe") from None
+    validate_recipe(r)
+    if p.train_seed is not None:
+        r = dataclasses.replace(r, seed=int(p.train_seed))
+    return dataclasses.replace(r, num_checkpoints=0)
+
+
+def _shared_seed(problem: InfluenceProblem, p: RetrainingParams) -> int | None:
+    """The training seed of every subset, or None for per-mask seeds."""
+    return None if p.seed_per_mask else _recipe(problem, p).seed
+
+
+def _template(problem: InfluenceProblem, runtime: Runtime) -> torch.nn.Module:
+    return copy.deepcopy(problem.model).to(runtime.dtype)
+
+
+class _Retraining(Estimator):
+    """Common plumbing: recipe, eval sets and the call into the engine."""
+
+    needs_checkpoints = False
+    supports_self_influence = False
+    shardable_by_rows = False
+    valuation = False
+
+    def _measure(self, problem: InfluenceProblem, p: Any, self_influence: bool, train_range) -> tuple:
+        if self.valuation:
+            kind = "accuracy" if p.utility == "accuracy" else "neg_loss"
+            if kind == "accuracy" and problem.task.kind != "classification":
+                raise EstimatorError(
+                    "utility 'accuracy' needs a classification model; use 'loss'",
+                    parameter="/method/params/utility",
+                )
+            return {"utility": (problem.query_x, problem.query_y)}, {"utility": kind}
+        sets = {"query": (problem.query_x, problem.query_y)}
+        measure = {"query": problem.measurement}
+        if self_influence:
+            lo, hi = column_range(problem, train_range)
+            sets["train"] = (problem.train_x[lo:hi], problem.train_y[lo:hi])
+            measure["train"] = problem.measurement
+        return sets, measure
+
+    def _validate(self, problem: InfluenceProblem) -> None:
+        validate_problem(problem, need_queries=True)
+        if problem.n_train == 0:
+            raise EstimatorError("the training set is empty", parameter="/train_dataset_id")
+        if problem.n_query == 0:
+            raise EstimatorError(
+                "retraining estimators need at least one query (the query set is also the validation set)",
+                parameter="/query_dataset_id",
+            )
+
+    def train_subsets(
+        self,
+        problem: InfluenceProblem,
+        params: Any,
+        plan: SubsetPlan,
+        runtime: Runtime | None = None,
+        *,
+        self_influence: bool = False,
+        train_range: tuple[int, int] | None = None,
+    ) -> SubsetOutputs:
+        """Train every row of ``plan`` (or of a shard of it) and measure what :meth:`estimate` needs.
+
+        Keys: ``"utility"`` (K) for valuation methods; ``"query"`` (K x m) and, with
+        ``self_influence``, ``"train"`` (K x (hi - lo)) for pointwise methods.
+        """
+        p = as_params(self.Params, params)
+        runtime = runtime or Runtime()
+        sets, measure = self._measure(problem, p, self_influence, train_range)
+        return train_subsets(
+            _template(problem, runtime),
+            problem.task,
+            _recipe(problem, p),
+            problem.train_x,
+            problem.train_y,
+            plan.masks,
+            plan.seeds,
+            sets,
+            measure,
+            solver=p.solver,
+            n_models_per_batch=p.n_models_per_batch,
+            device=runtime.device,
+            progress=runtime.progress,
+        )
+
+    def _metadata(self, problem: InfluenceProblem, p: Any, **extra: Any) -> dict[str, Any]:
+        recipe = _recipe(problem, p)
+        return metadata(
+            self.name,
+            problem,
+            normalisation="none",
+            recipe=dataclasses.asdict(recipe),
+            validation_set="query set",
+            **extra,
+        )
+
+
+class _CachedTrainer:
+    """``plan -> outputs`` that trains each distinct (mask, seed) once (deterministic learners)."""
+
+    def __init__(self, estimator: _Retraining, problem, params, runtime, enabled: bool) -> None:
+        self.estimator, self.problem, self.params, self.runtime = estimator, problem, params, runtime
+        self.enabled = enabled
+        self.cache: dict[tuple[bytes, int], float] = {}
+        self.solver: str | None = None
+
+    def __call__(self, plan: SubsetPlan) -> SubsetOutputs:
+        if not self.enabled:
+            out = self.estimator.train_subsets(self.problem, self.params, plan, self.runtime)
+            self.solver = out.info.get("solver")
+            return out
+        keys = [(np.packbits(m).tobytes(), int(s)) for m, s in zip(plan.masks, plan.seeds, strict=True)]
+        missing: dict[tuple[bytes, int], int] = {}
+        for r, key in enumerate(keys):
+            if key not in self.cache and key not in missing:
+                missing[key] = r
+        trained = 0
+        if missing:
+            rows = list(missing.values())
+            sub = SubsetPlan(plan.masks[rows], plan.seeds[rows])
+            out = self.estimator.train_subsets(self.problem, self.params, sub, self.runtime)
+            self.solver = out.info.get("solver")
+            trained = int(out.info.get("n_trained", len(rows)))
+            for key, value in zip(missing, out["utility"], strict=True):
+                self.cache[key] = float(value)
+        utility = np.array([self.cache[k] for k in keys], dtype=np.float64)
+        return SubsetOutputs({"utility": utility}, {"n_trained": trained, "solver": self.solver})
+
+
+def _slice_values(values: np.ndarray, stderr: np.ndarray, problem, train_range, dtype):
+    lo, hi = column_range(problem, train_range)
+    return values[lo:hi].astype(dtype), stderr[lo:hi].astype(dtype)
+
+
+# ----------------------------------------------------------------------------- pointwise
+
+
+@register
+class LOO(_Retraining):
+    name = "loo"
+    summary = "leave-one-out retraining: q(D without z_i) - q(D) for every query (Cook 1977)"
+    Params = LOOParams
+    supports_self_influence = True
+    shardable_by_rows = True
+
+    def plan(self, problem: InfluenceProblem, params: Any, *, train_range=None) -> SubsetPlan:
+        """The full set plus each training index in ``train_range`` removed (x ``repeats`` seeds)."""
+        p = as_params(self.Params, params)
+        lo, hi = column_range(problem, train_range)
+        base = loo_plan(problem.n_train, indices=range(lo, hi), train_seed=_recipe(problem, p).seed)
+        if p.repeats == 1:
+            return base
+        parts = []
+        for rep in range(p.repeats):
+            seed = _recipe(problem, p).seed if rep == 0 else derived_seed(p.seed, rep)
+            parts.append(SubsetPlan(base.masks, np.full(len(base), seed), dict(base.meta), dict(base.info)))
+        return SubsetPlan.concat(parts)
+
+    def estimate(
+        self,
+        problem: InfluenceProblem,
+        params: Any,
+        plan: SubsetPlan,
+        outputs: SubsetOutputs,
+        *,
+        runtime: Runtime | None = None,
+        train_range=None,
+        want_scores: bool = True,
+    ) -> Attribution:
+        p = as_params(self.Params, params)
+        runtime = runtime or Runtime()
+        dtype = numpy_dtype(runtime.dtype)
+        lo, hi = column_range(problem, train_range)
+        scores, idx = loo_estimate(plan, outputs["query"])
+        if not np.array_equal(idx, np.arange(lo, hi)):
+            raise EstimatorError("the leave-one-out plan does not cover the requested training range")
+        self_inf = None
+        if "train" in outputs.arrays:
+            tr = outputs["train"]  # (K, hi - lo)
+            removed = plan.meta["removed"]
+            full = tr[removed == -1].mean(axis=0)
+            self_inf = np.array([tr[removed == i, i - lo].mean() - full[i - lo] for i in range(lo, hi)])
+            self_inf = self_inf.astype(dtype)
+        return Attribution(
+            scores=scores.astype(dtype) if want_scores else None,
+            self_influence=self_inf,
+            metadata=self._metadata(
+                problem,
+                p,
+                repeats=p.repeats,
+                solver=outputs.info.get("solver"),
+                n_retrains=outputs.info.get("n_trained"),
+            ),
+        )
+
+    def attribute(
+        self,
+        problem,
+        params=None,
+        *,
+        want_scores=True,
+        want_self_influence=False,
+        runtime=None,
+        state=None,
+        train_range=None,
+    ):
+        p = as_params(self.Params, params)
+        runtime = runtime or Runtime()
+        self._validate(problem)
+        plan = self.plan(problem, p, train_range=train_range)
+        outputs = self.train_subsets(
+            problem, p, plan, runtime, self_influence=want_self_influence, train_range=train_range
+        )
+        return self.estimate(
+            problem, p, plan, outputs, runtime=runtime, train_range=train_range, want_scores=want_scores
+        )
+
+
+class _RandomSubsets(_Retraining):
+    """Downsampling and Datamodels: a fixed-fraction plan of ``n_masks`` rows."""
+
+    def plan(self, problem: InfluenceProblem, params: Any, *, start: int = 0, stop: int | None = None):
+        """Rows ``start..stop-1`` (default: all ``n_masks``) of the fixed-fraction stream."""
+        p = as_params(self.Params, params)
+        stop = p.n_masks if stop is None else min(int(stop), p.n_masks)
+        return fixed_fraction_plan(
+            problem.n_train,
+            max(0, stop - start),
+            alpha=p.alpha,
+            seed=p.seed,
+            start=start,
+            train_seed=_shared_seed(problem, p),
+        )
+
+    def attribute(
+        self,
+        problem,
+        params=None,
+        *,
+        want_scores=True,
+        want_self_influence=False,
+        runtime=None,
+        state=None,
+        train_range=None,
+    ):
+        p = as_params(self.Params, params)
+        runtime = runtime or Runtime()
+        self._validate(problem)
+        plan = self.plan(problem, p)
+        want_self = want_self_influence and self.supports_self_influence
+        outputs = self.train_subsets(
+            problem, p, plan, runtime, self_influence=want_self, train_range=train_range
+        )
+        return self.estimate(
+            problem, p, plan, outputs, runtime=runtime, train_range=train_range, want_scores=want_scores
+        )
+
+
+@register
+class Downsampling(_RandomSubsets):
+    name = "downsampling"
+    summary = "Downsampling / subsampled influence and memorisation (Feldman & Zhang 2020)"
+    Params = DownsamplingParams
+    supports_self_influence = True
+
+    def estimate(
+        self, problem, params, plan, outputs, *, runtime=None, train_range=None, want_scores=True
+    ) -> Attribution:
+        """Scores m x n (``train_range`` columns); self-influence = memorisation if outputs have "train"."""
+        p = as_params(self.Params, params)
+        runtime = runtime or Runtime()
+        dtype = numpy_dtype(runtime.dtype)
+        lo, hi = column_range(problem, train_range)
+        scores, stderr = downsampling_estimate(plan.masks, outputs["query"])
+        self_inf = None
+        if "train" in outputs.arrays:
+            train_q = outputs["train"]  # K x n, or K x (hi - lo) when measured on the range only
+            if train_q.shape[1] == problem.n_train:
+                mem = memorisation_estimate(plan.masks, train_q)[0][lo:hi]
+            else:
+                mem = memorisation_estimate(plan.masks[:, lo:hi], train_q)[0]
+            self_inf = mem.astype(dtype)
+        return Attribution(
+            scores=scores[:, lo:hi].astype(dtype) if want_scores else None,
+            self_influence=self_inf,
+            metadata=self._metadata(
+                problem,
+                p,
+                alpha=p.alpha,
+                n_masks=len(plan),
+                stderr_max=float(stderr.max()) if stderr.size else 0.0,
+                stderr_mean=float(stderr.mean()) if stderr.size else 0.0,
+                solver=outputs.info.get("solver"),
+                n_retrains=outputs.info.get("n_trained"),
+            ),
+        )
+
+
+@register
+class Datamodels(_RandomSubsets):
+    name = "datamodels"
+    summary = "Datamodels: per-query LASSO of the objective on subset masks (Ilyas et al. 2022)"
+    Params = DatamodelsParams
+
+    def estimate(
+        self, problem, params, plan, outputs, *, runtime=None, train_range=None, want_scores=True
+    ) -> Attribution:
+        p = as_params(self.Params, params)
+        runtime = runtime or Runtime()
+        dtype = numpy_dtype(runtime.dtype)
+        lo, hi = column_range(problem, train_range)
+        scores, info = datamodels_estimate(
+            plan.masks, outputs["query"], regression=p.regression, l1=p.l1, l2=p.l2
+        )
+        extra = {"l1": [float(v) for v in info["l1"]]} if "l1" in info else {"l2": p.l2}
+        return Attribution(
+            scores=scores[:, lo:hi].astype(dtype) if want_scores else None,
+            self_influence=None,
+            metadata=self._metadata(
+                problem,
+                p,
+                alpha=p.alpha,
+                n_masks=len(plan),
+                regression=p.regression,
+                solver=outputs.info.get("solver"),
+                n_retrains=outputs.info.get("n_trained"),
+                **extra,
+            ),
+        )
+
+
+# ----------------------------------------------------------------------------- valuation
+
+
+class _Valuation(_Retraining):
+    valuation = True
+
+    def _finish(self, problem, p, values, stderr, train_range, runtime, **extra) -> Attribution:
+        dtype = numpy_dtype(runtime.dtype)
+        v, s = _slice_values(values, stderr, problem, train_range, dtype)
+        return Attribution(
+            scores=None,
+            self_influence=None,
+            values=v,
+            values_stderr=s,
+            metadata=self._metadata(problem, p, utility=p.utility, **extra),
+        )
+
+
+@register
+class ShapleyExact(_Valuation):
+    name = "shapley_exact"
+    summary = "exact Data Shapley by retraining on all 2^n subsets (n <= max_n)"
+    Params = ShapleyExactParams
+
+    def check(self, problem_size: ProblemSize, params) -> None:
+        p = as_params(self.Params, params)
+        if problem_size.n_train > p.max_n:
+            raise EstimatorError(
+                f"shapley_exact trains 2^n models; n = {problem_size.n_train} exceeds max_n = {p.max_n}. "
+                "Use tmc_shapley, banzhaf_msr or knn_shapley",
+                parameter="/method/params/max_n",
+            )
+
+    def plan(self, problem: InfluenceProblem, params: Any) -> SubsetPlan:
+        p = as_params(self.Params, params)
+        self.check(ProblemSize(problem.n_train, problem.n_query, 0, 0), p)
+        return exhaustive_plan(problem.n_train, train_seed=_recipe(problem, p).seed, max_n=p.max_n)
+
+    def estimate(self, problem, params, plan, outputs, *, runtime=None, train_range=None) -> Attribution:
+        p = as_params(self.Params, params)
+        table = utility_table(plan, outputs["utility"])
+        values = exact_shapley(table)
+        return self._finish(
+            problem,
+            p,
+            values,
+            np.zeros_like(values),
+            train_range,
+            runtime or Runtime(),
+            u_full=float(table[-1]),
+            u_empty=float(table[0]),
+            n_retrains=outputs.info.get("n_trained"),
+            solver=outputs.info.get("solver"),
+        )
+
+    def attribute(
+        self,
+        problem,
+        params=None,
+        *,
+        want_scores=True,
+        want_self_influence=False,
+        runtime=None,
+        state=None,
+        train_range=None,
+    ):
+        p = as_params(self.Params, params)
+        runtime = runtime or Runtime()
+        self._validate(problem)
+        plan = self.plan(problem, p)
+        return self.estimate(
+            problem,
+            p,
+            plan,
+            self.train_subsets(problem, p, plan, runtime),
+            runtime=runtime,
+            train_range=train_range,
+        )
+
+
+class _Adaptive(_Valuation):
+    def sampler(self, problem: InfluenceProblem, params: Any):
+        raise NotImplementedError
+
+    def accumulator(self, problem: InfluenceProblem, params: Any):
+        raise NotImplementedError
+
+    def trainer(self, problem, params, runtime=None):
+        """``plan -> outputs`` for :func:`run_until` (with the utility cache when seeds are shared)."""
+        p = as_params(self.Params, params)
+        return _CachedTrainer(self, problem, p, runtime or Runtime(), p.cache and not p.seed_per_mask)
+
+    def run(self, problem, params, runtime=None) -> RunResult:
+        p = as_params(self.Params, params)
+        runtime = runtime or Runtime()
+        self._validate(problem)
+        return run_until(
+            self.sampler(problem, p),
+            self.trainer(problem, p, runtime),
+            self.accumulator(problem, p),
+            tolerance=p.tolerance,
+            max_retrains=p.max_retrains,
+            max_seconds=p.max_seconds,
+            batch_size=p.n_models_per_batch * 4,
+            min_samples=p.min_samples,
+            progress=runtime.progress,
+        )
+
+    def attribute(
+        self,
+        problem,
+        params=None,
+        *,
+        want_scores=True,
+        want_self_influence=False,
+        runtime=None,
+        state=None,
+        train_range=None,
+    ):
+        p = as_params(self.Params, params)
+        runtime = runtime or Runtime()
+        res = self.run(problem, p, runtime)
+        return self._finish(
+            problem,
+            p,
+            res.values,
+            res.stderr,
+            train_range,
+            runtime,
+            n_samples=res.n_samples,
+            n_retrains=res.n_retrains,
+            rounds=res.n_rounds,
+            seconds=res.seconds,
+            stopped_by=res.stopped_by,
+            max_stderr=float(np.max(res.stderr)) if res.stderr.size else 0.0,
+        )
+
+
+class _PermutationMethod(_Adaptive):
+    def sampler(self, problem, params) -> PermutationSampler:
+        p = as_params(self.Params, params)
+        return PermutationSampler(
+            problem.n_train,
+            seed=p.seed,
+            train_seed=_shared_seed(problem, p),
+            truncation=p.truncation,
+            in_flight=max(1, p.n_models_per_batch * 4 // max(1, problem.n_train - 1)),
+        )
+
+    def _weights(self, n: int, p) -> np.ndarray | None:
+        return None
+
+    def accumulator(self, problem, params) -> PermutationAccumulator:
+        p = as_params(self.Params, params)
+        return PermutationAccumulator(problem.n_train, self._weights(problem.n_train, p))
+
+    def estimate(self, problem, params, samples: PermutationSamples, *, runtime=None, train_range=None):
+        """Values from completed permutation walks (merged across rounds and shards)."""
+        p = as_params(self.Params, params)
+        values, stderr = mean_and_stderr(
+            permutation_contributions(
+                samples.perms, samples.prefix_utilities, self._weights(problem.n_train, p)
+            )
+        )
+        return self._finish(
+            problem, p, values, stderr, train_range, runtime or Runtime(), n_samples=samples.n_walks
+        )
+
+
+@register
+class TMCShapley(_PermutationMethod):
+    name = "tmc_shapley"
+    summary = "truncated Monte-Carlo Data Shapley by permutation sampling (Ghorbani & Zou 2019)"
+    Params = TMCShapleyParams
+
+
+@register
+class BetaShapley(_PermutationMethod):
+    name = "beta_shapley"
+    summary = "Beta(alpha, beta) Shapley semivalue by reweighted permutation sampling (Kwon & Zou 2022)"
+    Params = BetaShapleyParams
+
+    def _weights(self, n: int, p) -> np.ndarray:
+        return beta_cardinality_weights(n, p.alpha, p.beta)
+
+
+@register
+class BanzhafMSR(_Adaptive):
+    name = "banzhaf_msr"
+    summary = "Data Banzhaf values with the maximum-sample-reuse estimator (Wang & Jia 2023)"
+    Params = BanzhafMSRParams
+
+    def sampler(self, problem, params) -> StreamSampler:
+        p = as_params(self.Params, params)
+        return StreamSampler(
+            problem.n_train, "bernoulli", seed=p.seed, train_seed=_shared_seed(problem, p), alpha=0.5
+        )
+
+    def plan(self, problem, params, *, start: int = 0, stop: int | None = None) -> SubsetPlan:
+        """Rows ``start..stop-1`` (default: ``max_retrains``) of the Bernoulli(1/2) stream."""
+        from .samplers import bernoulli_plan
+
+        p = as_params(self.Params, params)
+        stop = p.max_retrains if stop is None else int(stop)
+        return bernoulli_plan(
+            problem.n_train,
+            max(0, stop - start),
+            seed=p.seed,
+            start=start,
+            train_seed=_shared_seed(problem, p),
+        )
+
+    def accumulator(self, problem, params) -> DifferenceOfMeansAccumulator:
+        return DifferenceOfMeansAccumulator(problem.n_train, "utility")
+
+    def estimate(self, problem, params, plan, outputs, *, runtime=None, train_range=None) -> Attribution:
+        p = as_params(self.Params, params)
+        values, stderr = msr_banzhaf_estimate(plan.masks, outputs["utility"])
+        return self._finish(
+            problem, p, values, stderr, train_range, runtime or Runtime(), n_samples=len(plan)
+        )
+
+
+# ----------------------------------------------------------------------------- KNN-Shapley
+
+
+@register
+class KNNShapley(Estimator):
+    name = "knn_shapley"
+    summary = "exact KNN-Shapley of a KNN classifier on raw or penultimate features (Jia et al. 2019)"
+    Params = KNNShapleyParams
+    needs_checkpoints = False
+    supports_self_influence = False
+    shardable_by_rows = False
+
+    def attribute(
+        self,
+        problem,
+        params=None,
+        *,
+        want_scores=True,
+        want_self_influence=False,
+        runtime=None,
+        state=None,
+        train_range=None,
+    ):
+        p = as_params(self.Params, params)
+        runtime = runtime or Runtime()
+        validate_problem(problem, need_queries=True)
+        if problem.task.kind != "classification":
+            raise EstimatorError("knn_shapley needs a classification task", parameter="/method/name")
+        if problem.n_query == 0:
+            raise EstimatorError(
+                "knn_shapley needs queries (its validation set)", parameter="/query_dataset_id"
+            )
+        embed = penultimate_embedder(problem.model, problem.weights) if p.embedding == "penultimate" else None
+        started = time.perf_counter()
+        runtime.progress("knn_shapley", 0, 1)
+        values, per = knn_shapley(
+            problem.train_x,
+            problem.train_y,
+            problem.query_x,
+            problem.query_y,
+            p.k,
+            metric=p.metric,
+            embed=embed,
+            chunk_size=p.chunk_size,
+            per_query=p.per_query_scores and want_scores,
+        )
+        runtime.progress("knn_shapley", 1, 1)
+        dtype = numpy_dtype(runtime.dtype)
+        lo, hi = column_range(problem, train_range)
+        return Attribution(
+            scores=per[:, lo:hi].astype(dtype) if per is not None else None,
+            self_influence=None,
+            values=values[lo:hi].astype(dtype),
+            values_stderr=np.zeros(hi - lo, dtype=dtype),
+            metadata=metadata(
+                self.name,
+                problem,
+                normalisation="mean over queries",
+                k=p.k,
+                metric=p.metric,
+                embedding=p.embedding,
+                validation_set="query set",
+                utility_full=float(values.sum()),
+                seconds=time.perf_counter() - started,
+            ),
+        )
+
+
+__all__ = [
+    "LOO",
+    "AdaptiveParams",
+    "BanzhafMSR",
+    "BetaShapley",
+    "Datamodels",
+    "Downsampling",
+    "KNNShapley",
+    "RetrainingParams",
+    "ShapleyExact",
+    "TMCShapley",
+    "UtilityParams",
+]

@@ -379,6 +379,7 @@ def _context(settings: Settings, store: ArtifactStore, job_id: str) -> _Context:
         measurement=spec["measurement"],
         checkpoints=checkpoints,
         weight_decay=recipe.weight_decay,
+        recipe=dict(model.recipe),
     )
     estimator = get_estimator(spec["method"]["name"])
     params = validate_params(estimator.Params, spec["method"]["params"], "/method/params")

@@ -5,7 +5,7 @@ No web, database or broker imports live here (see pyproject's import-linter
 contract), so the library is usable from a notebook.
 """
 
-from . import methods
+from . import methods, valuation
 from .architectures import (
     ARCHITECTURES,
     Architecture,
@@ -68,6 +68,7 @@ __all__ = [
     "make_params",
     "margin",
     "methods",
+    "valuation",
     "n_parameters",
     "objective_hessian",
     "per_example_loss",

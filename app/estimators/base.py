@@ -109,6 +109,9 @@ class InfluenceProblem:
     measurement: Measurement = "loss"
     checkpoints: list[Checkpoint] = field(default_factory=list)
     weight_decay: float = 0.0
+    recipe: dict[str, Any] | None = None
+    """How the model was trained (a :class:`~app.estimators.training.Recipe` as a dict);
+    retraining-based methods replay it unless their parameters override it."""
 
     @property
     def n_train(self) -> int:

@@ -32,7 +32,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from .base import EstimatorError, InfluenceProblem, NumericalError, Runtime
-from .gradients import Ticker, flatten, functional_state, unflatten
+from .gradients import GLMHead, Ticker, all_finite, flatten, functional_state, unflatten
 from .objectives import per_example_loss
 
 HVP = Callable[[torch.Tensor], torch.Tensor]
@@ -45,6 +45,9 @@ BatchHVP = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # (vectors x parameters), so memory stays bounded for big models as well as for long blocks.
 _ROW_VECTOR_BUDGET = 2**18
 _VECTOR_PARAM_BUDGET = 2**24
+# One-layer linear models: once the closed-form products have cost as much as forming the Hessian
+# would, the full-data operator forms it (p x p, float64) and multiplies by it; only up to this p.
+_DENSE_GLM_MAX_P = 4096
 # LiSSA: ||h_j|| may not exceed this many times (j + 1) ||v|| (the bound when every step contracts).
 _LISSA_GROWTH_SLACK = 4.0
 # Lanczos breakdown: a new direction shorter than this (relative to ||H||) means an invariant subspace.
@@ -57,7 +60,7 @@ _SCALE = "/method/params/scale"
 
 
 def _check_finite(t: torch.Tensor, what: str, parameter: str | None) -> None:
-    if not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise NumericalError(
             f"{what} contain NaN/inf values; the weights may have diverged or the Hessian is "
             "badly conditioned (increase damping)",
@@ -84,6 +87,12 @@ class TrainingHessian:
     trainable ones, in :func:`~app.estimators.gradients.trainable_names` order
     (the order of the per-sample gradients). Products are computed in ``dtype``
     (default float64) on ``runtime.device``, ``runtime.chunk_size`` rows at a time.
+    For a one-layer linear model (:class:`~app.estimators.gradients.GLMHead`) the
+    same product is evaluated in closed form, ``sum_i (Lambda_i (x) a~_i a~_i^T) v``,
+    and :meth:`matmul` switches to the explicit ``p x p`` matrix (``p <= 4096``) as
+    soon as the products it has computed cost as much as forming that matrix
+    (ski-rental: never more than about twice the cheaper of the two); the values
+    agree to rounding.
 
     ``products`` counts calls (one block product, over all rows or over a mini-batch).
     """
@@ -114,6 +123,10 @@ class TrainingHessian:
         self.n_rows = self.n if self.rows is None else int(self.rows.numel())
         self.products = 0
         task = problem.task
+        self._task, self._params, self._fixed = task, params, fixed
+        self._glm = GLMHead.of(model, names)
+        self._dense: torch.Tensor | None = None  # explicit H for a one-layer linear model (see matmul)
+        self._glm_work = 0.0
 
         def total(flat: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
             out = functional_call(model, (unflatten(flat, names, shapes), fixed), (xs,))
@@ -146,10 +159,18 @@ class TrainingHessian:
             rows = min(self.chunk_size, n_rows)
             cols = max(1, min(r, _ROW_VECTOR_BUDGET // rows, _VECTOR_PARAM_BUDGET // self.p))
             fn = vmap(self._hvp_one, in_dims=(1, None, None), out_dims=1, chunk_size=cols)
+            glm = self._glm
+            Vb = None if glm is None else glm.to_blocks(V)
             for start in range(0, n_rows, rows):
                 stop = min(start + rows, n_rows)
                 sel = torch.arange(start, stop) if idx is None else idx[start:stop]
                 xs, ys = self._inputs(sel)
+                if glm is not None:  # one linear layer: the exact product in closed form
+                    feats = glm.features(xs, self._params, self._fixed)
+                    lam = None if feats is None else glm.output_hessian(feats[1], ys, self._task)
+                    if lam is not None:
+                        out += glm.from_blocks(glm.hvp_sum(feats[0], lam, Vb))
+                        continue
                 out += fn(V, xs, ys)
             out /= n_rows
         if self.weight_decay:
@@ -160,7 +181,45 @@ class TrainingHessian:
 
     def matmul(self, V: torch.Tensor) -> torch.Tensor:
         """``H V`` over every row (or the fixed subsample ``rows``)."""
+        glm = self._glm
+        if glm is not None and self._dense is None and self.p <= _DENSE_GLM_MAX_P and self.n_rows:
+            r = 1 if V.dim() == 1 else int(V.shape[1])
+            self._glm_work += 2.0 * self.n_rows * glm.k * glm.d1 * r  # multiply-adds of the product
+            if self._glm_work >= 0.5 * self.n_rows * glm.k * glm.d1 * (glm.d1 + 1) * (glm.k + 1) / glm.k:
+                self._dense = self._glm_dense()
+        if self._dense is not None:
+            vector = V.dim() == 1
+            Vm = (V[:, None] if vector else V).to(self.device, self.dtype)
+            if Vm.shape[0] != self.p:
+                raise ValueError(f"expected {self.p} rows, got {tuple(Vm.shape)}")
+            out = self._dense @ Vm
+            _check_finite(out, "Hessian-vector products", _DAMPING)
+            self.products += 1
+            return out[:, 0] if vector else out
         return self._apply(V, self.rows, self.n_rows)
+
+    def _glm_dense(self) -> torch.Tensor | None:
+        """The explicit ``H`` (with weight decay) of a one-layer linear model on ``rows``; None when
+        a chunk does not fit the closed form."""
+        glm = self._glm
+        Hb = torch.zeros(glm.k, glm.d1, glm.k, glm.d1, device=self.device, dtype=self.dtype)
+        for start in range(0, self.n_rows, self.chunk_size):
+            stop = min(start + self.chunk_size, self.n_rows)
+            sel = torch.arange(start, stop) if self.rows is None else self.rows[start:stop]
+            xs, ys = self._inputs(sel)
+            feats = glm.features(xs, self._params, self._fixed)
+            lam = None if feats is None else glm.output_hessian(feats[1], ys, self._task)
+            if lam is None:
+                self._glm_work = -math.inf  # never try again
+                return None
+            Hb += glm.hessian_sum(feats[0], lam)
+        perm = glm.permutation().to(self.device)
+        H = Hb.reshape(self.p, self.p)[perm][:, perm] / self.n_rows
+        H = 0.5 * (H + H.T)
+        if self.weight_decay:
+            H.diagonal().add_(self.weight_decay)
+        _check_finite(H, "the Hessian", _DAMPING)
+        return H
 
     __call__ = matmul
 
@@ -345,7 +404,7 @@ def lissa(
             norms = torch.linalg.vector_norm(h, dim=0)
             growth = torch.where(vnorm > 0, norms / ((j + 1) * safe), torch.zeros_like(norms))
             worst = float(growth.max()) if growth.numel() else 0.0
-            if not bool(torch.isfinite(h).all()) or worst > _LISSA_GROWTH_SLACK:
+            if not all_finite(h) or worst > _LISSA_GROWTH_SLACK:
                 raise NumericalError(
                     f"LiSSA diverged at step {j} of repeat {rep + 1} (the iterate grew to "
                     f"{'NaN/inf' if not math.isfinite(worst) else f'{worst * (j + 1):.3g} times'} the "

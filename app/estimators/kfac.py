@@ -73,6 +73,7 @@ from torch.func import functional_call
 from .base import EstimatorError, InfluenceProblem, NumericalError, Runtime, TaskSpec, TrainState
 from .gradients import (
     Ticker,
+    all_finite,
     functional_state,
     n_chunks,
     per_sample_gradients,
@@ -447,7 +448,7 @@ def _to(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tens
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:
-    if not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise NumericalError(
             f"{what} contain NaN/inf; the weights or inputs may hold very large values (use float64, "
             "standardise the features), or the damping is too small for the curvature (increase damping)",

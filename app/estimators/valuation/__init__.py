@@ -30,6 +30,7 @@ from .engine import (
 )
 from .knn import knn_shapley, knn_utility, neighbour_order, penultimate_embedder
 from .methods import (
+    ESTIMATOR_CLASSES,
     LOO,
     AdaptiveParams,
     BanzhafMSR,
@@ -91,18 +92,10 @@ from .semivalues import (
     utility_table,
 )
 
-VALUATION_ESTIMATORS = (
-    "loo",
-    "downsampling",
-    "datamodels",
-    "shapley_exact",
-    "tmc_shapley",
-    "beta_shapley",
-    "banzhaf_msr",
-    "knn_shapley",
-)
+VALUATION_ESTIMATORS = tuple(cls.name for cls in ESTIMATOR_CLASSES)
 
 __all__ = [
+    "ESTIMATOR_CLASSES",
     "LOO",
     "MAX_EXHAUSTIVE_N",
     "SOLVERS",

@@ -47,12 +47,14 @@ Trainer = Callable[[SubsetPlan], "SubsetOutputs | Mapping[str, np.ndarray]"]
 @dataclass
 class RunResult:
     """Values, standard errors and how the run ended (``stopped_by``: converged | max_retrains |
-    max_seconds | exhausted)."""
+    max_seconds | exhausted). ``n_retrains`` counts the non-empty subsets evaluated (the budget);
+    ``n_trained`` the models actually trained (fewer when a trainer reuses cached utilities)."""
 
     values: np.ndarray
     stderr: np.ndarray
     n_samples: int
     n_retrains: int
+    n_trained: int
     n_rounds: int
     seconds: float
     stopped_by: str
@@ -63,10 +65,14 @@ def _arrays(outputs: Any) -> Mapping[str, np.ndarray]:
     return outputs.arrays if isinstance(outputs, SubsetOutputs) else outputs
 
 
+def _evaluated(plan: SubsetPlan) -> int:
+    return int((plan.masks.sum(axis=1) > 0).sum())
+
+
 def _trained(plan: SubsetPlan, outputs: Any) -> int:
     if isinstance(outputs, SubsetOutputs) and "n_trained" in outputs.info:
         return int(outputs.info["n_trained"])
-    return int((plan.masks.sum(axis=1) > 0).sum())
+    return _evaluated(plan)
 
 
 def run_until(
@@ -85,12 +91,13 @@ def run_until(
     """Drive ``sampler`` -> ``trainer`` -> ``accumulator`` in rounds until a stopping rule fires.
 
     ``tolerance`` is on the largest standard error (0: never converge, run the
-    budget). ``max_retrains`` counts trained models (empty subsets are free);
-    a round never exceeds the remaining budget. At least one of ``tolerance > 0``,
+    budget). ``max_retrains`` counts the non-empty subsets handed to the trainer
+    (empty subsets are free; a caching trainer may train fewer); a round never
+    exceeds the remaining budget. At least one of ``tolerance > 0``,
     ``max_retrains`` or ``max_seconds`` should be set unless the sampler is finite.
     """
     started = clock()
-    retrains = rounds = 0
+    retrains = trained = rounds = idle_rounds = 0
     stopped_by = "exhausted"
     history: list[dict[str, float]] = []
     values, stderr = accumulator.result()
@@ -105,11 +112,13 @@ def run_until(
             stopped_by = "max_seconds"
             break
         plan = sampler.next_plan(budget)
-        if plan is None:
+        if plan is None or (len(plan) == 0 and idle_rounds >= 2):
             stopped_by = "exhausted"
             break
+        idle_rounds = idle_rounds + 1 if len(plan) == 0 else 0
         outputs = trainer(plan) if len(plan) else {"utility": np.zeros(0)}
-        retrains += _trained(plan, outputs)
+        retrains += _evaluated(plan)
+        trained += _trained(plan, outputs)
         rounds += 1
         accumulator.update(sampler.observe(plan, _arrays(outputs)))
         values, stderr = accumulator.result()
@@ -128,5 +137,13 @@ def run_until(
             stopped_by = "converged"
             break
     return RunResult(
-        values, stderr, accumulator.n_samples, retrains, rounds, clock() - started, stopped_by, history
+        values,
+        stderr,
+        accumulator.n_samples,
+        retrains,
+        trained,
+        rounds,
+        clock() - started,
+        stopped_by,
+        history,
     )

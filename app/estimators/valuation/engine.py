@@ -29,7 +29,8 @@ into shards):
   mask and ``seed = recipe.seed`` this reproduces ``train()``'s model.
   ``"sequential"`` runs the same schedule one model at a time on the selected rows
   (the fallback for models with buffers or dropout, e.g. BatchNorm, which cannot
-  be vmapped in train mode).
+  be vmapped in train mode; with BatchNorm a batch holding a single subset member
+  contributes no gradient, as batch statistics need two rows).
 * **L-BFGS recipes** on non-linear models: ``train()`` on the subset's rows
   (full batch, so this is exactly the subset objective), one model at a time.
 * **Newton** (``solver="newton"``, the default for a linear model with an L-BFGS
@@ -63,7 +64,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from ..architectures import init_model
-from ..base import Cancelled, EstimatorError, NumericalError, ProgressCallback, TaskSpec
+from ..base import EstimatorError, NumericalError, ProgressCallback, TaskSpec
 from ..objectives import per_example_loss, query_objective
 from ..training import Recipe, learning_rate_at, train, validate_recipe
 from .samplers import SubsetPlan
@@ -476,6 +477,8 @@ def _train_sequential(factory, task, recipe, x, y, mask, seed, dev) -> nn.Module
         p.grad = torch.zeros_like(p)
     opt = _optimizer(recipe, params)
     n, bs = x.shape[0], recipe.batch_size
+    # BatchNorm cannot normalise a batch of one in train mode: such batches contribute no gradient
+    min_rows = 2 if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) else 1
     gen = torch.Generator().manual_seed(int(seed))
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(int(seed))
@@ -489,7 +492,7 @@ def _train_sequential(factory, task, recipe, x, y, mask, seed, dev) -> nn.Module
                 idx = perm[s : s + bs]
                 sel = idx[mask[idx]]
                 opt.zero_grad(set_to_none=False)
-                if sel.numel():
+                if sel.numel() >= min_rows:
                     out = model(_as_input(x[sel], dev, dtype))
                     loss = per_example_loss(out, _as_input(y[sel], dev, dtype), task).mean()
                     if not math.isfinite(float(loss.detach())):
@@ -541,7 +544,7 @@ def train_subsets(
     the query objective, i.e. the loss or *minus* the margin, array K x m) or
     ``"accuracy"`` / ``"neg_loss"`` (scalar utility, array K). See the module
     docstring for the exact training semantics. ``progress("retraining", done, K)``
-    is called after every group of models and may raise :class:`Cancelled`.
+    is called after every group of models and may raise :class:`~app.estimators.base.Cancelled`.
     """
     validate_recipe(recipe)
     masks_t = torch.as_tensor(np.asarray(masks), dtype=torch.bool)
@@ -558,6 +561,7 @@ def train_subsets(
     factory = model_factory(model)
     template = factory(seeds_l[0] if seeds_l else 0)
     chosen = choose_solver(template, recipe, solver)
+    template.eval()
     with torch.no_grad():
         probe = template(_as_input(x[:1], torch.device("cpu"), next(template.parameters()).dtype))
     k_out = int(probe.shape[-1]) if probe.dim() > 1 else 1
@@ -583,7 +587,8 @@ def train_subsets(
         for name, kind in measure.items():
             ey = eval_sets[name][1]
             ey = ey.to(torch.float64) if ey.is_floating_point() else ey
-            result[name][rows] = measure_outputs(outputs_by_set[name], ey, task, kind)
+            outputs = outputs_by_set[name].to(device="cpu", dtype=torch.float64)
+            result[name][rows] = measure_outputs(outputs, ey.cpu(), task, kind)
 
     group = max(1, int(n_models_per_batch))
     if chosen == "newton":
@@ -643,7 +648,6 @@ def train_plan(
 
 __all__ = [
     "SOLVERS",
-    "Cancelled",
     "SubsetOutputs",
     "choose_solver",
     "linear_layer",

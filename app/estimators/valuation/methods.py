@@ -9,10 +9,11 @@ Each one exposes the three shardable pieces plus an in-process pipeline:
 * ``estimate(problem, params, ...)`` -> :class:`Attribution` from merged outputs;
 * ``attribute(problem, params)`` runs sampler -> engine -> estimator in-process.
 
-:class:`InfluenceProblem` has neither a training recipe nor a validation set:
+:class:`InfluenceProblem` has no validation set, and its recipe may be absent:
 
-* the recipe is ``params.recipe`` (None: ``Recipe()`` defaults with the problem's
-  ``weight_decay``); pass the model's own recipe to replay its training;
+* the recipe is ``params.recipe``, else ``problem.recipe`` (the service fills it with
+  the model's registered recipe), else ``Recipe()`` defaults with the problem's
+  ``weight_decay``;
 * the **query set doubles as the validation set**: utilities (``"accuracy"``, or
   ``"loss"`` meaning minus the mean loss) are computed on ``(query_x, query_y)``.
 
@@ -40,6 +41,7 @@ from ..base import (
     Estimator,
     EstimatorError,
     InfluenceProblem,
+    NumericalError,
     ProblemSize,
     Runtime,
     register,
@@ -209,7 +211,8 @@ class KNNShapleyParams:
 
 
 def _recipe(problem: InfluenceProblem, p: RetrainingParams) -> Recipe:
-    r = p.recipe
+    """The parameters' recipe, else the one the model was trained with, else defaults."""
+    r = p.recipe if p.recipe is not None else problem.recipe
     if r is None:
         r = Recipe(weight_decay=float(problem.weight_decay))
     elif isinstance(r, dict):
@@ -490,6 +493,12 @@ class Downsampling(_RandomSubsets):
         dtype = numpy_dtype(runtime.dtype)
         lo, hi = column_range(problem, train_range)
         scores, stderr = downsampling_estimate(plan.masks, outputs["query"])
+        if not np.isfinite(stderr).all():
+            raise NumericalError(
+                "some training example was in (or out of) fewer than two of the sampled subsets; "
+                "raise n_masks or move alpha away from 0 and 1",
+                parameter="/method/params/n_masks",
+            )
         self_inf = None
         if "train" in outputs.arrays:
             train_q = outputs["train"]  # K x n, or K x (hi - lo) when measured on the range only
@@ -554,6 +563,12 @@ class _Valuation(_Retraining):
     valuation = True
 
     def _finish(self, problem, p, values, stderr, train_range, runtime, **extra) -> Attribution:
+        if not (np.isfinite(values).all() and np.isfinite(stderr).all()):
+            raise NumericalError(
+                "too few samples for a standard error: some training example was seen fewer than twice "
+                "in (or out of) the sampled subsets; raise max_retrains",
+                parameter="/method/params/max_retrains",
+            )
         dtype = numpy_dtype(runtime.dtype)
         v, s = _slice_values(values, stderr, problem, train_range, dtype)
         return Attribution(
@@ -639,13 +654,15 @@ class _Adaptive(_Valuation):
         p = as_params(self.Params, params)
         return _CachedTrainer(self, problem, p, runtime or Runtime(), p.cache and not p.seed_per_mask)
 
-    def run(self, problem, params, runtime=None) -> RunResult:
+    def run(self, problem, params, runtime=None, *, trainer=None) -> RunResult:
+        """:func:`run_until` with this method's sampler and accumulator; ``trainer`` defaults to
+        :meth:`trainer` (the service can pass one that shards every round over workers)."""
         p = as_params(self.Params, params)
         runtime = runtime or Runtime()
         self._validate(problem)
         return run_until(
             self.sampler(problem, p),
-            self.trainer(problem, p, runtime),
+            trainer if trainer is not None else self.trainer(problem, p, runtime),
             self.accumulator(problem, p),
             tolerance=p.tolerance,
             max_retrains=p.max_retrains,
@@ -668,7 +685,8 @@ class _Adaptive(_Valuation):
     ):
         p = as_params(self.Params, params)
         runtime = runtime or Runtime()
-        res = self.run(problem, p, runtime)
+        trainer = self.trainer(problem, p, runtime)
+        res = self.run(problem, p, runtime, trainer=trainer)
         return self._finish(
             problem,
             p,
@@ -678,10 +696,12 @@ class _Adaptive(_Valuation):
             runtime,
             n_samples=res.n_samples,
             n_retrains=res.n_retrains,
+            n_trained=res.n_trained,
             rounds=res.n_rounds,
             seconds=res.seconds,
             stopped_by=res.stopped_by,
             max_stderr=float(np.max(res.stderr)) if res.stderr.size else 0.0,
+            solver=trainer.solver,
         )
 
 
@@ -693,7 +713,10 @@ class _PermutationMethod(_Adaptive):
             seed=p.seed,
             train_seed=_shared_seed(problem, p),
             truncation=p.truncation,
-            in_flight=max(1, p.n_models_per_batch * 4 // max(1, problem.n_train - 1)),
+            # whole walks per round without truncation; with it, about 8 prefixes per walk per round
+            in_flight=max(
+                1, p.n_models_per_batch * 4 // (max(1, problem.n_train - 1) if p.truncation == 0 else 8)
+            ),
         )
 
     def _weights(self, n: int, p) -> np.ndarray | None:
@@ -838,7 +861,20 @@ class KNNShapley(Estimator):
         )
 
 
+ESTIMATOR_CLASSES: tuple[type[Estimator], ...] = (
+    LOO,
+    Downsampling,
+    Datamodels,
+    ShapleyExact,
+    TMCShapley,
+    BetaShapley,
+    BanzhafMSR,
+    KNNShapley,
+)
+"""The registered classes, in the order of :data:`VALUATION_ESTIMATORS`."""
+
 __all__ = [
+    "ESTIMATOR_CLASSES",
     "LOO",
     "AdaptiveParams",
     "BanzhafMSR",

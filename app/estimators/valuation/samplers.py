@@ -396,18 +396,15 @@ class PermutationSampler:
                 {"sampler": "permutation", "n": n, "seed": self.seed},
             )
         if n == 1:
-            # a single point: every walk is just (empty, full); no training needed
-            while self.max_walks is None or self._next_walk < self.max_walks:
-                if len(self._walks) >= self.in_flight:
-                    break
-                w = _Walk(
-                    self._next_walk, permutation(1, self.seed, self._next_walk), self.u_empty, self.u_full
-                )
-                w.known = w.pending = 1
+            # a single point: its value U(D) - U(empty) is exact; emit two identical walks (stderr 0)
+            if self._next_walk:
+                return None
+            for _ in range(2):
+                w = _Walk(self._next_walk, np.zeros(1, np.int64), self.u_empty, self.u_full)
                 self._walks.append(w)
                 self._next_walk += 1
             return SubsetPlan(
-                np.zeros((0, 1), bool), [], {"walk": [], "length": []}, {"sampler": "permutation"}
+                np.zeros((0, 1), bool), [], {"walk": np.zeros(0, np.int64), "length": np.zeros(0, np.int64)}
             )
         budget = max(1, int(max_masks))
         lookahead = n - 1 if self.truncation == 0 else None

@@ -7,6 +7,7 @@ Shared by the Celery task and by anything else that wants to run a job by id
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import threading
 import time
@@ -34,7 +35,8 @@ from app.estimators import (
     get_estimator,
     train,
 )
-from app.estimators.sharding import merge_shards, plan_shards
+from app.estimators.sharding import ShardPlan, merge_shards, plan_shards, plan_subset_shards
+from app.estimators.valuation.engine import SubsetOutputs
 from app.problems import FieldError, ProblemError
 from app.services import datasets as datasets_service
 from app.services import jobs as jobs_service
@@ -226,10 +228,25 @@ def run_shard(settings: Settings, shard_id: str, worker_id: str) -> str:
                     problem, checkpoints=[problem.checkpoints[i] for i in claim.plan.checkpoint_indices]
                 )
             runtime = _runtime(settings, ctx, reporter)
+            started = time.perf_counter()
+            if claim.plan.kind == "subsets":
+                subsets = ctx.estimator.plan(
+                    ctx.problem, ctx.params, start=claim.plan.train_lo, stop=claim.plan.train_hi
+                )
+                outputs = ctx.estimator.train_subsets(ctx.problem, ctx.params, subsets, runtime)
+                reporter.check()
+                uri = store.put_npz(
+                    **outputs.arrays, __info__=np.array(json.dumps(outputs.info, default=str))
+                ).uri
+                seconds = time.perf_counter() - started
+                return (
+                    "succeeded"
+                    if shards_service.complete(settings, claim, uri, None, seconds)
+                    else "lease-lost"
+                )
             state = train_state.get_or_fit(
                 settings, store, ctx.estimator, ctx.params, ctx.problem, runtime, ctx.state_inputs
             ).state
-            started = time.perf_counter()
             attribution = ctx.estimator.attribute(
                 problem,
                 ctx.params,
@@ -271,24 +288,9 @@ def finalize_job(settings: Settings, job_id: str) -> str:
         return "skipped"
     claim, parts = ready
     store = ArtifactStore(settings.resolved_artifact_dir)
-    loaded = _load(settings, job_id)
-    spec = loaded.job.spec
-    arrays = datasets_service.load_arrays(store, loaded.train)
-    query_arrays = (
-        arrays
-        if (loaded.query or loaded.train).id == loaded.train.id
-        else datasets_service.load_arrays(store, loaded.query)
-    )
-    query_rows = _query_rows(spec, loaded.query or loaded.train)
-
-    def load(uri):
-        return np.load(store.path(uri), allow_pickle=False) if uri else None
-
-    scores, self_influence = merge_shards(
-        len(query_rows),
-        loaded.train.n_examples,
-        ((p.plan, load(p.scores_uri), load(p.self_uri)) for p in parts),
-    )
+    ctx = _context(settings, store, job_id)
+    spec = ctx.loaded.job.spec
+    values = values_stderr = None
     details = {
         "method": spec["method"]["name"],
         "measurement": spec["measurement"],
@@ -297,21 +299,46 @@ def finalize_job(settings: Settings, job_id: str) -> str:
         "shards": len(parts),
         "compute_seconds": round(sum(p.compute_seconds or 0.0 for p in parts), 4),
     }
+    if parts[0].plan.kind == "subsets":  # retraining: estimate from every shard's trained outputs
+        outputs = SubsetOutputs.concat(_load_outputs(store, p.scores_uri) for p in parts)
+        full_plan = ctx.estimator.plan(ctx.problem, ctx.params)
+        attribution = ctx.estimator.estimate(ctx.problem, ctx.params, full_plan, outputs)
+        scores, self_influence = attribution.scores, attribution.self_influence
+        values, values_stderr = attribution.values, attribution.values_stderr
+        details = {**attribution.metadata, **details}
+    else:
+
+        def load(uri):
+            return np.load(store.path(uri), allow_pickle=False) if uri else None
+
+        scores, self_influence = merge_shards(
+            ctx.problem.n_query,
+            ctx.problem.n_train,
+            ((p.plan, load(p.scores_uri), load(p.self_uri)) for p in parts),
+        )
     prepared = results_service.prepare(
         store,
         scores=scores,
         self_influence=self_influence,
-        query_rows=query_rows,
-        query_ids=query_arrays.ids[query_rows] if query_arrays.ids is not None else None,
-        train_ids=arrays.ids,
-        top=spec["output"]["top_k"],
-        keep_full_matrix=spec["output"]["keep_full_matrix"],
+        query_rows=ctx.query_rows,
+        query_ids=ctx.query_ids,
+        train_ids=ctx.train_ids,
+        top=ctx.output["top_k"],
+        keep_full_matrix=ctx.output["keep_full_matrix"],
         details=details,
+        values=values,
+        values_stderr=values_stderr,
     )
     stored = jobs_service.finish(
         settings, claim, "succeeded", write=prepared.write(job_id, claim.attempt), progress=_done()
     )
     return "succeeded" if stored else "skipped"
+
+
+def _load_outputs(store: ArtifactStore, uri: str) -> SubsetOutputs:
+    arrays = store.load_npz(uri)
+    info = json.loads(str(arrays.pop("__info__")))
+    return SubsetOutputs(arrays, info)
 
 
 def _threads(settings: Settings) -> None:
@@ -413,22 +440,31 @@ def _runtime(settings: Settings, ctx: _Context, reporter: Reporter) -> Runtime:
     return Runtime(device=_device(settings), chunk_size=int(chunk), progress=reporter)
 
 
-def _influence(settings: Settings, store: ArtifactStore, claim, reporter: Reporter):
-    reporter("loading", 0, 1)
-    ctx = _context(settings, store, claim.job_id)
-    spec = ctx.loaded.job.spec
-    runtime = _runtime(settings, ctx, reporter)
-    outcome = train_state.get_or_fit(
-        settings, store, ctx.estimator, ctx.params, ctx.problem, runtime, ctx.state_inputs
-    )
-    execution = spec.get("execution") or {}
-    plans = plan_shards(
+def _shard_plans(settings: Settings, ctx: _Context) -> list[ShardPlan]:
+    """How to split the job: subset rows for retraining plans, else training rows x checkpoints."""
+    execution = ctx.loaded.job.spec.get("execution") or {}
+    budget = ctx.estimator.retrain_budget(ctx.problem, ctx.params)
+    if budget is not None and execution.get("subsets_per_shard"):
+        return plan_subset_shards(budget, execution["subsets_per_shard"])
+    if not ctx.estimator.shardable_by_rows:
+        return []
+    return plan_shards(
         ctx.problem.n_train,
         len(ctx.problem.checkpoints),
         train_shard_size=execution.get("train_shard_size") or settings.train_shard_size or None,
         by_checkpoint=bool(execution.get("shard_by_checkpoint")) and ctx.estimator.checkpoint_additive,
     )
-    if len(plans) > 1 and ctx.estimator.shardable_by_rows:
+
+
+def _influence(settings: Settings, store: ArtifactStore, claim, reporter: Reporter):
+    reporter("loading", 0, 1)
+    ctx = _context(settings, store, claim.job_id)
+    runtime = _runtime(settings, ctx, reporter)
+    outcome = train_state.get_or_fit(
+        settings, store, ctx.estimator, ctx.params, ctx.problem, runtime, ctx.state_inputs
+    )
+    plans = _shard_plans(settings, ctx)
+    if len(plans) > 1:
         return plans
     started = time.perf_counter()
     attribution = ctx.estimator.attribute(

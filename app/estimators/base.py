@@ -186,6 +186,15 @@ class Estimator:
         """The cacheable train-side pass; ``None`` when the method has none worth caching."""
         return None
 
+    def retrain_budget(self, problem: InfluenceProblem, params: Any) -> int | None:
+        """For retraining methods with a fixed subset plan: how many subsets it trains.
+
+        Non-None means the method can be sharded by subset rows: ``plan(problem, params,
+        start=, stop=)`` gives rows of the plan, ``train_subsets(problem, params, plan)``
+        trains them, and ``estimate(problem, params, full_plan, merged_outputs)`` finishes.
+        """
+        return None
+
     def state_params(self, params: Any) -> dict[str, Any]:
         """The parameters that change :meth:`fit`'s output (part of the cache key)."""
         return dataclasses.asdict(params) if dataclasses.is_dataclass(params) else dict(params or {})

@@ -16,10 +16,23 @@ import numpy as np
 
 @dataclass(frozen=True)
 class ShardPlan:
+    """Rows ``lo..hi-1`` of the training set (``kind="train_rows"``) or of a retraining plan's subsets
+    (``kind="subsets"``), for some checkpoints."""
+
     index: int
     train_lo: int
     train_hi: int
     checkpoint_indices: tuple[int, ...] | None  # None: every checkpoint (or the method uses none)
+    kind: str = "train_rows"
+
+
+def plan_subset_shards(n_subsets: int, subsets_per_shard: int) -> list[ShardPlan]:
+    """Contiguous ranges of a retraining plan's subset rows."""
+    size = max(1, int(subsets_per_shard))
+    return [
+        ShardPlan(i, lo, min(lo + size, n_subsets), None, "subsets")
+        for i, lo in enumerate(range(0, n_subsets, size))
+    ]
 
 
 def plan_shards(

@@ -32,6 +32,12 @@ class ExecutionSpec(RequestModel):
     shard_by_checkpoint: bool = Field(
         False, description="Also one shard per checkpoint, for estimators whose scores sum over checkpoints."
     )
+    subsets_per_shard: int | None = Field(
+        None,
+        ge=1,
+        description="Retraining methods with a fixed subset plan (downsampling, datamodels, banzhaf_msr): "
+        "subsets trained per shard task.",
+    )
 
 
 class JobCreate(RequestModel):

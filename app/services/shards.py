@@ -42,7 +42,7 @@ class ShardClaim:
 
 def _plan(shard: JobShard) -> ShardPlan:
     indices = tuple(shard.checkpoint_indices) if shard.checkpoint_indices is not None else None
-    return ShardPlan(shard.index, shard.train_lo, shard.train_hi, indices)
+    return ShardPlan(shard.index, shard.train_lo, shard.train_hi, indices, shard.kind)
 
 
 def fan_out(settings: Settings, claim: Claim, plans: list[ShardPlan]) -> bool:
@@ -80,6 +80,7 @@ def fan_out(settings: Settings, claim: Claim, plans: list[ShardPlan]) -> bool:
                 train_lo=plan.train_lo,
                 train_hi=plan.train_hi,
                 checkpoint_indices=list(plan.checkpoint_indices) if plan.checkpoint_indices else None,
+                kind=plan.kind,
                 state="queued",
                 max_attempts=settings.max_attempts,
                 enqueued_at=now,

@@ -20,9 +20,18 @@ def cancer(api_server, integration_env, tmp_path_factory):
     with httpx.Client(base_url=api_server.url, timeout=60) as client:
         train = builtin(client, "sklearn:breast_cancer", "train")
         test = builtin(client, "sklearn:breast_cancer", "test")
-        spec = {"name": "cancer", "architecture": {"name": "linear", "params": {"in_features": 30, "num_classes": 2}},
-                "recipe": {"optimizer": "lbfgs", "learning_rate": 1.0, "epochs": 100, "weight_decay": 1e-2,
-                           "num_checkpoints": 1}, "train_dataset_id": train["id"]}
+        spec = {
+            "name": "cancer",
+            "architecture": {"name": "linear", "params": {"in_features": 30, "num_classes": 2}},
+            "recipe": {
+                "optimizer": "lbfgs",
+                "learning_rate": 1.0,
+                "epochs": 100,
+                "weight_decay": 1e-2,
+                "num_checkpoints": 1,
+            },
+            "train_dataset_id": train["id"],
+        }
         model = register_model(client, spec).json()
         assert wait(client, f"/v1/training-jobs/{model['training_job_id']}")["state"] == "succeeded"
         yield client, train, test, model
@@ -31,15 +40,25 @@ def cancer(api_server, integration_env, tmp_path_factory):
 
 def test_knn_shapley_values_least_valuable_first(cancer):
     client, train, test, model = cancer
-    job = wait(client, submit(client, {
-        "model_id": model["id"], "train_dataset_id": train["id"], "query_dataset_id": test["id"],
-        "method": {"name": "knn_shapley", "params": {"k": 5}},
-    }).headers["location"])
+    job = wait(
+        client,
+        submit(
+            client,
+            {
+                "model_id": model["id"],
+                "train_dataset_id": train["id"],
+                "query_dataset_id": test["id"],
+                "method": {"name": "knn_shapley", "params": {"k": 5}},
+            },
+        ).headers["location"],
+    )
     assert job["state"] == "succeeded", job
     page = client.get(f"/v1/influence-jobs/{job['id']}/values", params={"page_size": 10}).json()
     values = [item["value"] for item in page["items"]]
     assert values == sorted(values) and len(values) == 10 and page["next_page_token"]
-    top = client.get(f"/v1/influence-jobs/{job['id']}/values", params={"order": "desc", "page_size": 1}).json()
+    top = client.get(
+        f"/v1/influence-jobs/{job['id']}/values", params={"order": "desc", "page_size": 1}
+    ).json()
     assert top["items"][0]["value"] >= values[-1]
     assert all(item["train_id"] is not None and item["stderr"] == 0.0 for item in page["items"])
 
@@ -47,8 +66,13 @@ def test_knn_shapley_values_least_valuable_first(cancer):
 def test_loo_job_uses_the_models_recipe(cancer):
     """LOO through the service replays the registered L2 recipe: it agrees with exact-Hessian influence."""
     client, train, test, model = cancer
-    body = {"model_id": model["id"], "train_dataset_id": train["id"], "query_dataset_id": test["id"],
-            "query_indices": [0, 1, 2], "output": {"keep_full_matrix": True}}
+    body = {
+        "model_id": model["id"],
+        "train_dataset_id": train["id"],
+        "query_dataset_id": test["id"],
+        "query_indices": [0, 1, 2],
+        "output": {"keep_full_matrix": True},
+    }
     loo = wait(client, submit(client, {**body, "method": {"name": "loo"}}).headers["location"], timeout=300)
     assert loo["state"] == "succeeded", loo
     exact = wait(client, submit(client, {**body, "method": {"name": "if_exact"}}).headers["location"])
@@ -56,3 +80,44 @@ def test_loo_job_uses_the_models_recipe(cancer):
 
     a, b = scores(client, loo["id"]), scores(client, exact["id"])
     assert np.mean([spearmanr(a[j], b[j]).statistic for j in range(3)]) > 0.9
+
+
+@pytest.mark.parametrize(
+    "method,params",
+    [
+        ("downsampling", {"n_masks": 64, "alpha": 0.7}),
+        ("banzhaf_msr", {"max_retrains": 64, "tolerance": 0.0}),
+    ],
+)
+def test_retraining_sharded_over_two_workers_equals_one_process(cancer, worker_factory, method, params):
+    """Subsets split into shard tasks on two worker processes give exactly the single-task answer."""
+    client, train, test, model = cancer
+    worker_factory()  # a second worker process beside the module's
+    body = {
+        "model_id": model["id"],
+        "train_dataset_id": train["id"],
+        "query_dataset_id": test["id"],
+        "query_indices": list(range(40)),
+        "method": {"name": method, "params": params},
+        "output": {"keep_full_matrix": True},
+    }
+    whole = wait(client, submit(client, body).headers["location"], timeout=300)
+    sharded = wait(
+        client,
+        submit(client, {**body, "execution": {"subsets_per_shard": 16}}).headers["location"],
+        timeout=300,
+    )
+    assert whole["state"] == sharded["state"] == "succeeded", (whole, sharded)
+    details = client.get(f"/v1/influence-jobs/{sharded['id']}/results").json()["details"]
+    assert details["shards"] == 4
+    if method == "downsampling":
+        np.testing.assert_allclose(scores(client, sharded["id"]), scores(client, whole["id"]), rtol=1e-10)
+    else:
+
+        def values(job_id) -> np.ndarray:
+            items = client.get(f"/v1/influence-jobs/{job_id}/values", params={"page_size": 500}).json()[
+                "items"
+            ]
+            return np.array(sorted((i["train_index"], i["value"], i["stderr"]) for i in items))
+
+        np.testing.assert_allclose(values(sharded["id"]), values(whole["id"]), rtol=1e-10, atol=1e-15)

@@ -9,7 +9,10 @@ from app.db.base import Base, IdMixin, TimestampMixin
 
 
 class JobShard(IdMixin, TimestampMixin, Base):
-    """One slice of a fanned-out job: training rows ``train_lo..train_hi-1`` x some checkpoints.
+    """One slice of a fanned-out job: rows ``train_lo..train_hi-1`` x some checkpoints.
+
+    ``kind`` says which rows: training examples (``train_rows``) or the subsets of a
+    retraining plan (``subsets``).
 
     Shards have their own lease and attempt counter (fencing token), like jobs:
     a shard that runs twice stores its partial result once.
@@ -23,6 +26,7 @@ class JobShard(IdMixin, TimestampMixin, Base):
     train_lo: Mapped[int] = mapped_column(BigInteger)
     train_hi: Mapped[int] = mapped_column(BigInteger)
     checkpoint_indices: Mapped[list | None] = mapped_column()
+    kind: Mapped[str] = mapped_column(String(20), default="train_rows", server_default="train_rows")
     state: Mapped[str] = mapped_column(String(20), index=True, default="queued")
     attempt: Mapped[int] = mapped_column(default=0)
     max_attempts: Mapped[int] = mapped_column(default=3)

@@ -21,11 +21,17 @@ from ..gradients import (
     as_params,
     check_state_finite,
     column_range,
+    concat_factors,
+    factor_inner,
+    factor_sqnorms,
+    gradient_factors,
     metadata,
     n_chunks,
     numpy_dtype,
     query_gradients,
+    query_objective_fn,
     train_gradients,
+    train_objective,
     validate_problem,
 )
 
@@ -55,6 +61,19 @@ def _similarity(
     dtype = numpy_dtype(runtime.dtype)
     lo, hi = column_range(problem, train_range)
     n, m = hi - lo, problem.n_query
+    factored = _similarity_factored(
+        problem, runtime, cosine=cosine, want_scores=want_scores,
+        want_self_influence=want_self_influence, lo=lo, hi=hi,
+    )  # fmt: skip
+    if factored is not None:
+        scores, self_inf = factored
+        return Attribution(
+            scores=scores,
+            self_influence=self_inf,
+            metadata=metadata(
+                name, problem, normalisation="none" if not cosine else "cosine (unit-norm gradients)"
+            ),
+        )
     Q = None
     if want_scores:
         qt = Ticker(runtime, "query_gradients", n_chunks(m, runtime.chunk_size))
@@ -80,6 +99,65 @@ def _similarity(
             name, problem, normalisation="none" if not cosine else "cosine (unit-norm gradients)"
         ),
     )
+
+
+def _similarity_factored(
+    problem: InfluenceProblem,
+    runtime: Runtime,
+    *,
+    cosine: bool,
+    want_scores: bool,
+    want_self_influence: bool,
+    lo: int,
+    hi: int,
+) -> tuple[np.ndarray | None, np.ndarray | None] | None:
+    """The same scores from per-layer gradient factors (:func:`gradient_factors`), without forming
+    any gradient; None when the model is not a plain chain of linear layers."""
+    model, w = problem.model, problem.weights
+    kw = {"chunk_size": runtime.chunk_size, "device": runtime.device, "dtype": runtime.dtype}
+    what = "training examples" if lo == 0 else f"training examples (from row {lo})"
+    tf = gradient_factors(
+        model,
+        w,
+        problem.train_x[lo:hi],
+        problem.train_y[lo:hi],
+        train_objective(problem.task),
+        what=what,
+        **kw,
+    )
+    qf = gradient_factors(
+        model, w, problem.query_x, problem.query_y, query_objective_fn(problem.task, problem.measurement),
+        what="queries", **kw,
+    )  # fmt: skip
+    if tf is None or qf is None:
+        return None
+    dtype = numpy_dtype(runtime.dtype)
+    n, m = hi - lo, problem.n_query
+    Fq, qscale = None, None
+    if want_scores:
+        qt = Ticker(runtime, "query_gradients", n_chunks(m, runtime.chunk_size))
+        parts = []
+        for _, _, f in qf:
+            parts.append(f)
+            qt.tick()
+        Fq = concat_factors(parts)
+        if cosine and Fq:  # F.normalize: divide by max(||g||, 1e-12)
+            qscale = 1.0 / factor_sqnorms(Fq).sqrt().clamp_min(1e-12)
+    scores = np.zeros((m, n), dtype=dtype) if want_scores else None
+    self_inf = np.zeros(n, dtype=dtype) if want_self_influence else None
+    tt = Ticker(runtime, "train_gradients", n_chunks(n, runtime.chunk_size))
+    if want_scores or want_self_influence:
+        for start, stop, Ft in tf:
+            sq = factor_sqnorms(Ft) if (self_inf is not None or cosine) else None
+            if self_inf is not None:
+                self_inf[start:stop] = sq.cpu().numpy()
+            if scores is not None and m:
+                S = factor_inner(Fq, Ft)
+                if cosine:
+                    S = S * qscale[:, None] * (1.0 / sq.sqrt().clamp_min(1e-12))[None, :]
+                scores[:, start:stop] = S.cpu().numpy()
+            tt.tick()
+    return scores, self_inf
 
 
 @register

@@ -45,12 +45,18 @@ from ..gradients import (
     as_params,
     check_state_finite,
     column_range,
+    concat_factors,
+    factor_inner,
+    factor_sqnorms,
+    gradient_factors,
     metadata,
     n_chunks,
     numpy_dtype,
     query_gradients,
+    query_objective_fn,
     select_parameters,
     train_gradients,
+    train_objective,
     validate_problem,
 )
 from ..projection import Projector, capped, make_projector
@@ -184,6 +190,45 @@ class TracInCP(Estimator):
                 )
         return out
 
+    @staticmethod
+    def _factored_checkpoint(problem, ck, eta, runtime, names, cosine, lo, hi, scores, self_inf, qt, tt) -> bool:
+        """Add checkpoint ``ck``'s exact-gradient terms from per-layer gradient factors
+        (:func:`gradient_factors`: no gradient is formed); False when the model is not a plain chain of
+        linear layers (the caller then streams full gradients)."""
+        kw = {"chunk_size": runtime.chunk_size, "device": runtime.device, "dtype": runtime.dtype, "names": names}
+        what = "training examples" if lo == 0 else f"training examples (from row {lo})"
+        tf = gradient_factors(
+            problem.model, ck.state, problem.train_x[lo:hi], problem.train_y[lo:hi],
+            train_objective(problem.task), what=what, **kw,
+        )  # fmt: skip
+        qf = gradient_factors(
+            problem.model, ck.state, problem.query_x, problem.query_y,
+            query_objective_fn(problem.task, problem.measurement), what="queries", **kw,
+        )  # fmt: skip
+        if tf is None or qf is None:
+            return False
+        Fq, qscale = None, None
+        if scores is not None:
+            parts = []
+            for _, _, f in qf:
+                parts.append(f)
+                qt.tick()
+            Fq = concat_factors(parts)
+            if cosine and Fq:  # F.normalize: divide by max(||g||, 1e-12)
+                qscale = 1.0 / factor_sqnorms(Fq).sqrt().clamp_min(1e-12)
+        for start, stop, Ft in tf:
+            sq = factor_sqnorms(Ft) if (self_inf is not None or cosine) else None
+            if scores is not None and scores.shape[0]:
+                S = factor_inner(Fq, Ft)
+                if cosine:
+                    S = S * qscale[:, None] * (1.0 / sq.sqrt().clamp_min(1e-12))[None, :]
+                scores[:, start:stop] += (eta * S).cpu().numpy()
+            if self_inf is not None:
+                self_inf[start:stop] += (eta * sq).cpu().numpy()
+            if tt is not None:
+                tt.tick()
+        return True
+
     # ------------------------------------------------------------------ contract
 
     def fit(self, problem, params=None, runtime=None) -> TrainState | None:
@@ -250,6 +295,10 @@ class TracInCP(Estimator):
         dev = torch.device(runtime.device)
         if want_scores or want_self_influence:
             for t, (ck, eta) in enumerate(zip(ckpts, etas, strict=True)):
+                if projector is None and self._factored_checkpoint(
+                    problem, ck, eta, runtime, names, cosine, lo, hi, scores, self_inf, qt, tt
+                ):
+                    continue
                 Q = query_gradients(problem, ck.state, runtime, qt, names=names) if want_scores else None
                 if projector is None:
                     if Q is not None and cosine:

@@ -440,6 +440,9 @@ class LOO(_Retraining):
 class _RandomSubsets(_Retraining):
     """Downsampling and Datamodels: a fixed-fraction plan of ``n_masks`` rows."""
 
+    def retrain_budget(self, problem: InfluenceProblem, params: Any) -> int:
+        return as_params(self.Params, params).n_masks
+
     def plan(self, problem: InfluenceProblem, params: Any, *, start: int = 0, stop: int | None = None):
         """Rows ``start..stop-1`` (default: all ``n_masks``) of the fixed-fraction stream."""
         p = as_params(self.Params, params)
@@ -767,6 +770,10 @@ class BanzhafMSR(_Adaptive):
         return StreamSampler(
             problem.n_train, "bernoulli", seed=p.seed, train_seed=_shared_seed(problem, p), alpha=0.5
         )
+
+    def retrain_budget(self, problem: InfluenceProblem, params: Any) -> int:
+        """Sharded runs use the fixed budget ``max_retrains`` (the tolerance stop is in-process only)."""
+        return as_params(self.Params, params).max_retrains
 
     def plan(self, problem, params, *, start: int = 0, stop: int | None = None) -> SubsetPlan:
         """Rows ``start..stop-1`` (default: ``max_retrains``) of the Bernoulli(1/2) stream."""

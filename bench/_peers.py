@@ -182,13 +182,12 @@ def pydvl_if_arnoldi(w, hp):
     )  # fmt: skip
 
 
-def pydvl_ekfac(w, hp):
+def pydvl_ekfac(w, hp, shift: float):
     from pydvl.influence.torch import EkfacInfluence
 
-    # pyDVL's K-FAC blocks use the model's predictive distribution (expected GN), not the empirical
-    # Fisher: the closest curvature it offers
-    return _pydvl(w, lambda m: EkfacInfluence(m, update_diagonal=True, hessian_regularization=_reg(w, hp)),
-                  CHUNK)  # fmt: skip
+    # pyDVL's K-FAC blocks weight the log-probabilities by the model's predictive distribution (a
+    # true-Fisher-like curvature without sampling); one regularisation for all layers
+    return _pydvl(w, lambda m: EkfacInfluence(m, update_diagonal=True, hessian_regularization=shift), CHUNK)
 
 
 def pydvl_datainf(w, hp, lambdas: dict[str, float]):
@@ -305,14 +304,15 @@ def dattri_datainf(w, hp, lam: float):
     return _dattri_ip(w, lambda: IFAttributorDataInf(task, regularization=lam), 1.0 / w.n, train_bs=CHUNK)
 
 
-def dattri_ekfac(w, hp):
+def dattri_ekfac(w, hp, shift: float):
     from dattri.algorithm import IFAttributorEKFAC
 
+    # dattri's EK-FAC fits the empirical Fisher of the loss it is given (the training labels)
     task = _dattri_task(w)
     tr, te = _loaders(w, CHUNK, None)
 
     def run() -> np.ndarray:
-        att = IFAttributorEKFAC(task, damping=_reg(w, hp))
+        att = IFAttributorEKFAC(task, damping=shift)
         att.cache(tr)
         return _np(att.attribute(tr, te).T) / w.n
 
@@ -391,7 +391,8 @@ def dattri_representer(w, hp):
     tr, te = _loaders(w, CHUNK, None)
 
     def run() -> np.ndarray:
-        att = RPSAttributor(task, final_linear_layer_name=name, l2_strength=hp["l2"], epoch=3000)
+        att = RPSAttributor(task, final_linear_layer_name=name, l2_strength=hp["l2"],
+                            epoch=w.peer_hp.get("representer", {}).get("epoch", 3000))  # fmt: skip
         att.cache(tr)
         return _np(att.attribute(tr, te).T)
 
@@ -535,7 +536,7 @@ def traker_trak(w, hp):
 # ============================================================================ kronfluence
 
 
-def kronfluence_ekfac(w, hp):
+def kronfluence_ekfac(w, hp, shift: float | None):
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
@@ -572,10 +573,11 @@ def kronfluence_ekfac(w, hp):
     def run() -> np.ndarray:
         an = Analyzer(analysis_name="bench", model=model, task=_Task(), cpu=True, disable_model_save=True,
                       output_dir=tmp, disable_tqdm=True)  # fmt: skip
-        fa = FactorArguments(strategy="ekfac", use_empirical_fisher=True)
+        torch.manual_seed(hp.get("seed", 0))  # labels sampled for the true Fisher
+        fa = FactorArguments(strategy="ekfac", use_empirical_fisher=hp.get("fisher") == "empirical")
         an.fit_all_factors(factors_name="f", dataset=_DS(x, y), per_device_batch_size=CHUNK, factor_args=fa,
                            overwrite_output_dir=True)  # fmt: skip
-        sa = ScoreArguments(damping_factor=_reg(w, hp))
+        sa = ScoreArguments(damping_factor=shift)
         an.compute_pairwise_scores(scores_name="s", factors_name="f", query_dataset=_DS(qx, qy),
                                    train_dataset=_DS(x, y), per_device_query_batch_size=len(qy),
                                    per_device_train_batch_size=CHUNK, score_args=sa, overwrite_output_dir=True)  # fmt: skip
@@ -612,6 +614,17 @@ PEERS: dict[str, list[tuple[str, Callable]]] = {
 
 def make(method: str, impl: str, fn: Callable | None, w: Workload, hp: dict) -> Callable[[], np.ndarray]:
     """The timed callable of one peer implementation (raises NotAvailable)."""
+    if method == "ekfac":
+        # our damping (None: 0.1 x the mean eigenvalue per layer, kronfluence's heuristic) plus the
+        # weight decay, resolved from our fitted factors (untimed); the peers take one number for all
+        # layers: the mean of ours (exact for a one-layer model)
+        from app.estimators import Runtime, get_estimator
+        from app.estimators.kfac import KFACFactors
+
+        st = get_estimator("ekfac").fit(w.problem, hp, Runtime())
+        shifts = KFACFactors(st).shifts(hp.get("damping"), w.problem.weight_decay)
+        shift = float(sum(shifts.values()) / len(shifts))
+        return fn(w, hp, shift)
     if method == "datainf":
         from app.estimators import Runtime, get_estimator
 

@@ -28,7 +28,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -81,6 +81,8 @@ class Workload:
     hp: dict[str, Any]
     """hyper-parameters shared by ours and the peers, per method"""
     info: dict[str, Any] = field(default_factory=dict)
+    peer_hp: dict[str, Any] = field(default_factory=dict)
+    """peer-only settings per method (e.g. dattri RPS's epochs), not passed to ours"""
 
     @property
     def n(self) -> int:
@@ -180,11 +182,11 @@ def _corr_rows(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
 def logreg_workload(quick: bool = False, log=print) -> Workload:
     cfg = {
         "workload": "logreg",
-        "n_train": 400 if quick else 1400,
-        "n_query": 20 if quick else 100,
+        "n_train": 300 if quick else 1400,
+        "n_query": 10 if quick else 100,
         "wd": 1e-2,
-        "n_top": 20 if quick else 50,
-        "n_random": 20 if quick else 50,
+        "n_top": 15 if quick else 50,
+        "n_random": 15 if quick else 50,
         "tol": 1e-11,
         "version": 1,
     }
@@ -274,13 +276,13 @@ def logreg_workload(quick: bool = False, log=print) -> Workload:
     hp = {
         "if_exact": {"damping": 0.0},
         "if_cg": {"damping": 0.0, "max_iter": 100, "rtol": 1e-8},
-        "if_lissa": {"damping": 0.0, "scale": scale, "depth": 500 if quick else 1000, "repeats": 1,
+        "if_lissa": {"damping": 0.0, "scale": scale, "depth": 200 if quick else 1000, "repeats": 1,
                      "batch_size": 32, "seed": 0},
         "if_arnoldi": {"rank": 50, "n_iter": 100, "damping": 0.0, "seed": 0},
-        "ekfac": {"damping": 1e-3},
+        "ekfac": {"fisher": "true", "damping": None, "seed": 0},
         "grad_dot": {},
         "grad_cos": {},
-        "trak": {"projection_dim": 256 if quick else 512, "projection": "rademacher", "seed": 0,
+        "trak": {"projection_dim": 128 if quick else 512, "projection": "rademacher", "seed": 0,
                  "damping": 0.0, "use_checkpoints": False},
         "datainf": {"damping_scale": 0.1},
         "representer": {"l2": 1e-3},
@@ -302,12 +304,14 @@ def logreg_workload(quick: bool = False, log=print) -> Workload:
         quality,
         hp,
         info,
+        peer_hp={"representer": {"epoch": 300 if quick else 3000}},
     )
 
 
 # ----------------------------------------------------------------------------- workload 2: MLP + LDS
 
-MLP_ARCH = {"in_features": 64, "hidden": [64], "num_classes": 10, "activation": "relu"}
+def mlp_arch(quick: bool = False) -> dict:
+    return {"in_features": 64, "hidden": [16 if quick else 64], "num_classes": 10, "activation": "relu"}
 
 
 def _mlp_recipe(seed: int, epochs: int) -> Recipe:
@@ -325,11 +329,12 @@ def _query_losses(model, state, qx, qy) -> np.ndarray:
 
 
 def mlp_workload(quick: bool = False, log=print) -> Workload:
+    arch = mlp_arch(quick)
     cfg = {
         "workload": "mlp",
-        "n_train": 400 if quick else 1400,
-        "n_query": 20 if quick else 100,
-        "arch": MLP_ARCH,
+        "n_train": 300 if quick else 1400,
+        "n_query": 10 if quick else 100,
+        "arch": arch,
         "epochs": 20,
         "subsets": 20 if quick else 100,
         "seeds": 1 if quick else 3,
@@ -339,7 +344,7 @@ def mlp_workload(quick: bool = False, log=print) -> Workload:
     x, y, qx, qy = digits_split(cfg["n_train"], cfg["n_query"])
     x, qx = x.float(), qx.float()
     n = len(y)
-    model = init_model("mlp", MLP_ARCH, seed=0)
+    model = init_model("mlp", arch, seed=0)
     res = train(model, CLS, x, y, _mlp_recipe(0, cfg["epochs"]))
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"mlp_lds_{_key(cfg)}.npz"
@@ -357,7 +362,7 @@ def mlp_workload(quick: bool = False, log=print) -> Workload:
             masks[j, rng.choice(n, size, replace=False)] = True
             idx = torch.from_numpy(np.flatnonzero(masks[j]))
             for s in range(cfg["seeds"]):
-                m = init_model("mlp", MLP_ARCH, seed=1000 * (j + 1) + s)
+                m = init_model("mlp", arch, seed=1000 * (j + 1) + s)
                 r = train(m, CLS, x[idx], y[idx], _mlp_recipe(1000 * (j + 1) + s, cfg["epochs"]))
                 outputs[j] += _query_losses(m, r.weights, qx, qy) / cfg["seeds"]
         np.savez(path, masks=masks, outputs=outputs)
@@ -382,19 +387,19 @@ def mlp_workload(quick: bool = False, log=print) -> Workload:
         acc = float((model(qx).argmax(1) == qy).float().mean())
     p = sum(v.numel() for v in model.parameters())
     # the SGD-trained MLP is not at a minimum: the damping keeps H + damping I positive definite
-    # (smallest eigenvalue of H incl. weight decay ~ -0.004 for the full model, ~ -0.013 for --quick)
-    damp = 0.05 if quick else 0.01
+    # (smallest eigenvalue of H incl. weight decay ~ -0.004 for the full model)
+    damp = 0.1 if quick else 0.01
     hp = {
         "if_exact": {"damping": damp},
         "if_cg": {"damping": damp, "max_iter": 100, "rtol": 1e-8},
-        "if_lissa": {"damping": damp, "scale": 4.0, "depth": 300 if quick else 1000, "repeats": 1,
+        "if_lissa": {"damping": damp, "scale": 4.0, "depth": 100 if quick else 1000, "repeats": 1,
                      "batch_size": 32, "seed": 0},
         "if_arnoldi": {"rank": 50, "n_iter": 100, "damping": damp, "seed": 0},
-        "ekfac": {"damping": 1e-3},
+        "ekfac": {"fisher": "true", "damping": None, "seed": 0},
         "tracincp": {},
         "grad_dot": {},
         "grad_cos": {},
-        "trak": {"projection_dim": 256 if quick else 512, "projection": "rademacher", "seed": 0,
+        "trak": {"projection_dim": 128 if quick else 512, "projection": "rademacher", "seed": 0,
                  "damping": 0.0, "use_checkpoints": True},
         "datainf": {"damping_scale": 0.1},
         "representer": {"l2": 1e-3},
@@ -409,15 +414,17 @@ def mlp_workload(quick: bool = False, log=print) -> Workload:
     }
     return Workload(
         "mlp",
-        f"MLP 64-64-10 (p={p}, SGD, {len(res.checkpoints)} checkpoints) on digits, n={n}, m={len(qy)}",
+        f"MLP 64-{arch['hidden'][0]}-10 (p={p}, SGD, {len(res.checkpoints)} checkpoints) on digits, n={n}, "
+        f"m={len(qy)}",
         problem,
         "LDS (Spearman)",
         quality,
         hp,
         info,
+        peer_hp={"representer": {"epoch": 300 if quick else 3000}},
     )
 
 
 WORKLOADS = {"logreg": logreg_workload, "mlp": mlp_workload}
 
-__all__ = ["OUT", "WORKLOADS", "Workload", "asdict", "digits_split", "logreg_workload", "mlp_workload"]
+__all__ = ["OUT", "WORKLOADS", "Workload", "digits_split", "logreg_workload", "mlp_workload"]

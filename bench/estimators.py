@@ -7,11 +7,11 @@ hyper-parameters (``bench/_peers.py``) and prints one table per workload:
 * ``time s``: wall time of the whole computation (fit + score, from the trained
   model and the data to the m x n score matrix), median of ``--repeats`` runs
   after one untimed warm-up run;
-* ``RSS MB``: peak resident-set growth during the timed runs (a sampler thread
-  reads the process RSS every 2 ms; baseline taken after ``gc.collect()`` and
-  ``malloc_trim``) -- this is where torch tensors show up;
-* ``py MB``: ``tracemalloc`` peak of one extra run (Python-side allocations
-  only: torch's allocator is invisible to it; numpy's is not);
+* ``RSS MB``: peak resident-set growth of one extra (untimed) run: a sampler
+  thread reads the process RSS (psutil) every 2 ms; baseline taken just before,
+  after ``gc.collect()`` and ``malloc_trim``. This is where torch tensors show up;
+* ``py MB``: ``tracemalloc`` peak of that same run (Python-side allocations
+  only: torch's CPU allocator is invisible to it, numpy's is not);
 * quality: the workload's ground-truth figure (LOO Pearson/Spearman, or LDS) of the
   warm-up run's scores, plus ``vs ours`` (mean over queries of the Pearson
   correlation between this implementation's scores and ours: an adapter check);
@@ -108,30 +108,38 @@ class _RSSPeak:
 
 
 def measure(run, repeats: int, *, slow_s: float, use_tracemalloc: bool) -> dict:
-    """Warm-up (quality from its result), ``repeats`` timed runs with the RSS sampler, one tracemalloc run.
+    """Warm-up (quality from its result), ``repeats`` clean timed runs, then one memory run (RSS sampler,
+    plus tracemalloc unless disabled).
 
-    A run whose warm-up takes longer than ``slow_s`` is timed once and skips tracemalloc."""
+    An implementation whose warm-up takes longer than ``slow_s`` gets a single timed run, with the RSS
+    sampler on (its overhead is negligible at that length), and no tracemalloc run."""
     _trim()
     t0 = time.perf_counter()
     scores = np.asarray(run(), dtype=np.float64)
     warm = time.perf_counter() - t0
+    times, rss, py_peak = [], 0, None
     if warm > slow_s:
-        repeats, use_tracemalloc = 1, False
-    times, rss = [], 0
-    for _ in range(repeats):
         _trim()
         with _RSSPeak() as mem:
             t0 = time.perf_counter()
             run()
             times.append(time.perf_counter() - t0)
-        rss = max(rss, mem.delta)
-    py_peak = None
-    if use_tracemalloc:
+        rss = mem.delta
+    else:
+        for _ in range(repeats):
+            _trim()
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
         _trim()
-        tracemalloc.start()
-        run()
-        py_peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
+        if use_tracemalloc:
+            tracemalloc.start()
+        with _RSSPeak() as mem:
+            run()
+        rss = mem.delta
+        if use_tracemalloc:
+            py_peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
     return {
         "scores": scores,
         "warmup_s": warm,
@@ -225,17 +233,22 @@ def print_table(wl, rows: list[dict], tol: float) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes for a smoke run (< 2 min)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per implementation (median reported)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed runs per implementation, median reported (default 3; 1 with --quick)")
     ap.add_argument("--workloads", default="logreg,mlp", help="comma-separated: logreg, mlp")
     ap.add_argument("--methods", default=None, help="comma-separated subset of methods (default: all)")
     ap.add_argument("--no-peers", action="store_true", help="time our methods only")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads for everyone (default 1)")
     ap.add_argument("--tolerance", type=float, default=0.01, help="quality slack for 'equal' (absolute)")
-    ap.add_argument("--slow", type=float, default=60.0,
+    ap.add_argument("--slow", type=float, default=20.0,
                     help="an implementation whose warm-up takes longer than this many seconds is timed once")
     ap.add_argument("--no-tracemalloc", action="store_true", help="skip the extra tracemalloc run")
     ap.add_argument("--out", default=str(HERE / "out" / "estimators.json"), help="JSON output path")
     args = ap.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
+    if args.quick:  # smoke run: warm-up + one timed run (with the RSS sampler), no extra memory run
+        args.slow = 0.0
 
     torch.set_num_threads(args.threads)
     _peers.quiet()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -287,6 +288,7 @@ def finalize_job(settings: Settings, job_id: str) -> str:
     if ready is None:
         return "skipped"
     claim, parts = ready
+    _threads(settings)
     store = ArtifactStore(settings.resolved_artifact_dir)
     ctx = _context(settings, store, job_id)
     spec = ctx.loaded.job.spec
@@ -342,8 +344,8 @@ def _load_outputs(store: ArtifactStore, uri: str) -> SubsetOutputs:
 
 
 def _threads(settings: Settings) -> None:
-    if settings.torch_threads > 0:
-        torch.set_num_threads(settings.torch_threads)
+    """The child's intra-op threads: the setting, else one per CPU (the parent ran single-threaded)."""
+    torch.set_num_threads(settings.torch_threads if settings.torch_threads > 0 else max(1, os.cpu_count() or 1))
 
 
 def _done(phase: str = "done") -> dict:

@@ -75,6 +75,7 @@ from .gradients import (
     Ticker,
     all_finite,
     functional_state,
+    gradient_factors,
     n_chunks,
     per_sample_gradients,
     train_objective,
@@ -611,6 +612,29 @@ def fit_lambda(
     cdt = _cdt(runtime.dtype)
     lam = {la.module: torch.zeros(la.d_out, la.d_in, dtype=torch.float64, device=dev) for la in layers}
     Qs = {m: (QA.to(cdt), QS.to(cdt)) for m, (_, QA, _, QS) in eig.items()}
+    factored = gradient_factors(
+        problem.model, problem.weights, problem.train_x, problem.train_y if labels is None else labels,
+        train_objective(problem.task), chunk_size=runtime.chunk_size, device=runtime.device,
+        dtype=runtime.dtype, what="training examples", names=parameter_names(layers),
+    )  # fmt: skip
+    if factored is not None:
+        # a linear layer on (b, d) rows has rank-one per-example gradients Gm_i = delta_i a~_i^T, so
+        # Q_S^T Gm_i Q_A = (Q_S^T delta_i)(Q_A^T a~_i)^T and Lambda_l = (1/n) (D Q_S)^2^T (A~ Q_A)^2
+        for _, _, factors in factored:
+            if len(factors) != len(layers) or any(
+                A.shape[1] != la.d_in or D.shape[1] != la.d_out for la, (A, D) in zip(layers, factors)
+            ):
+                break
+            for layer, (A, D) in zip(layers, factors, strict=True):
+                QA, QS = Qs[layer.module]
+                Dr, Ar = D.to(cdt) @ QS, A.to(cdt) @ QA
+                lam[layer.module] += ((Dr * Dr).T @ (Ar * Ar)).to(torch.float64)
+            if ticker is not None:
+                ticker.tick()
+        else:
+            n = max(problem.n_train, 1)
+            return {k: v / n for k, v in lam.items()}
+        lam = {la.module: torch.zeros(la.d_out, la.d_in, dtype=torch.float64, device=dev) for la in layers}
     for _, _, G in _gradient_chunks(problem, layers, runtime, labels):
         for layer, M in zip(layers, layer_matrices(G.to(cdt), layers), strict=True):
             QA, QS = Qs[layer.module]

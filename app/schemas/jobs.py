@@ -63,6 +63,9 @@ class Progress(ReadModel):
     fraction: float = 0.0
     eta_seconds: float | None = None
     updated_at: datetime | None = None
+    shard_phase: str | None = Field(
+        None, description="Fanned-out jobs: what the most recently heard-from shard is doing."
+    )
 
 
 class JobRead(ReadModel):

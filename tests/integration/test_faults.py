@@ -14,22 +14,26 @@ from tests.integration.flows import builtin, register_model, submit, wait
 
 pytestmark = pytest.mark.integration
 
-SLOW_MLP = {"name": "mlp", "params": {"in_features": 64, "hidden": [256, 256], "num_classes": 10}}
+# Per-example gradients of a conv net go through vmap (no closed-form fast path): several seconds a job.
+SLOW_NET = {
+    "name": "cnn",
+    "params": {"in_channels": 1, "height": 8, "width": 8, "num_classes": 10, "channels": [64, 128]},
+}
 
 
 @pytest.fixture(scope="module")
 def slow_job_body(api_server):
-    """A TracInCP job that takes several seconds on one thread (85k parameters, 6 checkpoints)."""
+    """A TracInCP job that takes several seconds on one thread (a 77k-parameter conv net, 6 checkpoints)."""
     import httpx
 
     with httpx.Client(base_url=api_server.url, timeout=60) as client:
         train = builtin(client, "sklearn:digits", "train")
-        arch = get_architecture("mlp")
-        params = validate_params(arch.Params, SLOW_MLP["params"], "")
+        arch = get_architecture("cnn")
+        params = validate_params(arch.Params, SLOW_NET["params"], "")
         states = [init_model(arch, params, seed=s).state_dict() for s in range(7)]
         spec = {
             "name": "slow",
-            "architecture": SLOW_MLP,
+            "architecture": SLOW_NET,
             "checkpoints": [{"step": 10 * i, "learning_rate": 0.1} for i in range(6)],
         }
         response = register_model(client, spec, weights=states[0], checkpoints=states[1:])
@@ -113,3 +117,44 @@ def test_cancel_queued_job_is_immediate(client, slow_job_body):
     assert job["state"] == "cancelled"
     assert client.delete(location).status_code == 204
     assert client.get(location).status_code == 404
+
+
+def test_kill9_during_sharded_job_loses_at_most_a_shard(
+    client, worker_factory, slow_job_body, integration_settings
+):
+    """A fanned-out job survives a SIGKILLed worker: its running shard is re-queued, the job completes once."""
+    from app.db.models import JobShard
+
+    first = worker_factory()
+    body = {**slow_job_body, "execution": {"train_shard_size": 500}}
+    location = submit(client, body).headers["location"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        job = client.get(location).json()
+        if (
+            job["progress"].get("phase") == "shards"
+            and job["progress"].get("shard_phase") == "train_gradients"
+        ):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"no shard ever ran: {job}")
+    first.kill9()
+    worker_factory()
+    job = wait(client, location, timeout=300)
+    assert job["state"] == "succeeded", job
+
+    engine = create_engine(integration_settings.resolved_database_url)
+    with engine.connect() as conn:
+        shards = conn.execute(
+            select(JobShard.state, JobShard.attempt)
+            .where(JobShard.job_id == job["id"])
+            .order_by(JobShard.index)
+        ).all()
+        n_results = conn.scalar(
+            select(func.count()).select_from(InfluenceResult).where(InfluenceResult.job_id == job["id"])
+        )
+    engine.dispose()
+    assert [s.state for s in shards] == ["succeeded"] * 3
+    assert max(s.attempt for s in shards) == 2, "the killed shard ran again"
+    assert n_results == 1

@@ -87,6 +87,13 @@ def layer_groups(model: torch.nn.Module, names: list[str]) -> tuple[list[str], l
     return modules, [torch.cat(index[mod]) for mod in modules]
 
 
+def _indexer(ix: torch.Tensor) -> slice | torch.Tensor:
+    """A slice for a contiguous run of column indices (a view instead of a gathered copy), else ``ix``."""
+    if ix.numel() and int(ix[-1]) - int(ix[0]) + 1 == ix.numel() and bool((ix.diff() == 1).all()):
+        return slice(int(ix[0]), int(ix[-1]) + 1)
+    return ix
+
+
 def sherman_morrison_apply(G: torch.Tensor, lam: float, V: torch.Tensor) -> torch.Tensor:
     """``sum_i (1/lam) [V - g_i (g_i . V) / (lam + ||g_i||^2)]`` for the rows ``g_i`` of ``G`` (b x d).
 
@@ -124,7 +131,8 @@ class DataInf(Estimator):
         for _, _, G in train_gradients(problem, problem.weights, runtime, None, names):
             Gd = G.to(torch.float64)
             for j, ix in enumerate(idx):
-                sumsq[j] += float((Gd[:, ix.to(Gd.device)] ** 2).sum())
+                sel = _indexer(ix)
+                sumsq[j] += float((Gd[:, sel if isinstance(sel, slice) else sel.to(Gd.device)] ** 2).sum())
             tt.tick()
         dims = torch.tensor([len(ix) for ix in idx], dtype=torch.float64)
         lambdas = p.damping_scale * sumsq / (n * dims)
@@ -161,6 +169,7 @@ class DataInf(Estimator):
         modules, idx = layer_groups(problem.model, names)
         dev = torch.device(runtime.device)
         idx = [ix.to(dev) for ix in idx]
+        sels = [_indexer(ix) for ix in idx]
         lambdas = state.tensors["lambdas"].to(torch.float64).tolist()
         n = problem.n_train
         lo, hi = column_range(problem, train_range)
@@ -177,7 +186,7 @@ class DataInf(Estimator):
             pt = Ticker(runtime, "datainf_preconditioning", n_chunks(n, runtime.chunk_size))
             for _, _, G in train_gradients(problem, problem.weights, runtime, None, names):
                 Gd = G.to(dev, torch.float64)
-                for ix, lam in zip(idx, lambdas, strict=True):
+                for ix, lam in zip(sels, lambdas, strict=True):
                     acc[ix] += sherman_morrison_apply(Gd[:, ix], lam, Qt[ix])
                 pt.tick()
             R = acc / n  # (1/n) sum_k (g_kl g_kl^T + lambda_l I)^-1 g'_l, stacked over layers
@@ -199,7 +208,7 @@ class DataInf(Estimator):
                 if scores is not None:
                     scores[:, start:stop] = ((Gi @ R).T / n).cpu().numpy()
                 if self_inf is not None:
-                    self_inf[start:stop] = self._self_influence(problem, runtime, names, idx, lambdas, Gi, st)
+                    self_inf[start:stop] = self._self_influence(problem, runtime, names, sels, lambdas, Gi, st)
                 tt.tick()
         for what, arr in (("scores", scores), ("self-influence", self_inf)):
             if arr is not None and not np.isfinite(arr).all():

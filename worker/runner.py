@@ -345,7 +345,9 @@ def _load_outputs(store: ArtifactStore, uri: str) -> SubsetOutputs:
 
 def _threads(settings: Settings) -> None:
     """The child's intra-op threads: the setting, else one per CPU (the parent ran single-threaded)."""
-    torch.set_num_threads(settings.torch_threads if settings.torch_threads > 0 else max(1, os.cpu_count() or 1))
+    torch.set_num_threads(
+        settings.torch_threads if settings.torch_threads > 0 else max(1, os.cpu_count() or 1)
+    )
 
 
 def _done(phase: str = "done") -> dict:

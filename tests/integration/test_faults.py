@@ -122,7 +122,7 @@ def test_cancel_queued_job_is_immediate(client, slow_job_body):
 def test_kill9_during_sharded_job_loses_at_most_a_shard(
     client, worker_factory, slow_job_body, integration_settings
 ):
-    """A fanned-out job survives a SIGKILLed worker: its running shard is re-queued, the job completes once."""
+    """A fanned-out job survives a SIGKILLed worker: its running shard re-runs, the job completes once."""
     from app.db.models import JobShard
 
     first = worker_factory()

@@ -25,8 +25,9 @@ Translations (ESTIMATORS.md section 9, and the libraries' sources):
 * pyDVL ``InfluenceMode.Up`` returns ``+g'^T H^-1 g_i`` (already our sign); it is
   scored through ``influence_factors`` once + ``influences_from_factors`` on
   chunks of 256 training rows (its fastest use);
-* kronfluence scores are unnormalised by n; its damping is absolute and its
-  Fisher is the true Fisher unless ``use_empirical_fisher`` (set here, like ours).
+* kronfluence scores are unnormalised by n; its damping is absolute (pyDVL, dattri and kronfluence
+  get one number: the mean of our per-layer EK-FAC shifts, exact for a one-layer model); its
+  Fisher follows ours (``use_empirical_fisher`` iff ``fisher="empirical"``).
 """
 
 from __future__ import annotations
@@ -41,9 +42,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, TensorDataset
-
 from _workloads import Workload
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 CHUNK = 256
 
@@ -368,7 +368,12 @@ def dattri_trak(w, hp):
         return torch.exp(-F.cross_entropy(out, _batched(yb.unsqueeze(-1)).reshape(-1).long()))
 
     tr, te = _loaders(w, CHUNK, None)
-    kw = {"proj_dim": hp["projection_dim"], "proj_max_batch_size": 32, "proj_seed": hp["seed"], "device": "cpu"}
+    kw = {
+        "proj_dim": hp["projection_dim"],
+        "proj_max_batch_size": 32,
+        "proj_seed": hp["seed"],
+        "device": "cpu",
+    }
 
     def run() -> np.ndarray:
         att = TRAKAttributor(task, correct_probability_func=prob, projector_kwargs=dict(kw),
@@ -387,7 +392,7 @@ def dattri_representer(w, hp):
     name = _last_linear_name(model)
     if "." in name:
         raise NotAvailable("RPSAttributor needs the last linear layer as a direct attribute of the model")
-    task = _dattri_task(w, target=lambda _m: (lambda pre, yy: F.cross_entropy(pre, yy)))
+    task = _dattri_task(w, target=lambda _m: lambda pre, yy: F.cross_entropy(pre, yy))
     tr, te = _loaders(w, CHUNK, None)
 
     def run() -> np.ndarray:
@@ -417,7 +422,9 @@ def dattri_logra(w, hp):
     te = DataLoader(TensorDataset(qx.unsqueeze(1), qy), batch_size=len(qy), shuffle=False)
     k = hp["k_in"] * hp["k_out"]
     if int(k**0.5) ** 2 != k or hp["k_in"] != hp["k_out"]:
-        raise NotAvailable(f"dattri LoGra uses square factors (k_in = k_out); k_in={hp['k_in']}, k_out={hp['k_out']}")
+        raise NotAvailable(
+            f"dattri LoGra uses square factors (k_in = k_out); k_in={hp['k_in']}, k_out={hp['k_out']}"
+        )
 
     def run() -> np.ndarray:
         with tempfile.TemporaryDirectory() as d:
@@ -514,15 +521,18 @@ def traker_trak(w, hp):
 
     def run() -> np.ndarray:
         with tempfile.TemporaryDirectory() as d:
-            proj = BasicProjector(grad_dim=p, proj_dim=k, seed=hp["seed"], proj_type=ProjectionType.rademacher,
-                                  device="cpu", dtype=torch.float32, block_size=100)  # fmt: skip
+            proj = BasicProjector(
+                grad_dim=p, proj_dim=k, seed=hp["seed"], proj_type=ProjectionType.rademacher,
+                device="cpu", dtype=torch.float32, block_size=100,
+            )  # fmt: skip
             tr = TRAKer(model=model, task="image_classification", train_set_size=len(y), save_dir=d,
                         device="cpu", projector=proj, use_half_precision=False, lambda_reg=hp["damping"],
                         logging_level=logging.ERROR)  # fmt: skip
             for mid, st in enumerate(members):
                 tr.load_checkpoint(st, model_id=mid)
                 for s in range(0, len(y), CHUNK):
-                    tr.featurize(batch=(x[s : s + CHUNK], y[s : s + CHUNK]), num_samples=len(y[s : s + CHUNK]))
+                    xb, yb = x[s : s + CHUNK], y[s : s + CHUNK]
+                    tr.featurize(batch=(xb, yb), num_samples=len(yb))
             tr.finalize_features()
             for mid, st in enumerate(members):
                 tr.start_scoring_checkpoint(exp_name="q", checkpoint=st, model_id=mid, num_targets=len(qy))
@@ -578,9 +588,11 @@ def kronfluence_ekfac(w, hp, shift: float | None):
         an.fit_all_factors(factors_name="f", dataset=_DS(x, y), per_device_batch_size=CHUNK, factor_args=fa,
                            overwrite_output_dir=True)  # fmt: skip
         sa = ScoreArguments(damping_factor=shift)
-        an.compute_pairwise_scores(scores_name="s", factors_name="f", query_dataset=_DS(qx, qy),
-                                   train_dataset=_DS(x, y), per_device_query_batch_size=len(qy),
-                                   per_device_train_batch_size=CHUNK, score_args=sa, overwrite_output_dir=True)  # fmt: skip
+        an.compute_pairwise_scores(
+            scores_name="s", factors_name="f", query_dataset=_DS(qx, qy), train_dataset=_DS(x, y),
+            per_device_query_batch_size=len(qy), per_device_train_batch_size=CHUNK, score_args=sa,
+            overwrite_output_dir=True,
+        )  # fmt: skip
         return _np(an.load_pairwise_scores(scores_name="s")["all_modules"]) / n
 
     return run
@@ -606,7 +618,8 @@ PEERS: dict[str, list[tuple[str, Callable]]] = {
     "grad_dot": [("dattri Grad-Dot", dattri_grad_dot), ("captum TracInCP (1 ckpt, lr 1)", captum_grad_dot)],
     "grad_cos": [("dattri Grad-Cos", dattri_grad_cos)],
     "trak": [("traker (BasicProjector)", traker_trak), ("dattri TRAK", dattri_trak)],
-    "datainf": [("dattri DataInf", None), ("pydvl InverseHarmonicMean", None)],  # need the lambdas: see make()
+    # DataInf's adapters need our lambdas: see make()
+    "datainf": [("dattri DataInf", None), ("pydvl InverseHarmonicMean", None)],
     "representer": [("dattri RPS", dattri_representer)],
     "logra": [("dattri LoGra", dattri_logra)],
 }

@@ -28,9 +28,10 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -294,7 +295,9 @@ def logreg_workload(quick: bool = False, log=print) -> Workload:
         "objective_grad_norm": grad_norm,
         "hessian_eigenvalues": [float(ev[0]), float(ev[-1])],
         "lissa_batch_lambda_max": lam_max_batch,
-        "ground_truth": f"{len(chosen)} exact LOO retrains ({cfg['n_top']} top-|IF| + {cfg['n_random']} random)",
+        "ground_truth": (
+            f"{len(chosen)} exact LOO retrains ({cfg['n_top']} top-|IF| + {cfg['n_random']} random)"
+        ),
     }
     return Workload(
         "logreg",
@@ -309,6 +312,7 @@ def logreg_workload(quick: bool = False, log=print) -> Workload:
 
 
 # ----------------------------------------------------------------------------- workload 2: MLP + LDS
+
 
 def mlp_arch(quick: bool = False) -> dict:
     return {"in_features": 64, "hidden": [16 if quick else 64], "num_classes": 10, "activation": "relu"}

@@ -43,21 +43,21 @@ import statistics  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
-import tracemalloc  # noqa: E402
 import traceback  # noqa: E402
-from datetime import datetime, timezone  # noqa: E402
+import tracemalloc  # noqa: E402
+from datetime import UTC, datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+import _peers  # noqa: E402
+import _workloads  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-import _peers  # noqa: E402
-import _workloads  # noqa: E402
 from app.estimators import Runtime, get_estimator  # noqa: E402
 
 METHOD_ORDER = [
@@ -182,7 +182,8 @@ def print_table(wl, rows: list[dict], tol: float) -> list[dict]:
         lines.append([
             r["method"], r["impl"], _time_fmt(r["time_s"]), _fmt(r["rss_peak_delta_mb"], ".1f"),
             _fmt(r["tracemalloc_peak_mb"], ".1f"), *[_fmt(q.get(k)) for k in qkeys],
-            _fmt(r.get("corr_vs_ours")), _fmt(r.get("speed_ratio"), ".1f") + ("x" if r.get("speed_ratio") else ""),
+            _fmt(r.get("corr_vs_ours")),
+            _fmt(r.get("speed_ratio"), ".1f") + ("x" if r.get("speed_ratio") else ""),
         ])  # fmt: skip
     widths = [max(len(str(x[i])) for x in [head, *lines]) for i in range(len(head) - 1)]
     print()
@@ -194,7 +195,8 @@ def print_table(wl, rows: list[dict], tol: float) -> list[dict]:
         if prev is not None and line[0] != prev:
             print()
         prev = line[0]
-        print("   " + "  ".join(str(c).ljust(widths[i]) if i < len(widths) else str(c) for i, c in enumerate(line)))
+        cells = (str(c).ljust(widths[i]) if i < len(widths) else str(c) for i, c in enumerate(line))
+        print("   " + "  ".join(cells))
 
     # summary: ours vs the fastest peer of each method
     summary = []
@@ -233,15 +235,23 @@ def print_table(wl, rows: list[dict], tol: float) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes for a smoke run (< 2 min)")
-    ap.add_argument("--repeats", type=int, default=None,
-                    help="timed runs per implementation, median reported (default 3; 1 with --quick)")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed runs per implementation, median reported (default 3; 1 with --quick)",
+    )
     ap.add_argument("--workloads", default="logreg,mlp", help="comma-separated: logreg, mlp")
     ap.add_argument("--methods", default=None, help="comma-separated subset of methods (default: all)")
     ap.add_argument("--no-peers", action="store_true", help="time our methods only")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads for everyone (default 1)")
     ap.add_argument("--tolerance", type=float, default=0.01, help="quality slack for 'equal' (absolute)")
-    ap.add_argument("--slow", type=float, default=20.0,
-                    help="an implementation whose warm-up takes longer than this many seconds is timed once")
+    ap.add_argument(
+        "--slow",
+        type=float,
+        default=20.0,
+        help="an implementation whose warm-up takes longer than this many seconds is timed once",
+    )
     ap.add_argument("--no-tracemalloc", action="store_true", help="skip the extra tracemalloc run")
     ap.add_argument("--out", default=str(HERE / "out" / "estimators.json"), help="JSON output path")
     args = ap.parse_args(argv)
@@ -255,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     methods = None if args.methods is None else set(args.methods.split(","))
     results: dict = {
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "argv": sys.argv[1:],
         "environment": _environment(args.threads),
         "workloads": {},

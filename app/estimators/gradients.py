@@ -472,8 +472,7 @@ class GLMHead:
 
     def permutation(self) -> torch.Tensor:
         """Index map from the block layout ``(o, j)`` (j over d1) to the flattening order."""
-        k, d = self.k, self.d
-        idx = torch.arange(self.p).reshape(k, self.d1)
+        idx = torch.arange(self.p).reshape(self.k, self.d1)
         return self.from_blocks(idx[:, :, None])[:, 0]
 
     def hessian_sum(self, A: torch.Tensor, lam) -> torch.Tensor:

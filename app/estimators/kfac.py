@@ -622,7 +622,8 @@ def fit_lambda(
         # Q_S^T Gm_i Q_A = (Q_S^T delta_i)(Q_A^T a~_i)^T and Lambda_l = (1/n) (D Q_S)^2^T (A~ Q_A)^2
         for _, _, factors in factored:
             if len(factors) != len(layers) or any(
-                A.shape[1] != la.d_in or D.shape[1] != la.d_out for la, (A, D) in zip(layers, factors)
+                A.shape[1] != la.d_in or D.shape[1] != la.d_out
+                for la, (A, D) in zip(layers, factors, strict=True)
             ):
                 break
             for layer, (A, D) in zip(layers, factors, strict=True):

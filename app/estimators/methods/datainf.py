@@ -208,7 +208,9 @@ class DataInf(Estimator):
                 if scores is not None:
                     scores[:, start:stop] = ((Gi @ R).T / n).cpu().numpy()
                 if self_inf is not None:
-                    self_inf[start:stop] = self._self_influence(problem, runtime, names, sels, lambdas, Gi, st)
+                    self_inf[start:stop] = self._self_influence(
+                        problem, runtime, names, sels, lambdas, Gi, st
+                    )
                 tt.tick()
         for what, arr in (("scores", scores), ("self-influence", self_inf)):
             if arr is not None and not np.isfinite(arr).all():

@@ -191,11 +191,18 @@ class TracInCP(Estimator):
         return out
 
     @staticmethod
-    def _factored_checkpoint(problem, ck, eta, runtime, names, cosine, lo, hi, scores, self_inf, qt, tt) -> bool:
+    def _factored_checkpoint(
+        problem, ck, eta, runtime, names, cosine, lo, hi, scores, self_inf, qt, tt
+    ) -> bool:
         """Add checkpoint ``ck``'s exact-gradient terms from per-layer gradient factors
         (:func:`gradient_factors`: no gradient is formed); False when the model is not a plain chain of
         linear layers (the caller then streams full gradients)."""
-        kw = {"chunk_size": runtime.chunk_size, "device": runtime.device, "dtype": runtime.dtype, "names": names}
+        kw = {
+            "chunk_size": runtime.chunk_size,
+            "device": runtime.device,
+            "dtype": runtime.dtype,
+            "names": names,
+        }
         what = "training examples" if lo == 0 else f"training examples (from row {lo})"
         tf = gradient_factors(
             problem.model, ck.state, problem.train_x[lo:hi], problem.train_y[lo:hi],

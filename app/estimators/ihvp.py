@@ -528,3 +528,53 @@ def extreme_eigenvalues(
     k = min(int(n_iter), int(p))
     res = arnoldi(hvp, p, k, k, seed, device=device)
     return float(res.eigenvalues.min()), float(res.eigenvalues.max())
+
+
+def solver_scores(
+    problem: InfluenceProblem,
+    runtime: Runtime,
+    train_range: tuple[int, int] | None,
+    solve: Callable[[torch.Tensor, Ticker], torch.Tensor],
+    solve_ticker: Ticker,
+    Q: torch.Tensor | None,
+    *,
+    device: torch.device,
+    want_self_influence: bool,
+    method: str,
+    fix: str,
+    parameter: str,
+):
+    """IF scores ``(1/n) g'^T S`` and self-influence ``(1/n) g_i^T solve(g_i)`` for an iterative solver.
+
+    ``solve(B, ticker)`` returns ``(H + damping I)^-1 B`` for a ``p x r`` block; ``Q`` holds the
+    ``m x p`` query gradients (None: no scores). Train gradients are streamed over ``train_range``.
+    Non-finite output raises :class:`NumericalError` naming ``parameter`` with ``fix`` as advice.
+    """
+    import numpy as np
+
+    from .gradients import column_range, n_chunks, numpy_dtype, train_gradients
+
+    n = problem.n_train
+    lo, hi = column_range(problem, train_range)
+    m, cols = problem.n_query, hi - lo
+    dtype = numpy_dtype(runtime.dtype)
+    S = None
+    if Q is not None:
+        Qd = Q.T.to(device, torch.float64)
+        S = solve(Qd, solve_ticker) if m else Qd  # p x m: (H + damping I)^-1 g'_j
+    scores = np.zeros((m, cols), dtype=dtype) if Q is not None else None
+    self_inf = np.zeros(cols, dtype=dtype) if want_self_influence else None
+    if scores is not None or self_inf is not None:
+        ticker = Ticker(runtime, "train_gradients", n_chunks(cols, runtime.chunk_size))
+        for start, stop, G in train_gradients(problem, problem.weights, runtime, train_range):
+            Gd = G.to(device, torch.float64)
+            if scores is not None:
+                scores[:, start:stop] = ((Gd @ S).T / n).cpu().numpy()
+            if self_inf is not None:
+                Z = solve(Gd.T, solve_ticker)
+                self_inf[start:stop] = ((Gd * Z.T).sum(dim=1) / n).cpu().numpy()
+            ticker.tick()
+    for what, arr in (("scores", scores), ("self-influence", self_inf)):
+        if arr is not None and not np.isfinite(arr).all():
+            raise NumericalError(f"{method} {what} contain NaN/inf; {fix}", parameter=parameter)
+    return scores, self_inf

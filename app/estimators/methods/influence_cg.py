@@ -23,11 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated
 
-import numpy as np
 import torch
 from annotated_types import Ge, Gt
 
-from ..base import Attribution, Estimator, EstimatorError, NumericalError, Runtime, register
+from ..base import Attribution, Estimator, EstimatorError, Runtime, register
 from ..gradients import (
     Ticker,
     as_params,
@@ -35,12 +34,10 @@ from ..gradients import (
     column_range,
     metadata,
     n_chunks,
-    numpy_dtype,
     query_gradients,
-    train_gradients,
     validate_problem,
 )
-from ..ihvp import TrainingHessian, conjugate_gradient, subsample_rows
+from ..ihvp import TrainingHessian, conjugate_gradient, solver_scores, subsample_rows
 
 HESSIAN_ROWS_SEED = 0
 
@@ -102,7 +99,6 @@ class IFCG(Estimator):
             raise EstimatorError("the training set is empty", parameter="/train_dataset_id")
         lo, hi = column_range(problem, train_range)
         m, cols = problem.n_query, hi - lo
-        dtype = numpy_dtype(runtime.dtype)
         rows = subsample_rows(n, p.hessian_rows, HESSIAN_ROWS_SEED)
         hess = TrainingHessian(problem, runtime, rows=rows)
 
@@ -120,32 +116,24 @@ class IFCG(Estimator):
             converged = converged and res.converged
             return res.x
 
-        S = None
+        Q = None
         if want_scores:
             qt = Ticker(runtime, "query_gradients", n_chunks(m, runtime.chunk_size))
             Q = query_gradients(problem, problem.weights, runtime, qt)
         cg_ticker = Ticker(runtime, "cg", p.max_iter * solves)
-        if want_scores:
-            Qd = Q.T.to(hess.device, torch.float64)
-            S = solve(Qd, cg_ticker) if m else Qd  # p x m: (H + damping I)^-1 g'_j
-        scores = np.zeros((m, cols), dtype=dtype) if want_scores else None
-        self_inf = np.zeros(cols, dtype=dtype) if want_self_influence else None
-        if want_scores or want_self_influence:
-            tt = Ticker(runtime, "train_gradients", n_chunks(cols, runtime.chunk_size))
-            for start, stop, G in train_gradients(problem, problem.weights, runtime, train_range):
-                Gd = G.to(hess.device, torch.float64)
-                if scores is not None:
-                    scores[:, start:stop] = ((Gd @ S).T / n).cpu().numpy()
-                if self_inf is not None:
-                    Z = solve(Gd.T, cg_ticker)
-                    self_inf[start:stop] = ((Gd * Z.T).sum(dim=1) / n).cpu().numpy()
-                tt.tick()
-        for what, arr in (("scores", scores), ("self-influence", self_inf)):
-            if arr is not None and not np.isfinite(arr).all():
-                raise NumericalError(
-                    f"if_cg {what} contain NaN/inf; increase damping (now {p.damping:g})",
-                    parameter="/method/params/damping",
-                )
+        scores, self_inf = solver_scores(
+            problem,
+            runtime,
+            train_range,
+            solve,
+            cg_ticker,
+            Q,
+            device=hess.device,
+            want_self_influence=want_self_influence,
+            method=self.name,
+            fix=f"increase damping (now {p.damping:g})",
+            parameter="/method/params/damping",
+        )
         return Attribution(
             scores=scores,
             self_influence=self_inf,

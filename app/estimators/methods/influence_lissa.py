@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated
 
-import numpy as np
 import torch
 from annotated_types import Ge, Gt
 
@@ -36,12 +35,10 @@ from ..gradients import (
     column_range,
     metadata,
     n_chunks,
-    numpy_dtype,
     query_gradients,
-    train_gradients,
     validate_problem,
 )
-from ..ihvp import TrainingHessian, extreme_eigenvalues, lissa, subsample_rows
+from ..ihvp import TrainingHessian, extreme_eigenvalues, lissa, solver_scores, subsample_rows
 
 SCALE_CHECK_ROWS = 1024
 SCALE_CHECK_STEPS = 20
@@ -105,7 +102,6 @@ class IFLissa(Estimator):
             raise EstimatorError("the training set is empty", parameter="/train_dataset_id")
         lo, hi = column_range(problem, train_range)
         m, cols = problem.n_query, hi - lo
-        dtype = numpy_dtype(runtime.dtype)
         hess = TrainingHessian(problem, runtime)
 
         # the scale / curvature check (ESTIMATORS.md 2.12 pitfalls): fail before a diverging recursion
@@ -156,32 +152,24 @@ class IFLissa(Estimator):
             growth = max(growth, res.max_growth)
             return res.x
 
+        Q = None
         if want_scores:
             qt = Ticker(runtime, "query_gradients", n_chunks(m, runtime.chunk_size))
             Q = query_gradients(problem, problem.weights, runtime, qt)
         lt = Ticker(runtime, "lissa", solves * p.repeats * p.depth)
-        S = None
-        if want_scores:
-            Qd = Q.T.to(hess.device, torch.float64)
-            S = solve(Qd, lt) if m else Qd
-        scores = np.zeros((m, cols), dtype=dtype) if want_scores else None
-        self_inf = np.zeros(cols, dtype=dtype) if want_self_influence else None
-        if want_scores or want_self_influence:
-            tt = Ticker(runtime, "train_gradients", n_chunks(cols, runtime.chunk_size))
-            for start, stop, G in train_gradients(problem, problem.weights, runtime, train_range):
-                Gd = G.to(hess.device, torch.float64)
-                if scores is not None:
-                    scores[:, start:stop] = ((Gd @ S).T / n).cpu().numpy()
-                if self_inf is not None:
-                    Z = solve(Gd.T, lt)
-                    self_inf[start:stop] = ((Gd * Z.T).sum(dim=1) / n).cpu().numpy()
-                tt.tick()
-        for what, arr in (("scores", scores), ("self-influence", self_inf)):
-            if arr is not None and not np.isfinite(arr).all():
-                raise NumericalError(
-                    f"if_lissa {what} contain NaN/inf; increase scale (now {p.scale:g}) or damping",
-                    parameter="/method/params/scale",
-                )
+        scores, self_inf = solver_scores(
+            problem,
+            runtime,
+            train_range,
+            solve,
+            lt,
+            Q,
+            device=hess.device,
+            want_self_influence=want_self_influence,
+            method=self.name,
+            fix=f"increase scale (now {p.scale:g}) or damping",
+            parameter="/method/params/scale",
+        )
         return Attribution(
             scores=scores,
             self_influence=self_inf,

@@ -19,6 +19,7 @@ from app.estimators import (
 )
 from app.estimators.gradients import n_parameters, per_sample_gradients, query_objective_fn
 from app.estimators.objectives import margin
+from app.estimators.projection import derive_seed
 
 torch.set_num_threads(1)
 
@@ -162,12 +163,11 @@ def test_ensemble_averages_kernels_and_q_separately(mlp):
     ens = est.attribute(prob, params, want_self_influence=True, runtime=F64)
     assert ens.metadata["n_members"] == 2 and not est.checkpoint_additive
     kern, kern_self, qs = [], [], []
-    for ck in res.checkpoints:
+    for i, ck in enumerate(res.checkpoints):  # member i has its own projection (seed derived from i)
         single = _problem(model, ck.state, x, y, qx, qy, measurement="margin")
-        st = est.fit(single, {**params, "use_checkpoints": False}, F64)
-        one = est.attribute(
-            single, {**params, "use_checkpoints": False}, want_self_influence=True, runtime=F64
-        )
+        member = {**params, "use_checkpoints": False, "seed": 0 if i == 0 else derive_seed(0, i)}
+        st = est.fit(single, member, F64)
+        one = est.attribute(single, member, want_self_influence=True, runtime=F64)
         q = st.tensors["q"].numpy()
         kern.append(one.scores / q)
         kern_self.append(one.self_influence / q)

@@ -63,7 +63,7 @@ from ..gradients import (
     validate_problem,
 )
 from ..objectives import margin
-from ..projection import Projector, capped, make_projector
+from ..projection import Projector, capped, derive_seed, make_projector
 
 MAX_KERNEL_SIDE = 32768
 """Largest kernel inverted (``min(k, n)`` rows; float64, so at most 8 GiB)."""
@@ -138,10 +138,12 @@ class TRAK(Estimator):
             )
         return members
 
-    def _projector(self, problem, p: TRAKParams, runtime: Runtime) -> Projector:
+    def _projector(self, problem, p: TRAKParams, runtime: Runtime, member: int) -> Projector:
+        """An independent projection per ensemble member (as in the TRAK paper); member 0 uses ``seed``."""
         n_params = n_parameters(problem.model)
         kind, k = capped(p.projection, n_params, p.projection_dim)
-        return make_projector(kind, n_params, k, p.seed, runtime.device, runtime.dtype)
+        seed = p.seed if member == 0 else derive_seed(p.seed, member)
+        return make_projector(kind, n_params, k, seed, runtime.device, runtime.dtype)
 
     def check(self, problem_size: ProblemSize, params) -> None:
         p = as_params(self.Params, params)
@@ -173,8 +175,7 @@ class TRAK(Estimator):
             raise EstimatorError("the training set is empty", parameter="/train_dataset_id")
         members = self._members(problem, p)
         self.check(ProblemSize(n, problem.n_query, n_parameters(problem.model), len(problem.checkpoints)), p)
-        proj = self._projector(problem, p, runtime)
-        k = proj.k
+        k = self._projector(problem, p, runtime, 0).k
         dual = k > n
         rtol = max(k, n) * torch.finfo(torch.float64).eps  # numerically zero eigenvalues of the Gram
         dev = torch.device(runtime.device)
@@ -183,6 +184,7 @@ class TRAK(Estimator):
         ranks = []
         Qsum = torch.zeros(n, dtype=torch.float64, device=dev)
         for mi, (_, st) in enumerate(members):
+            proj = self._projector(problem, p, runtime, mi)
             rows = []
             for _, _, G in per_sample_gradients(
                 problem.model,
@@ -249,7 +251,6 @@ class TRAK(Estimator):
                 "the cached TRAK state does not match this problem's training set or checkpoints",
                 parameter="/method/params",
             )
-        proj = self._projector(problem, p, runtime)
         dual = info["form"] == "dual"
         dev = torch.device(runtime.device)
         lo, hi = column_range(problem, train_range)
@@ -266,6 +267,7 @@ class TRAK(Estimator):
             Phi_s = Phi[lo:hi]
             if S is not None:
                 # phi' = -(grad q) P: the projected gradient of the query margin (or of minus its loss)
+                proj = self._projector(problem, p, runtime, mi)
                 phi_q = -proj.project(query_gradients(problem, st, runtime, qt)).to(torch.float64)
                 if dual:
                     S += (phi_q @ Phi.T) @ inv[:, lo:hi]

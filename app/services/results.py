@@ -72,9 +72,10 @@ def prepare(
 ) -> PreparedResult:
     rows: list[dict] = []
     scores_uri = self_uri = values_uri = None
-    n_train = next(
-        len(a) for a in (scores.T if scores is not None else None, self_influence, values) if a is not None
-    )
+    if scores is not None:
+        n_train = int(scores.shape[1])
+    else:
+        n_train = len(self_influence if self_influence is not None else values)
     if scores is not None:
         if not np.isfinite(scores).all():
             raise ProblemError(

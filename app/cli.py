@@ -59,6 +59,8 @@ def serve(host: str, port: int, worker: bool | None, demo: bool, demo_output: st
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.resolved_database_url)
+    if settings.embedded:
+        _announce_local_admin(settings)
     child = None
     if worker if worker is not None else settings.embedded:
         argv = [
@@ -75,7 +77,9 @@ def serve(host: str, port: int, worker: bool | None, demo: bool, demo_output: st
         from app.demo import run_demo_when_ready
 
         threading.Thread(
-            target=run_demo_when_ready, args=(f"http://{host}:{port}", demo_output), daemon=True
+            target=run_demo_when_ready,
+            args=(f"http://{host}:{port}", demo_output, _admin_key(settings)),
+            daemon=True,
         ).start()
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level.lower())
@@ -86,6 +90,30 @@ def serve(host: str, port: int, worker: bool | None, demo: bool, demo_output: st
                 child.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 child.kill()
+
+
+def _announce_local_admin(settings) -> None:
+    """Embedded first start: create the local admin key and print it once."""
+    from app.db.session import session_scope
+    from app.services.api_keys import admin_key_file, ensure_local_admin
+
+    with session_scope(settings) as session:
+        token = ensure_local_admin(session, settings)
+    if token:
+        click.echo(
+            f"created tenant 'local' and its admin API key (saved to {admin_key_file(settings)}):\n"
+            f"  {token}\nsend it as 'Authorization: Bearer <key>'",
+            err=True,
+        )
+
+
+def _admin_key(settings) -> str:
+    from app.services.api_keys import admin_key_file
+
+    path = admin_key_file(settings)
+    if not path.exists():
+        raise click.ClickException(f"no API key given and no {path}; pass --api-key or set IA_API_KEY")
+    return path.read_text().strip()
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -127,11 +155,74 @@ def sweep() -> None:
 @main.command()
 @click.option("--url", default="http://127.0.0.1:8000", show_default=True)
 @click.option("--output", default="demo-output", show_default=True)
-def demo(url: str, output: str) -> None:
+@click.option(
+    "--api-key",
+    envvar="IA_API_KEY",
+    default=None,
+    help="Key to call with (default: the local admin key file).",
+)
+def demo(url: str, output: str, api_key: str | None) -> None:
     """Train an MLP on digits through the API, run TracInCP, print and plot top proponents/opponents."""
     from app.demo import run_demo
 
-    run_demo(url, output)
+    run_demo(url, output, api_key or _admin_key(get_settings()))
+
+
+@main.group()
+def keys() -> None:
+    """Tenants and API keys, straight in the database (bootstrap a deployment; no key needed)."""
+
+
+@keys.command("create")
+@click.option("--tenant", "tenant_name", required=True, help="Tenant name; created if it does not exist.")
+@click.option("--name", default="cli", show_default=True, help="A label for the key.")
+@click.option(
+    "--scope",
+    "scopes",
+    multiple=True,
+    type=click.Choice(["read", "write", "admin"]),
+    default=("read", "write"),
+    show_default=True,
+)
+@click.option("--expires-in-days", type=click.IntRange(min=1), default=None, help="Default: never expires.")
+def create_key(tenant_name: str, name: str, scopes: tuple[str, ...], expires_in_days: int | None) -> None:
+    """Mint an API key and print it (the only time it is shown)."""
+    from datetime import timedelta
+
+    from app.db.base import utcnow
+    from app.db.session import session_scope
+    from app.schemas.tenants import TenantCreate
+    from app.services import api_keys, tenants
+
+    settings = get_settings()
+    expires_at = utcnow() + timedelta(days=expires_in_days) if expires_in_days else None
+    with session_scope(settings) as session:
+        tenant = tenants.by_name(session, tenant_name) or tenants.create(
+            session, TenantCreate(name=tenant_name)
+        )
+        key, token = api_keys.create(
+            session, settings, tenant, name=name, scopes=list(scopes), expires_at=expires_at
+        )
+        click.echo(f"key {key.key_id} for tenant {tenant.name} ({', '.join(key.scopes)}):", err=True)
+    click.echo(token)
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+def revoke_key(key_id: str) -> None:
+    """Revoke a key by its key_id (the part after 'iak_')."""
+    from sqlalchemy import select
+
+    from app.db.models import ApiKey
+    from app.db.session import session_scope
+    from app.services import api_keys
+
+    with session_scope(get_settings()) as session:
+        key = session.scalar(select(ApiKey).where(ApiKey.key_id == key_id))
+        if key is None:
+            raise click.ClickException(f"no API key {key_id}")
+        api_keys.revoke(session, key)
+    click.echo(f"revoked {key_id}")
 
 
 if __name__ == "__main__":

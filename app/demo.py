@@ -28,10 +28,11 @@ def _wait(client: httpx.Client, path: str, done: set[str], timeout: float = 600)
         time.sleep(0.5)
 
 
-def run_demo(base_url: str, output: str) -> list[Path]:
+def run_demo(base_url: str, output: str, api_key: str) -> list[Path]:
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    with httpx.Client(base_url=base_url, timeout=60) as client:
+    headers = {"Authorization": f"Bearer {api_key}"}
+    with httpx.Client(base_url=base_url, timeout=60, headers=headers) as client:
         train = (
             client.post("/v1/datasets/builtin", json={"builtin": "sklearn:digits", "split": "train"})
             .raise_for_status()
@@ -133,7 +134,7 @@ def _report(results: dict, out: Path) -> list[Path]:
     return paths
 
 
-def run_demo_when_ready(base_url: str, output: str, timeout: float = 60) -> None:
+def run_demo_when_ready(base_url: str, output: str, api_key: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -143,6 +144,6 @@ def run_demo_when_ready(base_url: str, output: str, timeout: float = 60) -> None
             pass
         time.sleep(0.5)
     try:
-        run_demo(base_url, output)
+        run_demo(base_url, output, api_key)
     except Exception as exc:  # noqa: BLE001 - the server keeps running; say what went wrong
         print(f"demo failed: {exc}")

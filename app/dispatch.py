@@ -71,13 +71,14 @@ def client(settings: Settings) -> Celery:
     return _client(settings.model_dump_json())
 
 
-def _publish(settings: Settings, task: str, object_id: str) -> bool:
+def _publish(settings: Settings, task: str, object_id: str, countdown: float | None = None) -> bool:
     """Publish; a failure is logged, not raised: the row is committed and the sweeper re-publishes it."""
     try:
         client(settings).send_task(
             task,
             args=[object_id],
             queue=settings.compute_queue,
+            countdown=countdown,
             retry=True,
             retry_policy={"max_retries": 2, "interval_start": 0.2},
         )
@@ -87,8 +88,8 @@ def _publish(settings: Settings, task: str, object_id: str) -> bool:
         return False
 
 
-def enqueue_job(settings: Settings, job_id: str) -> bool:
-    return _publish(settings, RUN_JOB_TASK, job_id)
+def enqueue_job(settings: Settings, job_id: str, countdown: float | None = None) -> bool:
+    return _publish(settings, RUN_JOB_TASK, job_id, countdown)
 
 
 def enqueue_shard(settings: Settings, shard_id: str) -> bool:

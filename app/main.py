@@ -9,7 +9,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app.api import errors
-from app.api.routers import datasets, health, jobs, models
+from app.api.auth import AuthGate, install_log_redaction
+from app.api.ratelimit import RequestRateLimiter
+from app.api.routers import datasets, health, jobs, models, tenants
 from app.settings import Settings, get_settings
 from app.storage.artifacts import ArtifactStore
 
@@ -61,6 +63,7 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
     )
     app.state.settings = settings
     app.state.store = ArtifactStore(settings.resolved_artifact_dir)
+    app.state.rate_limiter = RequestRateLimiter(settings.rate_limit_storage_url)
     errors.install(app)
     app.add_middleware(
         errors.BodyLimitMiddleware,
@@ -68,6 +71,8 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
         upload_limit=settings.max_upload_bytes,
         upload_paths=UPLOAD_PATHS,
     )
-    for router in (health.router, datasets.router, models.router, jobs.router):
+    install_log_redaction()
+    app.add_middleware(AuthGate, settings=settings)  # outermost: nothing is read before the key is checked
+    for router in (health.router, tenants.router, datasets.router, models.router, jobs.router):
         app.include_router(router)
     return app

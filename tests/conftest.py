@@ -78,6 +78,7 @@ def integration_env(pg_url: str, redis_url: str, tmp_path_factory) -> dict[str, 
         "IA_REQUEUE_QUEUED_AFTER_SECONDS": "30",
         "IA_TORCH_THREADS": "1",
         "IA_COMPUTE_QUEUE": f"test-{uuid.uuid4().hex[:6]}",
+        "IA_API_KEY_PEPPER": f"test-pepper-{uuid.uuid4().hex}",
     }
 
 
@@ -173,6 +174,8 @@ class ServerProcess:
     """``influence serve`` in a subprocess: the real API process, optionally with its own worker."""
 
     def __init__(self, env: dict[str, str], log_path: Path, *args: str) -> None:
+        self.api_key: str | None = None  # what client() sends unless told otherwise
+        self.data_dir = Path(env.get("IA_DATA_DIR") or ".ia")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -198,6 +201,14 @@ class ServerProcess:
             time.sleep(0.3)
         raise RuntimeError("server did not become ready:\n" + self.log_path.read_text()[-4000:])
 
+    def client(self, api_key: str | None = None, **kwargs) -> httpx.Client:
+        """An HTTP client of this server that authenticates with ``api_key`` (default: the server's)."""
+        key = api_key or self.api_key
+        if key is None and (self.data_dir / "admin-api-key").exists():  # embedded: the key it created
+            key = self.api_key = (self.data_dir / "admin-api-key").read_text().strip()
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, timeout=60, headers=headers, **kwargs)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
@@ -207,17 +218,29 @@ class ServerProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
 
+def mint_key(settings: Settings, tenant: str, scopes=("read", "write", "admin"), **kwargs) -> str:
+    """A key for ``tenant`` (created if needed), minted in the database as ``influence keys create`` does."""
+    from app.db.session import session_scope
+    from app.schemas.tenants import TenantCreate
+    from app.services import api_keys, tenants
+
+    with session_scope(settings) as session:
+        row = tenants.by_name(session, tenant) or tenants.create(session, TenantCreate(name=tenant))
+        return api_keys.create(session, settings, row, name="test", scopes=list(scopes), **kwargs)[1]
+
+
 @pytest.fixture(scope="session")
-def api_server(integration_env, tmp_path_factory) -> Iterator[ServerProcess]:
-    """The API process of the production profile (PostgreSQL + Redis), without a worker."""
+def api_server(integration_env, integration_settings, tmp_path_factory) -> Iterator[ServerProcess]:
+    """The API process of the production profile (PostgreSQL + Redis), without a worker; tenant-a's key."""
     server = ServerProcess(
         integration_env, tmp_path_factory.mktemp("api") / "api.log", "--no-worker"
     ).wait_ready()
+    server.api_key = mint_key(integration_settings, "tenant-a")
     yield server
     server.stop()
 
 
 @pytest.fixture
 def client(api_server: ServerProcess) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=api_server.url, timeout=60) as c:
+    with api_server.client() as c:
         yield c

@@ -13,6 +13,8 @@ from sqlalchemy.orm import Session
 from app.db.models import Dataset
 from app.problems import ProblemError
 from app.schemas.datasets import BuiltinDatasetCreate
+from app.services import tenants
+from app.services.api_keys import Principal
 from app.services.pagination import paginate
 from app.storage.artifacts import ArtifactStore, StoredArtifact
 from app.storage.formats import ArrayDataset, read_dataset
@@ -38,6 +40,7 @@ def _num_classes(ds: ArrayDataset) -> int | None:
 def _store(
     session: Session,
     store: ArtifactStore,
+    owner: Principal,
     ds: ArrayDataset,
     *,
     name: str,
@@ -49,8 +52,10 @@ def _store(
     arrays = {"X": ds.x, "y": ds.y}
     if ds.ids is not None:
         arrays["ids"] = ds.ids
+    tenants.reserve_storage(session, owner.tenant_id, owner.limits, sum(a.nbytes for a in arrays.values()))
     stored: StoredArtifact = store.put_npz(**arrays)
     row = Dataset(
+        tenant_id=owner.tenant_id,
         name=name,
         source=source,
         format=fmt,
@@ -74,6 +79,7 @@ def _store(
 def create_from_upload(
     session: Session,
     store: ArtifactStore,
+    owner: Principal,
     *,
     path: Path,
     upload_sha256: str,
@@ -89,7 +95,15 @@ def create_from_upload(
     )
     details = {"label_column": label_column} if fmt == "parquet" else {}
     return _store(
-        session, store, ds, name=name, source="upload", fmt=fmt, upload_sha256=upload_sha256, details=details
+        session,
+        store,
+        owner,
+        ds,
+        name=name,
+        source="upload",
+        fmt=fmt,
+        upload_sha256=upload_sha256,
+        details=details,
     )
 
 
@@ -116,24 +130,37 @@ def _load_builtin(spec: BuiltinDatasetCreate) -> ArrayDataset:
     return ArrayDataset(x=x[rows].astype(np.float32), y=y[rows], ids=ids[rows], label_kind="int")
 
 
-def create_builtin(session: Session, store: ArtifactStore, spec: BuiltinDatasetCreate) -> Dataset:
+def create_builtin(
+    session: Session, store: ArtifactStore, owner: Principal, spec: BuiltinDatasetCreate
+) -> Dataset:
     ds = _load_builtin(spec)
     name = spec.name or f"{spec.builtin}[{spec.split}]"
     details = spec.model_dump(exclude={"name"})
     return _store(
-        session, store, ds, name=name, source="builtin", fmt="builtin", upload_sha256=None, details=details
+        session,
+        store,
+        owner,
+        ds,
+        name=name,
+        source="builtin",
+        fmt="builtin",
+        upload_sha256=None,
+        details=details,
     )
 
 
-def get(session: Session, dataset_id: str) -> Dataset:
+def get(session: Session, tenant_id: str, dataset_id: str) -> Dataset:
+    """The tenant's dataset; another tenant's answers 404 exactly like a missing one."""
     row = session.get(Dataset, dataset_id)
-    if row is None:
+    if row is None or row.tenant_id != tenant_id:
         raise ProblemError(404, "not-found", "Dataset not found", f"no dataset {dataset_id}")
     return row
 
 
-def list_page(session: Session, page_size: int, page_token: str | None):
-    return paginate(session, select(Dataset), Dataset, page_size, page_token)
+def list_page(session: Session, tenant_id: str, page_size: int, page_token: str | None):
+    return paginate(
+        session, select(Dataset).where(Dataset.tenant_id == tenant_id), Dataset, page_size, page_token
+    )
 
 
 def load_arrays(store: ArtifactStore, dataset: Dataset) -> DatasetArrays:

@@ -21,15 +21,20 @@ from sqlalchemy.orm import Session
 from app import dispatch
 from app.db.base import utcnow
 from app.db.models import TERMINAL_STATES, Checkpoint, Dataset, Job, JobShard, Model
-from app.db.session import session_scope
+from app.db.session import retry_transaction, session_scope
 from app.estimators import EstimatorError, ProblemSize, get_estimator
 from app.problems import FieldError, ProblemError, invalid_field
 from app.schemas.jobs import JobCreate
+from app.services import tenants
+from app.services.api_keys import Principal
 from app.services.pagination import paginate
 from app.services.validation import estimator_problem, validate_params
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+TENANT_BUSY_RETRY_SECONDS = 5.0
 
 
 class LeaseLost(Exception):
@@ -47,17 +52,17 @@ def _request_hash(body: JobCreate) -> str:
     return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-def _dataset(session: Session, dataset_id: str, pointer: str) -> Dataset:
+def _dataset(session: Session, tenant_id: str, dataset_id: str, pointer: str) -> Dataset:
     row = session.get(Dataset, dataset_id)
-    if row is None:
+    if row is None or row.tenant_id != tenant_id:
         raise invalid_field(pointer, f"no dataset {dataset_id}")
     return row
 
 
-def _validate(session: Session, settings: Settings, body: JobCreate) -> tuple[Model, dict]:
+def _validate(session: Session, settings: Settings, owner: Principal, body: JobCreate) -> tuple[Model, dict]:
     """Everything that can be refused before a worker touches the job."""
     model = session.get(Model, body.model_id)
-    if model is None:
+    if model is None or model.tenant_id != owner.tenant_id:
         raise invalid_field("/model_id", f"no model {body.model_id}")
     if model.state != "ready":
         raise invalid_field("/model_id", f"model is {model.state}, not ready")
@@ -67,8 +72,10 @@ def _validate(session: Session, settings: Settings, body: JobCreate) -> tuple[Mo
         raise estimator_problem(exc) from None
     params = validate_params(estimator.Params, body.method.params, "/method/params")
 
-    train = _dataset(session, body.train_dataset_id, "/train_dataset_id")
-    query = _dataset(session, body.query_dataset_id or body.train_dataset_id, "/query_dataset_id")
+    train = _dataset(session, owner.tenant_id, body.train_dataset_id, "/train_dataset_id")
+    query = _dataset(
+        session, owner.tenant_id, body.query_dataset_id or body.train_dataset_id, "/query_dataset_id"
+    )
     for ds, ptr in ((train, "/train_dataset_id"), (query, "/query_dataset_id")):
         if ds.feature_shape != train.feature_shape:
             raise invalid_field(ptr, "query and train datasets have different feature shapes")
@@ -102,13 +109,13 @@ def _validate(session: Session, settings: Settings, body: JobCreate) -> tuple[Mo
     n_query = len(body.query_indices) if body.query_indices is not None else query.n_examples
     size = ProblemSize(train.n_examples, n_query, model.n_parameters, len(checkpoints))
     cost = float(size.n_train) * size.n_query * size.n_parameters * max(1, size.n_checkpoints)
-    if cost > settings.max_job_cost:
+    if cost > owner.limits.max_job_cost:
         raise ProblemError(
             422,
             "job-too-large",
             "The job exceeds the cost limit",
             f"n_train x n_query x n_parameters x checkpoints = {cost:.3g} exceeds the limit "
-            f"{settings.max_job_cost:.3g}; use fewer queries or a smaller model",
+            f"{owner.limits.max_job_cost:.3g}; use fewer queries or a smaller model",
             [FieldError("/query_indices", "too many queries for this model and training set")],
         )
     try:
@@ -130,16 +137,18 @@ def _outputs(model: Model) -> int:
 
 
 def submit_influence(
-    session: Session, settings: Settings, body: JobCreate, idempotency_key: str | None
+    session: Session, settings: Settings, owner: Principal, body: JobCreate, idempotency_key: str | None
 ) -> tuple[Job, bool]:
     """Validate, insert and commit the job, then publish it. Returns (job, created)."""
     request_hash = _request_hash(body)
     if idempotency_key:
-        existing = _by_idempotency_key(session, idempotency_key, request_hash)
+        existing = _by_idempotency_key(session, owner.tenant_id, idempotency_key, request_hash)
         if existing is not None:
             return existing, False
-    model, spec = _validate(session, settings, body)
+    model, spec = _validate(session, settings, owner, body)
+    tenants.reserve_job_slot(session, owner.tenant_id, owner.limits)
     job = Job(
+        tenant_id=owner.tenant_id,
         kind="influence",
         state="queued",
         model_id=model.id,
@@ -157,7 +166,7 @@ def submit_influence(
         session.commit()
     except IntegrityError:  # a concurrent request with the same key won the insert
         session.rollback()
-        existing = _by_idempotency_key(session, idempotency_key or "", request_hash)
+        existing = _by_idempotency_key(session, owner.tenant_id, idempotency_key or "", request_hash)
         if existing is None:
             raise
         return existing, False
@@ -165,8 +174,8 @@ def submit_influence(
     return job, True
 
 
-def _by_idempotency_key(session: Session, key: str, request_hash: str) -> Job | None:
-    job = session.scalar(select(Job).where(Job.idempotency_key == key))
+def _by_idempotency_key(session: Session, tenant_id: str, key: str, request_hash: str) -> Job | None:
+    job = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
     if job is not None and job.request_hash != request_hash:
         raise ProblemError(
             422,
@@ -184,17 +193,23 @@ def publish_after_commit(session: Session, settings: Settings, job: Job | None) 
         dispatch.enqueue_job(settings, job.id)
 
 
-def get(session: Session, job_id: str, kind: str | None = "influence") -> Job:
+def get(session: Session, tenant_id: str, job_id: str, kind: str | None = "influence") -> Job:
+    """The tenant's job; another tenant's answers 404 exactly like a missing one."""
     job = session.get(Job, job_id)
-    if job is None or (kind is not None and job.kind != kind):
+    if job is None or job.tenant_id != tenant_id or (kind is not None and job.kind != kind):
         raise ProblemError(404, "not-found", "Job not found", f"no job {job_id}")
     return job
 
 
 def list_page(
-    session: Session, page_size: int, page_token: str | None, state: str | None, model_id: str | None
+    session: Session,
+    tenant_id: str,
+    page_size: int,
+    page_token: str | None,
+    state: str | None,
+    model_id: str | None,
 ):
-    stmt = select(Job).where(Job.kind == "influence")
+    stmt = select(Job).where(Job.tenant_id == tenant_id, Job.kind == "influence")
     if state:
         stmt = stmt.where(Job.state == state)
     if model_id:
@@ -243,6 +258,10 @@ def claim(settings: Settings, job_id: str, worker_id: str) -> Claim | None:
     now = utcnow()
     lease_until = now + timedelta(seconds=settings.lease_seconds)
     with session_scope(settings) as session:
+        if not tenants.running_slot_free(session, settings, job_id):
+            log.info("job %s waits: its tenant is at its running-jobs limit", job_id)
+            dispatch.enqueue_job(settings, job_id, countdown=TENANT_BUSY_RETRY_SECONDS)
+            return None
         row = session.execute(
             update(Job)
             .where(
@@ -301,20 +320,22 @@ def finish(
 ) -> bool:
     """Move running -> ``state`` and apply ``write`` in one transaction guarded by the attempt.
 
-    Returns False (and writes nothing) when this delivery lost the job.
+    Returns False (and writes nothing) when this delivery lost the job. Retried while the
+    database is unreachable, so a PostgreSQL restart does not throw the computed result away.
     """
     assert state in TERMINAL_STATES
-    now = utcnow()
-    values: dict = {
-        "state": state,
-        "finished_at": now,
-        "error": error,
-        "lease_expires_at": None,
-        "updated_at": now,
-    }
-    if progress is not None:
-        values["progress"] = progress
-    with session_scope(settings) as session:
+
+    def transaction(session: Session) -> bool:
+        now = utcnow()
+        values: dict = {
+            "state": state,
+            "finished_at": now,
+            "error": error,
+            "lease_expires_at": None,
+            "updated_at": now,
+        }
+        if progress is not None:
+            values["progress"] = progress
         moved = session.execute(
             update(Job)
             .where(Job.id == claim.job_id, Job.attempt == claim.attempt, Job.state == "running")
@@ -327,7 +348,9 @@ def finish(
             write(session)
         if claim.kind == "training" and state != "succeeded":
             _fail_model(session, claim.job_id, error)
-    return True
+        return True
+
+    return retry_transaction(settings, transaction)
 
 
 def _fail_model(session: Session, job_id: str, error: dict | None) -> None:

@@ -14,6 +14,8 @@ from app.db.models import Checkpoint, Dataset, Job, Model
 from app.estimators import EstimatorError, Recipe, TaskSpec, get_architecture, init_model
 from app.problems import FieldError, ProblemError, invalid_field
 from app.schemas.models import CheckpointMeta, ModelCreate
+from app.services import tenants
+from app.services.api_keys import Principal
 from app.services.pagination import paginate
 from app.services.validation import estimator_problem, validate_params
 from app.settings import Settings
@@ -84,6 +86,7 @@ def create(
     session: Session,
     store: ArtifactStore,
     settings: Settings,
+    owner: Principal,
     spec: ModelCreate,
     weights: WeightsUpload | None,
     checkpoints: list[WeightsUpload],
@@ -110,7 +113,7 @@ def create(
     dataset = None
     if spec.train_dataset_id is not None:
         dataset = session.get(Dataset, spec.train_dataset_id)
-        if dataset is None:
+        if dataset is None or dataset.tenant_id != owner.tenant_id:
             raise invalid_field("/spec/train_dataset_id", f"no dataset {spec.train_dataset_id}")
         _check_dataset_fits(arch, params, task, dataset, "/spec/train_dataset_id")
     if weights is None and dataset is None:
@@ -123,7 +126,11 @@ def create(
             f"{len(checkpoints)} checkpoint files but {len(spec.checkpoints)} entries in spec.checkpoints",
         )
 
+    uploads = ([weights] if weights is not None else []) + checkpoints
+    size_bytes = sum(upload.path.stat().st_size for upload in uploads)
+    tenants.reserve_storage(session, owner.tenant_id, owner.limits, size_bytes)
     model = Model(
+        tenant_id=owner.tenant_id,
         name=spec.name,
         architecture=arch.name,
         architecture_params=asdict(params),
@@ -133,10 +140,11 @@ def create(
         state="ready" if weights is not None else "training",
         n_parameters=n_parameters,
         train_dataset_id=spec.train_dataset_id,
+        size_bytes=size_bytes,
     )
     _check_unique_steps(spec.checkpoints)
     # Validate every file before storing any, so a bad checkpoint leaves no orphaned weights behind.
-    for upload in ([weights] if weights is not None else []) + checkpoints:
+    for upload in uploads:
         _check_state(module, _read_weights(upload, settings), upload.pointer)
     if weights is not None:
         stored = store.commit(weights.path, ".safetensors", weights.sha256)
@@ -152,6 +160,7 @@ def create(
     job = None
     if weights is None:
         job = Job(
+            tenant_id=owner.tenant_id,
             kind="training",
             model_id=model.id,
             train_dataset_id=dataset.id,
@@ -184,6 +193,7 @@ def add_checkpoint(
     session: Session,
     store: ArtifactStore,
     settings: Settings,
+    owner: Principal,
     model: Model,
     upload: WeightsUpload,
     meta: CheckpointMeta,
@@ -193,7 +203,10 @@ def add_checkpoint(
             409, "conflict", "Checkpoint exists", f"model already has a checkpoint at step {meta.step}"
         )
     _check_state(build_model(model), _read_weights(upload, settings), upload.pointer)
+    size_bytes = upload.path.stat().st_size
+    tenants.reserve_storage(session, owner.tenant_id, owner.limits, size_bytes)
     stored = store.commit(upload.path, ".safetensors", upload.sha256)
+    model.size_bytes += size_bytes
     checkpoint = Checkpoint(
         step=meta.step, learning_rate=meta.learning_rate, uri=stored.uri, sha256=stored.sha256
     )
@@ -202,15 +215,16 @@ def add_checkpoint(
     return checkpoint
 
 
-def get(session: Session, model_id: str) -> Model:
+def get(session: Session, tenant_id: str, model_id: str) -> Model:
+    """The tenant's model; another tenant's answers 404 exactly like a missing one."""
     row = session.get(Model, model_id)
-    if row is None:
+    if row is None or row.tenant_id != tenant_id:
         raise ProblemError(404, "not-found", "Model not found", f"no model {model_id}")
     return row
 
 
-def list_page(session: Session, page_size: int, page_token: str | None):
-    return paginate(session, select(Model), Model, page_size, page_token)
+def list_page(session: Session, tenant_id: str, page_size: int, page_token: str | None):
+    return paginate(session, select(Model).where(Model.tenant_id == tenant_id), Model, page_size, page_token)
 
 
 def rename(session: Session, model: Model, name: str) -> Model:

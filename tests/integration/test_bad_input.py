@@ -100,14 +100,13 @@ def test_shape_mismatch(client, unchanged):
 
 def test_oversize_upload(client, unchanged, integration_env, tmp_path_factory):
     """A second API process with a 64 KiB cap answers 413 while streaming (and by Content-Length)."""
-    import httpx
 
     from tests.conftest import ServerProcess
 
     env = {**integration_env, "IA_MAX_UPLOAD_BYTES": str(64 * 1024), "IA_SWEEP_INTERVAL_SECONDS": "0"}
     server = ServerProcess(env, tmp_path_factory.mktemp("cap") / "api.log", "--no-worker").wait_ready()
     try:
-        with httpx.Client(base_url=server.url) as capped:
+        with server.client(api_key=client.headers["authorization"].removeprefix("Bearer ")) as capped:
             big = _npz(X=np.ones((20_000, 4), np.float32), y=np.zeros(20_000, np.int64))
             assert_problem(_upload(capped, "big.npz", big), 413, "too-large")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import httpx
 import pytest
 
 from tests.conftest import ServerProcess
@@ -17,7 +16,7 @@ def test_embedded_profile_end_to_end(tmp_path):
         env[key] = ""
     server = ServerProcess(env, tmp_path / "serve.log").wait_ready()
     try:
-        with httpx.Client(base_url=server.url, timeout=60) as client:
+        with server.client() as client:
             assert client.get("/readyz").json()["checks"] == {"database": "ok", "broker": "ok"}
             train = builtin(client, "sklearn:digits", "train")
             test = builtin(client, "sklearn:digits", "test")

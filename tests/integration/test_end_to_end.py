@@ -18,12 +18,11 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def trained(api_server, integration_env, tmp_path_factory):
     """One worker, two datasets and a model trained by the service, shared by this module."""
-    import httpx
 
     from tests.conftest import WorkerProcess
 
     worker = WorkerProcess(integration_env, tmp_path_factory.mktemp("w") / "worker.log").start()
-    with httpx.Client(base_url=api_server.url, timeout=60) as client:
+    with api_server.client() as client:
         train = builtin(client, "sklearn:digits", "train")
         test = builtin(client, "sklearn:digits", "test")
         model = train_digits_model(client, train["id"])
@@ -186,7 +185,6 @@ def test_submit_time_refusals(trained):
 
 def test_cost_cap_refuses_at_submit(api_server, integration_env, tmp_path_factory, trained):
     """A second API process with a tiny cost cap refuses the same job with 422 before queueing."""
-    import httpx
 
     from tests.conftest import ServerProcess
 
@@ -194,7 +192,7 @@ def test_cost_cap_refuses_at_submit(api_server, integration_env, tmp_path_factor
     env = {**integration_env, "IA_MAX_JOB_COST": "1000", "IA_SWEEP_INTERVAL_SECONDS": "0"}
     server = ServerProcess(env, tmp_path_factory.mktemp("cap") / "api.log", "--no-worker").wait_ready()
     try:
-        with httpx.Client(base_url=server.url) as capped:
+        with server.client(api_key=client.headers["authorization"].removeprefix("Bearer ")) as capped:
             body = assert_problem(
                 submit(
                     capped,

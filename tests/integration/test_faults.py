@@ -24,9 +24,8 @@ SLOW_NET = {
 @pytest.fixture(scope="module")
 def slow_job_body(api_server):
     """A TracInCP job that takes several seconds on one thread (a 77k-parameter conv net, 6 checkpoints)."""
-    import httpx
 
-    with httpx.Client(base_url=api_server.url, timeout=60) as client:
+    with api_server.client() as client:
         train = builtin(client, "sklearn:digits", "train")
         arch = get_architecture("cnn")
         params = validate_params(arch.Params, SLOW_NET["params"], "")

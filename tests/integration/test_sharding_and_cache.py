@@ -12,14 +12,13 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def setup(api_server, integration_env, tmp_path_factory):
-    import httpx
 
     from tests.conftest import WorkerProcess
 
     workers = [
         WorkerProcess(integration_env, tmp_path_factory.mktemp("w") / f"w{i}.log").start() for i in range(2)
     ]
-    with httpx.Client(base_url=api_server.url, timeout=60) as client:
+    with api_server.client() as client:
         train = builtin(client, "sklearn:digits", "train")
         test = builtin(client, "sklearn:digits", "test")
         model = train_digits_model(client, train["id"])

@@ -12,12 +12,11 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def cancer(api_server, integration_env, tmp_path_factory):
-    import httpx
 
     from tests.conftest import WorkerProcess
 
     worker = WorkerProcess(integration_env, tmp_path_factory.mktemp("w") / "w.log").start()
-    with httpx.Client(base_url=api_server.url, timeout=60) as client:
+    with api_server.client() as client:
         train = builtin(client, "sklearn:breast_cancer", "train")
         test = builtin(client, "sklearn:breast_cancer", "test")
         spec = {

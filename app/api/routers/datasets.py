@@ -5,6 +5,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 
+from app.api.auth import ReadAccess, WriteAccess
 from app.api.deps import (
     DEFAULT_PAGE,
     PageSize,
@@ -42,6 +43,7 @@ def _infer_format(filename: str | None) -> str:
     "", status_code=201, response_model=DatasetRead, summary="Upload a dataset (.npz, .safetensors, Parquet)"
 )
 def upload_dataset(
+    owner: WriteAccess,
     request: Request,
     response: Response,
     session: SessionDep,
@@ -62,6 +64,7 @@ def upload_dataset(
         row = service.create_from_upload(
             session,
             store,
+            owner,
             path=staged.path,
             upload_sha256=staged.sha256,
             fmt=fmt,
@@ -78,19 +81,29 @@ def upload_dataset(
     "/builtin", status_code=201, response_model=DatasetRead, summary="Register a bundled sklearn dataset"
 )
 def create_builtin_dataset(
-    body: BuiltinDatasetCreate, request: Request, response: Response, session: SessionDep, store: StoreDep
+    owner: WriteAccess,
+    body: BuiltinDatasetCreate,
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    store: StoreDep,
 ):
-    row = service.create_builtin(session, store, body)
+    row = service.create_builtin(session, store, owner, body)
     response.headers["Location"] = str(request.url_for("get_dataset", dataset_id=row.id))
     return DatasetRead.model_validate(row)
 
 
 @router.get("", response_model=Page[DatasetRead])
-def list_datasets(session: SessionDep, page_size: PageSize = DEFAULT_PAGE, page_token: PageToken = None):
-    rows, token = service.list_page(session, page_size, page_token)
+def list_datasets(
+    caller: ReadAccess, session: SessionDep, page_size: PageSize = DEFAULT_PAGE, page_token: PageToken = None
+):
+    rows, token = service.list_page(session, caller.tenant_id, page_size, page_token)
     return Page[DatasetRead](items=[DatasetRead.model_validate(r) for r in rows], next_page_token=token)
 
 
 @router.get("/{dataset_id}", response_model=DatasetRead)
-def get_dataset(dataset_id: str, request: Request, response: Response, session: SessionDep):
-    return conditional(request, response, DatasetRead.model_validate(service.get(session, dataset_id)))
+def get_dataset(
+    caller: ReadAccess, dataset_id: str, request: Request, response: Response, session: SessionDep
+):
+    row = service.get(session, caller.tenant_id, dataset_id)
+    return conditional(request, response, DatasetRead.model_validate(row))

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
 from safetensors.numpy import save as save_safetensors
 
+from app.api.auth import ReadAccess, WriteAccess
 from app.api.deps import DEFAULT_PAGE, PageSize, SessionDep, SettingsDep, StoreDep, conditional
 from app.db.models import TERMINAL_STATES, Job
 from app.estimators import ORIENTATION, REGISTRY, SIGN_CONVENTION
@@ -72,6 +73,7 @@ def _status_response(request: Request, response: Response, job: Job):
 
 @router.post("/v1/influence-jobs", status_code=202, response_model=JobRead, summary="Submit an influence job")
 def submit_job(
+    owner: WriteAccess,
     body: JobCreate,
     request: Request,
     response: Response,
@@ -84,7 +86,7 @@ def submit_job(
     Same ``Idempotency-Key`` and body returns the original job; same key with a
     different body is a 422.
     """
-    job, _created = service.submit_influence(session, settings, body, idempotency_key)
+    job, _created = service.submit_influence(session, settings, owner, body, idempotency_key)
     response.headers["Location"] = f"/v1/influence-jobs/{job.id}"
     response.headers["Retry-After"] = POLL_SECONDS
     return job_read(request, job)
@@ -92,6 +94,7 @@ def submit_job(
 
 @router.get("/v1/influence-jobs", response_model=Page[JobRead])
 def list_jobs(
+    caller: ReadAccess,
     request: Request,
     session: SessionDep,
     state: JobState | None = None,
@@ -99,29 +102,32 @@ def list_jobs(
     page_size: PageSize = DEFAULT_PAGE,
     page_token: str | None = None,
 ):
-    rows, token = service.list_page(session, page_size, page_token, state, model_id)
+    rows, token = service.list_page(session, caller.tenant_id, page_size, page_token, state, model_id)
     return Page[JobRead](items=[job_read(request, j) for j in rows], next_page_token=token)
 
 
 @router.get("/v1/influence-jobs/{job_id}", response_model=JobRead, summary="Job status, progress and error")
-def get_job(job_id: str, request: Request, response: Response, session: SessionDep):
-    return _status_response(request, response, service.get(session, job_id))
+def get_job(caller: ReadAccess, job_id: str, request: Request, response: Response, session: SessionDep):
+    return _status_response(request, response, service.get(session, caller.tenant_id, job_id))
 
 
 @router.get("/v1/training-jobs/{job_id}", response_model=JobRead, summary="Status of a model's training job")
-def get_training_job(job_id: str, request: Request, response: Response, session: SessionDep):
-    return _status_response(request, response, service.get(session, job_id, kind="training"))
+def get_training_job(
+    caller: ReadAccess, job_id: str, request: Request, response: Response, session: SessionDep
+):
+    job = service.get(session, caller.tenant_id, job_id, kind="training")
+    return _status_response(request, response, job)
 
 
 @router.post("/v1/influence-jobs/{job_id}/cancel", status_code=202, response_model=JobRead)
-def cancel_job(job_id: str, request: Request, session: SessionDep):
+def cancel_job(owner: WriteAccess, job_id: str, request: Request, session: SessionDep):
     """Idempotent. A running job stops at its next batch; 409 once it succeeded or failed."""
-    return job_read(request, service.request_cancel(session, service.get(session, job_id)))
+    return job_read(request, service.request_cancel(session, service.get(session, owner.tenant_id, job_id)))
 
 
 @router.delete("/v1/influence-jobs/{job_id}", status_code=204)
-def delete_job(job_id: str, session: SessionDep) -> Response:
-    service.delete(session, service.get(session, job_id))
+def delete_job(owner: WriteAccess, job_id: str, session: SessionDep) -> Response:
+    service.delete(session, service.get(session, owner.tenant_id, job_id))
     return Response(status_code=204)
 
 
@@ -131,13 +137,14 @@ def delete_job(job_id: str, session: SessionDep) -> Response:
     summary="Top-k proponents and opponents per query",
 )
 def get_results(
+    caller: ReadAccess,
     job_id: str,
     session: SessionDep,
     page_size: PageSize = DEFAULT_PAGE,
     page_token: str | None = None,
     query_index: Annotated[int | None, Query(ge=0)] = None,
 ):
-    job = service.get(session, job_id)
+    job = service.get(session, caller.tenant_id, job_id)
     result = results_service.get_result(session, job)
     after = None
     if page_token:
@@ -160,8 +167,10 @@ def get_results(
     )
 
 
-def _artifact(session, store, job_id: str, which: Literal["scores", "self_influence"], fmt: str):
-    job = service.get(session, job_id)
+def _artifact(
+    session, store, tenant_id: str, job_id: str, which: Literal["scores", "self_influence"], fmt: str
+):
+    job = service.get(session, tenant_id, job_id)
     result = results_service.get_result(session, job)
     uri = result.scores_uri if which == "scores" else result.self_influence_uri
     if uri is None:
@@ -197,8 +206,10 @@ ArtifactFormat = Annotated[Literal["npy", "safetensors"], Query(description="Fil
     responses={200: {"content": {"application/octet-stream": {}}}},
     summary="The full query-major m x n score matrix",
 )
-def get_scores(job_id: str, session: SessionDep, store: StoreDep, format: ArtifactFormat = "npy"):
-    return _artifact(session, store, job_id, "scores", format)
+def get_scores(
+    caller: ReadAccess, job_id: str, session: SessionDep, store: StoreDep, format: ArtifactFormat = "npy"
+):
+    return _artifact(session, store, caller.tenant_id, job_id, "scores", format)
 
 
 @router.get(
@@ -207,8 +218,10 @@ def get_scores(job_id: str, session: SessionDep, store: StoreDep, format: Artifa
     responses={200: {"content": {"application/octet-stream": {}}}},
     summary="Self-influence of every training example (length n)",
 )
-def get_self_influence(job_id: str, session: SessionDep, store: StoreDep, format: ArtifactFormat = "npy"):
-    return _artifact(session, store, job_id, "self_influence", format)
+def get_self_influence(
+    caller: ReadAccess, job_id: str, session: SessionDep, store: StoreDep, format: ArtifactFormat = "npy"
+):
+    return _artifact(session, store, caller.tenant_id, job_id, "self_influence", format)
 
 
 @router.get(
@@ -217,6 +230,7 @@ def get_self_influence(job_id: str, session: SessionDep, store: StoreDep, format
     summary="Data values per training example (valuation methods), lowest first by default",
 )
 def get_values(
+    caller: ReadAccess,
     job_id: str,
     session: SessionDep,
     store: StoreDep,
@@ -225,7 +239,7 @@ def get_values(
     page_token: str | None = None,
 ):
     """Lowest values first: the training examples most likely mislabeled or harmful."""
-    job = service.get(session, job_id)
+    job = service.get(session, caller.tenant_id, job_id)
     result = results_service.get_result(session, job)
     offset = 0
     if page_token:
@@ -247,7 +261,7 @@ def get_values(
 
 
 @router.get("/v1/estimators", response_model=list[EstimatorRead], tags=["catalog"])
-def list_estimators(settings: SettingsDep):
+def list_estimators(caller: ReadAccess):
     """Every estimator with its parameters as JSON Schema."""
     return [
         EstimatorRead(

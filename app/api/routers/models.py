@@ -6,6 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from pydantic import ValidationError
 
+from app.api.auth import ReadAccess, WriteAccess
 from app.api.deps import (
     DEFAULT_PAGE,
     PageSize,
@@ -60,6 +61,7 @@ def _parse_spec(raw: str) -> ModelCreate:
     "/v1/models", status_code=201, response_model=ModelRead, summary="Register (and optionally train) a model"
 )
 def create_model(
+    owner: WriteAccess,
     request: Request,
     response: Response,
     session: SessionDep,
@@ -83,38 +85,48 @@ def create_model(
         staged_checkpoints = [
             stage_upload(stack, store, f, f"/checkpoints/{i}") for i, f in enumerate(checkpoints or [])
         ]
-        model, job = service.create(session, store, settings, body, staged_weights, staged_checkpoints)
+        model, job = service.create(session, store, settings, owner, body, staged_weights, staged_checkpoints)
         jobs_service.publish_after_commit(session, settings, job)
     response.headers["Location"] = str(request.url_for("get_model", model_id=model.id))
     return model_read(model)
 
 
 @router.get("/v1/models", response_model=Page[ModelRead])
-def list_models(session: SessionDep, page_size: PageSize = DEFAULT_PAGE, page_token: PageToken = None):
-    rows, token = service.list_page(session, page_size, page_token)
+def list_models(
+    caller: ReadAccess, session: SessionDep, page_size: PageSize = DEFAULT_PAGE, page_token: PageToken = None
+):
+    rows, token = service.list_page(session, caller.tenant_id, page_size, page_token)
     return Page[ModelRead](items=[model_read(r) for r in rows], next_page_token=token)
 
 
 @router.get("/v1/models/{model_id}", response_model=ModelRead)
-def get_model(model_id: str, request: Request, response: Response, session: SessionDep):
-    return conditional(request, response, model_read(service.get(session, model_id)))
+def get_model(caller: ReadAccess, model_id: str, request: Request, response: Response, session: SessionDep):
+    return conditional(request, response, model_read(service.get(session, caller.tenant_id, model_id)))
 
 
 @router.patch("/v1/models/{model_id}", response_model=ModelRead)
-def update_model(model_id: str, body: ModelUpdate, request: Request, response: Response, session: SessionDep):
-    model = service.get(session, model_id)
+def update_model(
+    owner: WriteAccess,
+    model_id: str,
+    body: ModelUpdate,
+    request: Request,
+    response: Response,
+    session: SessionDep,
+):
+    model = service.get(session, owner.tenant_id, model_id)
     require_match(request, model_read(model))
     return conditional(request, response, model_read(service.rename(session, model, body.name)))
 
 
 @router.delete("/v1/models/{model_id}", status_code=204)
-def delete_model(model_id: str, session: SessionDep) -> Response:
-    service.delete(session, service.get(session, model_id))
+def delete_model(owner: WriteAccess, model_id: str, session: SessionDep) -> Response:
+    service.delete(session, service.get(session, owner.tenant_id, model_id))
     return Response(status_code=204)
 
 
 @router.post("/v1/models/{model_id}/checkpoints", status_code=201, response_model=CheckpointRead)
 def add_checkpoint(
+    owner: WriteAccess,
     model_id: str,
     request: Request,
     response: Response,
@@ -125,24 +137,30 @@ def add_checkpoint(
     step: Annotated[int, Form(ge=0)],
     learning_rate: Annotated[float | None, Form(ge=0)] = None,
 ):
-    model = service.get(session, model_id)
+    model = service.get(session, owner.tenant_id, model_id)
     with ExitStack() as stack:
         staged = stage_upload(stack, store, file, "/file")
         checkpoint = service.add_checkpoint(
-            session, store, settings, model, staged, CheckpointMeta(step=step, learning_rate=learning_rate)
+            session,
+            store,
+            settings,
+            owner,
+            model,
+            staged,
+            CheckpointMeta(step=step, learning_rate=learning_rate),
         )
     response.headers["Location"] = str(request.url_for("list_checkpoints", model_id=model_id))
     return CheckpointRead.model_validate(checkpoint)
 
 
 @router.get("/v1/models/{model_id}/checkpoints", response_model=Page[CheckpointRead])
-def list_checkpoints(model_id: str, session: SessionDep):
-    model = service.get(session, model_id)
+def list_checkpoints(caller: ReadAccess, model_id: str, session: SessionDep):
+    model = service.get(session, caller.tenant_id, model_id)
     return Page[CheckpointRead](items=[CheckpointRead.model_validate(c) for c in model.checkpoints])
 
 
 @router.get("/v1/architectures", response_model=ArchitectureCatalog, tags=["catalog"])
-def list_architectures():
+def list_architectures(caller: ReadAccess):
     """Architectures of the server-side registry and the training recipe schema."""
     return ArchitectureCatalog(
         architectures=[

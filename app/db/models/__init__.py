@@ -5,8 +5,10 @@ from app.db.models.job import TERMINAL_STATES, Job
 from app.db.models.model import Checkpoint, Model
 from app.db.models.result import InfluenceResult, QueryResult
 from app.db.models.shard import JobShard, TrainStateEntry
+from app.db.models.tenant import ApiKey, Tenant
 
 __all__ = [
+    "ApiKey",
     "Checkpoint",
     "Dataset",
     "InfluenceResult",
@@ -14,6 +16,7 @@ __all__ = [
     "JobShard",
     "Model",
     "QueryResult",
+    "Tenant",
     "TERMINAL_STATES",
     "TrainStateEntry",
 ]

@@ -19,8 +19,9 @@ class Job(IdMixin, TimestampMixin, Base):
     """
 
     __tablename__ = "job"
-    __table_args__ = (UniqueConstraint("idempotency_key"),)
+    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key"),)
 
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenant.id", ondelete="CASCADE"), index=True)
     kind: Mapped[str] = mapped_column(String(20), index=True)  # influence | training
     state: Mapped[str] = mapped_column(String(20), index=True, default="queued")
     model_id: Mapped[str] = mapped_column(ForeignKey("model.id", ondelete="CASCADE"), index=True)

@@ -11,6 +11,7 @@ class Model(IdMixin, TimestampMixin, Base):
 
     __tablename__ = "model"
 
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenant.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(200))
     architecture: Mapped[str] = mapped_column(String(100))
     architecture_params: Mapped[dict] = mapped_column()
@@ -23,6 +24,7 @@ class Model(IdMixin, TimestampMixin, Base):
     training_job_id: Mapped[str | None] = mapped_column(String(36))
     weights_uri: Mapped[str | None] = mapped_column(String(500))
     weights_sha256: Mapped[str | None] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # uploaded bytes
     error: Mapped[dict | None] = mapped_column()
     version: Mapped[int] = mapped_column(default=1)
 

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import Field
+
+from app.schemas.common import ReadModel, RequestModel
+
+Scope = Literal["read", "write", "admin"]
+
+
+class TenantLimits(RequestModel):
+    """Per-tenant overrides of the deployment's defaults; an absent field keeps the default."""
+
+    max_active_jobs: int | None = Field(None, ge=0, description="Queued plus running jobs (429 beyond).")
+    max_running_jobs: int | None = Field(None, ge=1, description="Jobs computing at once; more wait queued.")
+    max_storage_bytes: int | None = Field(None, ge=0, description="Uploaded dataset and model bytes kept.")
+    read_requests_per_second: int | None = Field(None, ge=1, description="GET/HEAD requests per second.")
+    write_requests_per_second: int | None = Field(None, ge=1, description="Other requests per second.")
+    max_job_cost: float | None = Field(None, gt=0, description="n_train * n_query * n_parameters cap.")
+
+
+class TenantCreate(RequestModel):
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    limits: TenantLimits = Field(default_factory=TenantLimits)
+
+
+class TenantUpdate(RequestModel):
+    limits: TenantLimits
+
+
+class EffectiveLimits(ReadModel):
+    max_active_jobs: int
+    max_running_jobs: int
+    max_storage_bytes: int
+    read_requests_per_second: int
+    write_requests_per_second: int
+    max_job_cost: float
+
+
+class TenantRead(ReadModel):
+    id: str
+    name: str
+    limits: TenantLimits = Field(description="Overrides set on this tenant.")
+    effective_limits: EffectiveLimits = Field(description="What applies: overrides over the defaults.")
+    created_at: datetime
+
+
+class ApiKeyCreate(RequestModel):
+    name: str = Field(min_length=1, max_length=100)
+    scopes: list[Scope] = Field(
+        min_length=1, description="read: GET; write: create, cancel, delete; admin: all."
+    )
+    expires_at: datetime | None = Field(None, description="Timezone-aware; absent means it never expires.")
+
+
+class ApiKeyRead(ReadModel):
+    key_id: str = Field(description="The key's public handle (its prefix); never the secret.")
+    tenant_id: str
+    name: str
+    scopes: list[Scope]
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+    created_at: datetime
+
+
+class ApiKeyCreated(ApiKeyRead):
+    key: str = Field(description="The secret, shown only in this response: store it now.")
+
+
+class WhoAmI(ReadModel):
+    tenant: TenantRead
+    key_id: str
+    scopes: list[Scope]
+    storage_bytes_used: int
+    active_jobs: int

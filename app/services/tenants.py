@@ -1,0 +1,136 @@
+"""Tenants and their quotas: every quota is checked inside the transaction that would exceed it.
+
+The tenant row is locked (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite
+serialises writers anyway) before counting, so two concurrent requests
+cannot both take the last slot.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.db.models import Dataset, Job, Model, Tenant
+from app.problems import ProblemError
+from app.schemas.tenants import EffectiveLimits, TenantCreate, TenantLimits
+from app.services.pagination import paginate
+from app.settings import Settings
+
+ACTIVE_STATES = ("queued", "running")
+QUOTA_RETRY_SECONDS = 10
+
+
+def effective_limits(settings: Settings, tenant: Tenant) -> EffectiveLimits:
+    overrides = TenantLimits.model_validate(tenant.limits or {}).model_dump(exclude_none=True)
+    defaults = {
+        "max_active_jobs": settings.tenant_max_active_jobs,
+        "max_running_jobs": settings.tenant_max_running_jobs,
+        "max_storage_bytes": settings.tenant_max_storage_bytes,
+        "read_requests_per_second": settings.tenant_read_requests_per_second,
+        "write_requests_per_second": settings.tenant_write_requests_per_second,
+        "max_job_cost": settings.max_job_cost,
+    }
+    return EffectiveLimits(**{**defaults, **overrides})
+
+
+def create(session: Session, body: TenantCreate) -> Tenant:
+    tenant = Tenant(name=body.name, limits=body.limits.model_dump(exclude_none=True))
+    session.add(tenant)
+    try:
+        session.flush()
+    except IntegrityError:
+        session.rollback()
+        raise ProblemError(409, "conflict", "Tenant exists", f"a tenant named {body.name!r} exists") from None
+    return tenant
+
+
+def get(session: Session, tenant_id: str) -> Tenant:
+    tenant = session.get(Tenant, tenant_id)
+    if tenant is None:
+        raise ProblemError(404, "not-found", "Tenant not found", f"no tenant {tenant_id}")
+    return tenant
+
+
+def by_name(session: Session, name: str) -> Tenant | None:
+    return session.scalar(select(Tenant).where(Tenant.name == name))
+
+
+def list_page(session: Session, page_size: int, page_token: str | None):
+    return paginate(session, select(Tenant), Tenant, page_size, page_token)
+
+
+def set_limits(session: Session, tenant: Tenant, limits: TenantLimits) -> Tenant:
+    tenant.limits = limits.model_dump(exclude_none=True)
+    session.flush()
+    return tenant
+
+
+def _lock(session: Session, tenant_id: str) -> None:
+    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+
+
+def storage_used(session: Session, tenant_id: str) -> int:
+    datasets = session.scalar(
+        select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(Dataset.tenant_id == tenant_id)
+    )
+    models = session.scalar(
+        select(func.coalesce(func.sum(Model.size_bytes), 0)).where(Model.tenant_id == tenant_id)
+    )
+    return int(datasets) + int(models)
+
+
+def active_jobs(session: Session, tenant_id: str) -> int:
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.tenant_id == tenant_id, Job.state.in_(ACTIVE_STATES))
+        )
+    )
+
+
+def reserve_storage(session: Session, tenant_id: str, limits: EffectiveLimits, incoming_bytes: int) -> None:
+    """Refuse (413) an upload that would take the tenant past its storage quota."""
+    _lock(session, tenant_id)
+    used = storage_used(session, tenant_id)
+    if used + incoming_bytes > limits.max_storage_bytes:
+        raise ProblemError(
+            413,
+            "storage-quota-exceeded",
+            "Storage quota exceeded",
+            f"{incoming_bytes} more bytes would exceed the tenant's quota of {limits.max_storage_bytes} "
+            f"({used} used); delete datasets or models, or ask for a larger quota",
+        )
+
+
+def reserve_job_slot(session: Session, tenant_id: str, limits: EffectiveLimits) -> None:
+    """Refuse (429) a job beyond the tenant's queued-plus-running quota."""
+    _lock(session, tenant_id)
+    active = active_jobs(session, tenant_id)
+    if active >= limits.max_active_jobs:
+        raise ProblemError(
+            429,
+            "job-quota-exceeded",
+            "Too many active jobs",
+            f"the tenant has {active} queued or running jobs (limit {limits.max_active_jobs}); "
+            "wait for some to finish or cancel them",
+            headers={"Retry-After": str(QUOTA_RETRY_SECONDS)},
+        )
+
+
+def running_slot_free(session: Session, settings: Settings, job_id: str) -> bool:
+    """Whether a queued job's tenant may start one more job now (checked under the tenant lock at claim).
+
+    Jobs that are not queued answer True: whether they can be claimed is the claim's own business.
+    """
+    row = session.execute(
+        select(Job.state, Tenant).join(Tenant, Job.tenant_id == Tenant.id).where(Job.id == job_id)
+    ).first()
+    if row is None or row.state != "queued":
+        return True
+    _lock(session, row.Tenant.id)
+    running = session.scalar(
+        select(func.count()).select_from(Job).where(Job.tenant_id == row.Tenant.id, Job.state == "running")
+    )
+    return int(running) < effective_limits(settings, row.Tenant).max_running_jobs

@@ -24,6 +24,7 @@ from app.schemas.tenants import TenantCreate, TenantLimits
 from app.services import api_keys, tenants
 from app.settings import Settings
 from tests.integration.flows import register_model
+from tests.routes import api_routes
 
 PROBLEM = "application/problem+json"
 LINEAR = {"name": "linear", "params": {"in_features": 30, "num_classes": 2}}
@@ -58,17 +59,6 @@ def mint(settings: Settings, tenant: str, scopes=("read", "write"), limits: dict
 
 def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-def api_routes(routes) -> list[APIRoute]:
-    """Every APIRoute, also inside routers that newer FastAPI includes lazily (we include without prefix)."""
-    found = []
-    for route in routes:
-        if isinstance(route, APIRoute):
-            found.append(route)
-        elif hasattr(route, "original_router"):
-            found += api_routes(route.original_router.routes)
-    return found
 
 
 def _protected_routes(app) -> list[APIRoute]:

@@ -47,9 +47,17 @@ def main() -> None:
     default=None,
     help="Start a Celery worker child process (default: on in the embedded profile).",
 )
+@click.option(
+    "--processes",
+    "api_workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="API processes (uvicorn workers); each runs the sweeper too.",
+)
 @click.option("--demo", is_flag=True, help="Once up, run the digits demo against this server and print it.")
 @click.option("--demo-output", default="demo-output", show_default=True, help="Folder for the demo's PNGs.")
-def serve(host: str, port: int, worker: bool | None, demo: bool, demo_output: str) -> None:
+def serve(host: str, port: int, worker: bool | None, api_workers: int, demo: bool, demo_output: str) -> None:
     """Migrate the database, start the API (and a worker), optionally run the demo."""
     import uvicorn
 
@@ -82,7 +90,17 @@ def serve(host: str, port: int, worker: bool | None, demo: bool, demo_output: st
             daemon=True,
         ).start()
     try:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level.lower())
+        if api_workers > 1:  # separate processes build the app themselves from the same IA_* environment
+            uvicorn.run(
+                "app.main:create_app",
+                factory=True,
+                workers=api_workers,
+                host=host,
+                port=port,
+                log_level=settings.log_level.lower(),
+            )
+        else:
+            uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level.lower())
     finally:
         if child is not None:
             child.terminate()

@@ -8,8 +8,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.api import errors
-from app.api.auth import AuthGate, install_log_redaction
+from app.api import errors, openapi
+from app.api.auth import AuthGate, PrincipalCache, install_log_redaction
 from app.api.ratelimit import RequestRateLimiter
 from app.api.routers import datasets, health, jobs, models, tenants
 from app.settings import Settings, get_settings
@@ -72,7 +72,11 @@ def create_app(settings: Settings | None = None, *, run_sweeper: bool = True) ->
         upload_paths=UPLOAD_PATHS,
     )
     install_log_redaction()
-    app.add_middleware(AuthGate, settings=settings)  # outermost: nothing is read before the key is checked
+    app.state.principal_cache = PrincipalCache(settings.auth_cache_seconds)
+    app.add_middleware(
+        AuthGate, settings=settings, cache=app.state.principal_cache
+    )  # outermost: nothing is read before the key is checked
     for router in (health.router, tenants.router, datasets.router, models.router, jobs.router):
         app.include_router(router)
+    openapi.install(app)
     return app

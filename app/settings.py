@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -43,6 +43,28 @@ class Settings(BaseSettings):
         50_000_000, description="Refuse weights with more parameters than this."
     )
     max_query_indices: int = Field(100_000, description="Most query indices a job may list.")
+
+    # Tenants, API keys and quotas (defaults; a tenant's own limits override them).
+    api_key_pepper: SecretStr | None = Field(
+        None,
+        description="Secret keying the API-key hashes; unset: generated once into data_dir/api-key-pepper.",
+    )
+    auth_cache_seconds: float = Field(
+        5.0, description="How long an API process trusts a verified key before checking it again (0: never)."
+    )
+    tenant_max_active_jobs: int = Field(20, description="Queued plus running jobs per tenant (429 beyond).")
+    tenant_max_running_jobs: int = Field(
+        2, description="Jobs per tenant computing at once; more wait queued."
+    )
+    tenant_max_storage_bytes: int = Field(
+        20 * 1024**3, description="Uploaded dataset and model bytes per tenant (413 beyond)."
+    )
+    tenant_read_requests_per_second: int = Field(200, description="GET/HEAD requests per second per tenant.")
+    tenant_write_requests_per_second: int = Field(50, description="Other requests per second per tenant.")
+    rate_limit_storage_url: str | None = Field(
+        None,
+        description="Where request counters live (redis://...), shared by API processes; unset: in-process.",
+    )
 
     # Job execution.
     compute_queue: str = Field(
@@ -72,6 +94,30 @@ class Settings(BaseSettings):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the worker computes.")
     torch_threads: int = Field(0, description="torch intra-op threads in the worker (0 = torch default).")
+
+    # Sandboxed compute (worker/sandbox.py): limits of the child process each job or shard runs in.
+    sandbox_wall_seconds: float = Field(
+        3 * 3600 - 300,
+        description="Wall-clock limit of a compute child (keep it below IA_TASK_SOFT_TIME_LIMIT).",
+    )
+    sandbox_cpu_seconds: int = Field(
+        24 * 3600, description="RLIMIT_CPU of a compute child: CPU seconds summed over its threads."
+    )
+    sandbox_memory_bytes: int = Field(
+        16 * 1024**3,
+        description="RLIMIT_AS of a compute child on CPU-only workers (0 = none; never set with CUDA).",
+    )
+    sandbox_max_file_bytes: int = Field(
+        8 * 1024**3, description="RLIMIT_FSIZE of a compute child: the largest file it may write."
+    )
+    sandbox_max_open_files: int = Field(256, description="RLIMIT_NOFILE of a compute child.")
+    sandbox_nice: int = Field(10, description="Niceness added to a compute child, so the API keeps a core.")
+    sandbox_network: bool = Field(
+        True, description="Give compute children an empty network namespace (when `unshare --net` works)."
+    )
+    sandbox_scratch_dir: Path | None = Field(
+        None, description="Where compute children's private scratch folders go; unset = the temp dir."
+    )
 
     log_level: str = "INFO"
 

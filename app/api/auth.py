@@ -11,8 +11,11 @@ forgets. The key travels only in a header and is never logged.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
+import threading
+import time
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
@@ -65,19 +68,62 @@ def presented_token(headers: dict[bytes, bytes]) -> str | None:
     return header_key or None
 
 
+class PrincipalCache:
+    """Verified keys for a few seconds, so a polling client costs no key lookup per request.
+
+    Keyed by a hash of the token (the token itself is never kept). A revocation through this
+    process's API takes effect at once (:meth:`forget`); elsewhere within ``ttl`` seconds.
+    """
+
+    def __init__(self, ttl: float, max_entries: int = 10_000) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[Principal, float]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(token: str) -> str:
+        return hashlib.sha256(token.encode()).hexdigest()
+
+    def get(self, token: str) -> Principal | None:
+        entry = self._entries.get(self._key(token))
+        if entry is None or entry[1] < time.monotonic():
+            return None
+        return entry[0]
+
+    def put(self, token: str, principal: Principal) -> None:
+        if self.ttl <= 0:
+            return
+        valid_until = time.monotonic() + self.ttl
+        if principal.expires_at is not None:  # never serve a key past its expiry
+            valid_until = min(valid_until, time.monotonic() + principal.seconds_to_expiry())
+        with self._lock:
+            if len(self._entries) >= self.max_entries:
+                self._entries.clear()
+            self._entries[self._key(token)] = (principal, valid_until)
+
+    def forget(self, key_id: str) -> None:
+        with self._lock:
+            self._entries = {k: v for k, v in self._entries.items() if v[0].key_id != key_id}
+
+
 class AuthGate:
     """Resolve the caller of every non-public request, or answer 401/403/429/503 problem+json."""
 
-    def __init__(self, app: ASGIApp, *, settings: Settings) -> None:
+    def __init__(self, app: ASGIApp, *, settings: Settings, cache: PrincipalCache) -> None:
         self.app = app
         self.settings = settings
+        self.cache = cache
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("path") in PUBLIC_PATHS:
             return await self.app(scope, receive, send)
         try:
             token = presented_token(dict(scope.get("headers") or []))
-            principal = await run_in_threadpool(self._authenticate, token)
+            principal = self.cache.get(token) if token else None
+            if principal is None:
+                principal = await run_in_threadpool(self._authenticate, token)
+                self.cache.put(token, principal)
             self._count(scope, principal)
         except ProblemError as problem:
             response = problem_response(problem, scope.get("path", ""), request_id(scope=scope))
@@ -121,7 +167,7 @@ class AuthGate:
             )
 
 
-def authenticated(
+async def authenticated(  # async: no threadpool hop for a lookup in request.state
     request: Request,
     _bearer: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
     _header: Annotated[str | None, Security(api_key_header)],
@@ -134,7 +180,7 @@ def authenticated(
 
 
 def _require(scope: str):
-    def check(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
+    async def check(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
         if not principal.allows(scope):
             raise ProblemError(
                 403,

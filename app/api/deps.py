@@ -21,11 +21,12 @@ from app.settings import Settings
 from app.storage.artifacts import ArtifactStore
 
 
-def get_settings_dep(request: Request) -> Settings:
+# Async so FastAPI calls them inline instead of hopping to the threadpool for an attribute read.
+async def get_settings_dep(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_store(request: Request) -> ArtifactStore:
+async def get_store(request: Request) -> ArtifactStore:
     return request.app.state.store
 
 

@@ -47,9 +47,13 @@ class Principal:
     key_id: str
     scopes: frozenset[str]
     limits: EffectiveLimits
+    expires_at: datetime | None = None
 
     def allows(self, scope: str) -> bool:
         return scope in self.scopes or "admin" in self.scopes
+
+    def seconds_to_expiry(self) -> float:
+        return float("inf") if self.expires_at is None else (self.expires_at - utcnow()).total_seconds()
 
 
 def _base62(n_chars: int) -> str:
@@ -135,7 +139,8 @@ def authenticate(session: Session, settings: Settings, token: str | None) -> Pri
         raise ProblemError(403, "tenant-disabled", "Forbidden", f"tenant {tenant.name} is disabled")
     if key.last_used_at is None or now - key.last_used_at > _TOUCH_EVERY:
         session.execute(update(ApiKey).where(ApiKey.id == key.id).values(last_used_at=now))
-    return Principal(tenant.id, key.key_id, frozenset(key.scopes), effective_limits(settings, tenant))
+    limits = effective_limits(settings, tenant)
+    return Principal(tenant.id, key.key_id, frozenset(key.scopes), limits, key.expires_at)
 
 
 def create(

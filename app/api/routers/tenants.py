@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response
 
 from app.api.auth import AdminAccess, ReadAccess
 from app.api.deps import DEFAULT_PAGE, PageSize, PageToken, SessionDep, SettingsDep
+from app.api.openapi import GATE, problems
 from app.db.models import ApiKey, Tenant
 from app.schemas.common import Page
 from app.schemas.tenants import (
@@ -21,7 +22,7 @@ from app.schemas.tenants import (
 from app.services import api_keys, tenants
 from app.settings import Settings
 
-router = APIRouter(tags=["tenants"])
+router = APIRouter(tags=["tenants"], responses=GATE)
 
 
 def tenant_read(settings: Settings, tenant: Tenant) -> TenantRead:
@@ -50,7 +51,13 @@ def who_am_i(caller: ReadAccess, session: SessionDep, settings: SettingsDep):
     )
 
 
-@router.post("/v1/tenants", status_code=201, response_model=TenantRead, summary="Create a tenant")
+@router.post(
+    "/v1/tenants",
+    status_code=201,
+    response_model=TenantRead,
+    responses=problems(409, 413),
+    summary="Create a tenant",
+)
 def create_tenant(
     admin: AdminAccess,
     body: TenantCreate,
@@ -76,12 +83,17 @@ def list_tenants(
     return Page[TenantRead](items=[tenant_read(settings, t) for t in rows], next_page_token=token)
 
 
-@router.get("/v1/tenants/{tenant_id}", response_model=TenantRead)
+@router.get("/v1/tenants/{tenant_id}", response_model=TenantRead, responses=problems(404))
 def get_tenant(admin: AdminAccess, tenant_id: str, session: SessionDep, settings: SettingsDep):
     return tenant_read(settings, tenants.get(session, tenant_id))
 
 
-@router.patch("/v1/tenants/{tenant_id}", response_model=TenantRead, summary="Replace a tenant's limits")
+@router.patch(
+    "/v1/tenants/{tenant_id}",
+    response_model=TenantRead,
+    responses=problems(404, 413),
+    summary="Replace a tenant's limits",
+)
 def update_tenant(
     admin: AdminAccess, tenant_id: str, body: TenantUpdate, session: SessionDep, settings: SettingsDep
 ):
@@ -92,6 +104,7 @@ def update_tenant(
     "/v1/tenants/{tenant_id}/api-keys",
     status_code=201,
     response_model=ApiKeyCreated,
+    responses=problems(404, 413),
     summary="Mint an API key (the secret is shown once)",
 )
 def create_api_key(
@@ -104,13 +117,23 @@ def create_api_key(
     return ApiKeyCreated(**key_read(key).model_dump(), key=token)
 
 
-@router.get("/v1/tenants/{tenant_id}/api-keys", response_model=list[ApiKeyRead])
+@router.get("/v1/tenants/{tenant_id}/api-keys", response_model=list[ApiKeyRead], responses=problems(404))
 def list_api_keys(admin: AdminAccess, tenant_id: str, session: SessionDep):
     tenant = tenants.get(session, tenant_id)
     return [key_read(k) for k in api_keys.list_for(session, tenant.id)]
 
 
-@router.delete("/v1/tenants/{tenant_id}/api-keys/{key_id}", status_code=204, summary="Revoke an API key")
-def revoke_api_key(admin: AdminAccess, tenant_id: str, key_id: str, session: SessionDep) -> Response:
+@router.delete(
+    "/v1/tenants/{tenant_id}/api-keys/{key_id}",
+    status_code=204,
+    responses=problems(404),
+    summary="Revoke an API key",
+)
+def revoke_api_key(
+    admin: AdminAccess, tenant_id: str, key_id: str, request: Request, session: SessionDep
+) -> Response:
+    """Immediate on this API process; other processes stop trusting the key within IA_AUTH_CACHE_SECONDS."""
     api_keys.revoke(session, api_keys.get(session, tenant_id, key_id))
+    session.commit()
+    request.app.state.principal_cache.forget(key_id)
     return Response(status_code=204)

@@ -440,6 +440,8 @@ class ArnoldiResult:
     """(p, k) float64, orthonormal columns."""
     iterations: int
     restarts: int
+    residuals: torch.Tensor | None = None
+    """(k,) Lanczos estimates of ``||H v - lambda v||`` per pair: ``|beta_last * s_last|``."""
     """times the Krylov space was exhausted and a fresh random direction was added."""
 
 
@@ -496,9 +498,9 @@ def arnoldi(
         k_done = k + 1
         if ticker is not None:
             ticker.tick()
+        beta = float(torch.linalg.vector_norm(w))
         if k + 1 == n_iter:
             break
-        beta = float(torch.linalg.vector_norm(w))
         if beta <= _BREAKDOWN_RTOL * max(scale, torch.finfo(torch.float64).tiny):
             Q[:, k + 1] = random_direction(Qk)  # invariant subspace found: continue in its complement
             restarts += 1
@@ -514,6 +516,7 @@ def arnoldi(
         eigenvectors=(Q[:, :k_done] @ S[:, order]).contiguous(),
         iterations=k_done,
         restarts=restarts,
+        residuals=(beta * S[-1, order].abs()).contiguous(),
     )
 
 

@@ -280,3 +280,16 @@ def test_arnoldi_full_rank_reconstructs_the_hessian(logreg):
     torch.testing.assert_close(res.eigenvalues.sort().values, torch.linalg.eigvalsh(H), rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError):
         arnoldi(op.matmul, p, 5, 3)
+
+
+def test_arnoldi_residual_estimates_are_the_true_residuals(mlp):
+    """The Lanczos estimate |beta * s_last| equals ||H v - lambda v||: it says how converged each pair is."""
+    prob, H = mlp
+    op = TrainingHessian(prob, F64)
+    for k, n_iter in ((10, 10), (10, 20), (10, 40)):
+        res = arnoldi(op.matmul, op.p, k, n_iter, seed=0)
+        true = torch.linalg.vector_norm(H @ res.eigenvectors - res.eigenvectors * res.eigenvalues, dim=0)
+        torch.testing.assert_close(res.residuals, true, rtol=1e-4, atol=1e-9 * float(H.abs().max()))
+    short = arnoldi(op.matmul, op.p, 10, 10, seed=0)
+    long = arnoldi(op.matmul, op.p, 10, 40, seed=0)
+    assert float(long.residuals.max()) < float(short.residuals.max())  # more iterations, closer pairs

@@ -273,6 +273,9 @@ def test_if_arnoldi_full_rank_equals_if_exact_and_reuses_state(mlp):
     t_fit = time.perf_counter() - t
     assert isinstance(state, TrainState) and state.tensors["eigenvectors"].shape == (131, 131)
     assert state.tensors["eigenvalues"].dtype == torch.float64
+    assert state.info["max_relative_residual"] < 1e-6 and state.info["converged_pairs"] == 131
+    short = est.fit(mlp, {"rank": 20, "n_iter": 20}, F64).info  # Ritz pairs of a short run: the tail is rough
+    assert 0 < short["converged_pairs"] < 20 and short["max_relative_residual"] > 1e-2
     assert sum(1 for c in calls if c[0] == "arnoldi") == 132  # 0..131
     calls.clear()
     t = time.perf_counter()

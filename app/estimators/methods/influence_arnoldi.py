@@ -84,6 +84,10 @@ class IFArnoldiParams:
     )
 
 
+LEADING_RESIDUAL_LIMIT = 0.1  # beyond this even the top eigenpair is noise: fail, naming n_iter
+CONVERGED_RESIDUAL = 1e-2
+
+
 def effective_rank(rank: int, n_iter: int, p: int, *, prefix: str = "/method/params") -> tuple[int, int]:
     """``(rank, n_iter)`` capped at ``p``; EstimatorError (naming ``n_iter``) when ``n_iter < rank``."""
     k, it = min(int(rank), p), min(int(n_iter), p)
@@ -118,6 +122,14 @@ def fit_arnoldi(
     res = arnoldi(hess.matmul, hess.p, k, it, seed, device=hess.device, ticker=ticker)
     if not bool(torch.isfinite(res.eigenvalues).all()) or not bool(torch.isfinite(res.eigenvectors).all()):
         raise NumericalError("Arnoldi eigenpairs contain NaN/inf", parameter="/method/params/n_iter")
+    relative = (res.residuals / res.eigenvalues.abs().clamp_min(torch.finfo(torch.float64).tiny)).cpu()
+    if float(relative[0]) > LEADING_RESIDUAL_LIMIT:
+        raise NumericalError(
+            f"Arnoldi did not converge: the leading eigenpair's relative residual is "
+            f"{float(relative[0]):.2g}"
+            f" after {res.iterations} iterations; raise n_iter (2-4 x rank is typical)",
+            parameter="/method/params/n_iter",
+        )
     return TrainState(
         tensors={"eigenvalues": res.eigenvalues.cpu(), "eigenvectors": res.eigenvectors.cpu()},
         info={
@@ -126,6 +138,9 @@ def fit_arnoldi(
             "iterations": res.iterations,
             "restarts": res.restarts,
             "hessian_rows": hess.n_rows,
+            # How far the retained pairs are from true eigenpairs: ||H v - lambda v|| / |lambda|.
+            "max_relative_residual": float(relative.max()),
+            "converged_pairs": int((relative <= CONVERGED_RESIDUAL).sum()),
         },
     )
 

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Query, Request, Response, UploadFile
 from fastapi.encoders import jsonable_encoder
 from pydantic import BaseModel
+from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session
 
 from app.db.session import get_sessionmaker
@@ -31,11 +32,23 @@ async def get_store(request: Request) -> ArtifactStore:
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    """One session per request: commit on success, roll back on error."""
+    """One session per request: commit on success, roll back on error.
+
+    A value the database cannot hold (a NUL character in an id or a name, an integer too big for
+    its column) is the client's error, so it answers 422 rather than 500.
+    """
     session = get_sessionmaker(request.app.state.settings)()
     try:
         yield session
         session.commit()
+    except DataError as exc:
+        session.rollback()
+        raise ProblemError(
+            422,
+            "unstorable-value",
+            "The request is invalid",
+            f"a value in the request cannot be stored: {type(exc.orig).__name__}",
+        ) from None
     except BaseException:
         session.rollback()
         raise
@@ -45,7 +58,9 @@ def get_session(request: Request) -> Iterator[Session]:
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
-SessionDep = Annotated[Session, Depends(get_session)]
+# "function": commit before the response is sent, so a client that got 2xx reads its own write and a
+# failed commit answers an error instead of a success already on the wire.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 PageSize = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description="Items per page.")]
 PageToken = Annotated[str | None, Query(description="next_page_token from the previous page.")]
 DEFAULT_PAGE = DEFAULT_PAGE_SIZE

@@ -1,16 +1,31 @@
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+from datetime import datetime
+from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, Strict
 
 T = TypeVar("T")
 
 
 class RequestModel(BaseModel):
-    """Base for request bodies: unknown fields are an error, not silently dropped."""
+    """Base for request bodies: unknown fields are an error, not silently dropped.
 
-    model_config = ConfigDict(extra="forbid")
+    Strict, so a body means what the OpenAPI document says: ``false`` is not the integer 0, ``0`` is
+    not a boolean or the date 1970-01-01, ``"5"`` is not a number.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _date_time_text(value: Any) -> Any:
+    if not isinstance(value, str | datetime):
+        raise ValueError("expected an RFC 3339 date-time string")
+    return value
+
+
+DateTimeText = Annotated[AwareDatetime, Strict(False), BeforeValidator(_date_time_text)]
+"""A timezone-aware date-time in a strict request model: RFC 3339 text, never a number of seconds."""
 
 
 class ReadModel(BaseModel):

@@ -19,7 +19,9 @@ class BuiltinDatasetCreate(RequestModel):
         "all", description="Which side of a deterministic stratified split to register."
     )
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    seed: int = Field(0, ge=0, description="Seed of the split; the same seed gives the same split.")
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="Seed of the split; the same seed gives the same split."
+    )
     standardize: bool = Field(
         True,
         description="digits: scale pixels to [0, 1]; breast_cancer: z-score with training-side statistics.",

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from app.schemas.common import ReadModel, RequestModel
+from app.schemas.common import DateTimeText, ReadModel, RequestModel
 
 Scope = Literal["read", "write", "admin"]
 
@@ -52,7 +52,9 @@ class ApiKeyCreate(RequestModel):
     scopes: list[Scope] = Field(
         min_length=1, description="read: GET; write: create, cancel, delete; admin: all."
     )
-    expires_at: datetime | None = Field(None, description="Timezone-aware; absent means it never expires.")
+    expires_at: DateTimeText | None = Field(
+        None, description="Timezone-aware; absent means it never expires."
+    )
 
 
 class ApiKeyRead(ReadModel):

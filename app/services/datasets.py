@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.db.models import Dataset
-from app.problems import ProblemError
+from app.problems import ProblemError, invalid_field
 from app.schemas.datasets import BuiltinDatasetCreate
 from app.services import tenants
 from app.services.api_keys import Principal
@@ -116,9 +116,12 @@ def _load_builtin(spec: BuiltinDatasetCreate) -> ArrayDataset:
     x = np.asarray(bunch.data, dtype=np.float64)
     y = np.asarray(bunch.target, dtype=np.int64)
     ids = np.arange(len(y), dtype=np.int64)
-    train_idx, test_idx = train_test_split(
-        ids, test_size=spec.test_fraction, random_state=spec.seed, stratify=y
-    )
+    try:
+        train_idx, test_idx = train_test_split(
+            ids, test_size=spec.test_fraction, random_state=spec.seed, stratify=y
+        )
+    except ValueError as exc:  # a stratified side smaller than the number of classes
+        raise invalid_field("/test_fraction", str(exc)) from None
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
     if spec.standardize:
         if spec.builtin == "sklearn:digits":

@@ -16,12 +16,13 @@ from app.api.deps import (
     conditional,
     stage_upload,
 )
+from app.api.openapi import GATE, problems
 from app.problems import invalid_field
 from app.schemas.common import Page
 from app.schemas.datasets import BuiltinDatasetCreate, DatasetRead
 from app.services import datasets as service
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=GATE)
 
 _SUFFIX_FORMATS = {".npz": "npz", ".safetensors": "safetensors", ".parquet": "parquet", ".pq": "parquet"}
 
@@ -40,7 +41,11 @@ def _infer_format(filename: str | None) -> str:
 
 
 @router.post(
-    "", status_code=201, response_model=DatasetRead, summary="Upload a dataset (.npz, .safetensors, Parquet)"
+    "",
+    status_code=201,
+    response_model=DatasetRead,
+    responses=problems(400, 413, 415, 507),
+    summary="Upload a dataset (.npz, .safetensors, Parquet)",
 )
 def upload_dataset(
     owner: WriteAccess,
@@ -78,7 +83,11 @@ def upload_dataset(
 
 
 @router.post(
-    "/builtin", status_code=201, response_model=DatasetRead, summary="Register a bundled sklearn dataset"
+    "/builtin",
+    status_code=201,
+    response_model=DatasetRead,
+    responses=problems(400, 413, 507),
+    summary="Register a bundled sklearn dataset",
 )
 def create_builtin_dataset(
     owner: WriteAccess,
@@ -101,7 +110,7 @@ def list_datasets(
     return Page[DatasetRead](items=[DatasetRead.model_validate(r) for r in rows], next_page_token=token)
 
 
-@router.get("/{dataset_id}", response_model=DatasetRead)
+@router.get("/{dataset_id}", response_model=DatasetRead, responses=problems(404))
 def get_dataset(
     caller: ReadAccess, dataset_id: str, request: Request, response: Response, session: SessionDep
 ):

@@ -10,6 +10,7 @@ from safetensors.numpy import save as save_safetensors
 
 from app.api.auth import ReadAccess, WriteAccess
 from app.api.deps import DEFAULT_PAGE, PageSize, SessionDep, SettingsDep, StoreDep, conditional
+from app.api.openapi import GATE, problems
 from app.db.models import TERMINAL_STATES, Job
 from app.estimators import ORIENTATION, REGISTRY, SIGN_CONVENTION
 from app.problems import ProblemError, invalid_field
@@ -30,7 +31,7 @@ from app.services import results as results_service
 from app.services.pagination import decode_token, encode_token
 from app.services.validation import json_schema
 
-router = APIRouter(tags=["influence-jobs"])
+router = APIRouter(tags=["influence-jobs"], responses=GATE)
 POLL_SECONDS = "2"
 
 
@@ -71,7 +72,13 @@ def _status_response(request: Request, response: Response, job: Job):
     return conditional(request, response, job_read(request, job))
 
 
-@router.post("/v1/influence-jobs", status_code=202, response_model=JobRead, summary="Submit an influence job")
+@router.post(
+    "/v1/influence-jobs",
+    status_code=202,
+    response_model=JobRead,
+    responses=problems(400, 413),
+    summary="Submit an influence job",
+)
 def submit_job(
     owner: WriteAccess,
     body: JobCreate,
@@ -106,12 +113,22 @@ def list_jobs(
     return Page[JobRead](items=[job_read(request, j) for j in rows], next_page_token=token)
 
 
-@router.get("/v1/influence-jobs/{job_id}", response_model=JobRead, summary="Job status, progress and error")
+@router.get(
+    "/v1/influence-jobs/{job_id}",
+    response_model=JobRead,
+    responses=problems(404),
+    summary="Job status, progress and error",
+)
 def get_job(caller: ReadAccess, job_id: str, request: Request, response: Response, session: SessionDep):
     return _status_response(request, response, service.get(session, caller.tenant_id, job_id))
 
 
-@router.get("/v1/training-jobs/{job_id}", response_model=JobRead, summary="Status of a model's training job")
+@router.get(
+    "/v1/training-jobs/{job_id}",
+    response_model=JobRead,
+    responses=problems(404),
+    summary="Status of a model's training job",
+)
 def get_training_job(
     caller: ReadAccess, job_id: str, request: Request, response: Response, session: SessionDep
 ):
@@ -119,13 +136,18 @@ def get_training_job(
     return _status_response(request, response, job)
 
 
-@router.post("/v1/influence-jobs/{job_id}/cancel", status_code=202, response_model=JobRead)
+@router.post(
+    "/v1/influence-jobs/{job_id}/cancel",
+    status_code=202,
+    response_model=JobRead,
+    responses=problems(404, 409),
+)
 def cancel_job(owner: WriteAccess, job_id: str, request: Request, session: SessionDep):
     """Idempotent. A running job stops at its next batch; 409 once it succeeded or failed."""
     return job_read(request, service.request_cancel(session, service.get(session, owner.tenant_id, job_id)))
 
 
-@router.delete("/v1/influence-jobs/{job_id}", status_code=204)
+@router.delete("/v1/influence-jobs/{job_id}", status_code=204, responses=problems(404, 409))
 def delete_job(owner: WriteAccess, job_id: str, session: SessionDep) -> Response:
     service.delete(session, service.get(session, owner.tenant_id, job_id))
     return Response(status_code=204)
@@ -134,6 +156,7 @@ def delete_job(owner: WriteAccess, job_id: str, session: SessionDep) -> Response
 @router.get(
     "/v1/influence-jobs/{job_id}/results",
     response_model=ResultsPage,
+    responses=problems(404, 409),
     summary="Top-k proponents and opponents per query",
 )
 def get_results(
@@ -203,7 +226,7 @@ ArtifactFormat = Annotated[Literal["npy", "safetensors"], Query(description="Fil
 @router.get(
     "/v1/influence-jobs/{job_id}/artifacts/scores",
     response_class=Response,
-    responses={200: {"content": {"application/octet-stream": {}}}},
+    responses={200: {"content": {"application/octet-stream": {}}}, **problems(404, 409)},
     summary="The full query-major m x n score matrix",
 )
 def get_scores(
@@ -215,7 +238,7 @@ def get_scores(
 @router.get(
     "/v1/influence-jobs/{job_id}/artifacts/self-influence",
     response_class=Response,
-    responses={200: {"content": {"application/octet-stream": {}}}},
+    responses={200: {"content": {"application/octet-stream": {}}}, **problems(404, 409)},
     summary="Self-influence of every training example (length n)",
 )
 def get_self_influence(
@@ -227,6 +250,7 @@ def get_self_influence(
 @router.get(
     "/v1/influence-jobs/{job_id}/values",
     response_model=ValuesPage,
+    responses=problems(404, 409),
     summary="Data values per training example (valuation methods), lowest first by default",
 )
 def get_values(

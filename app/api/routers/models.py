@@ -18,6 +18,7 @@ from app.api.deps import (
     require_match,
     stage_upload,
 )
+from app.api.openapi import GATE, problems
 from app.db.models import Model
 from app.estimators import ARCHITECTURES, Recipe
 from app.problems import FieldError, ProblemError
@@ -35,7 +36,7 @@ from app.services import jobs as jobs_service
 from app.services import models as service
 from app.services.validation import json_schema
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], responses=GATE)
 
 
 def model_read(model: Model) -> ModelRead:
@@ -58,7 +59,11 @@ def _parse_spec(raw: str) -> ModelCreate:
 
 
 @router.post(
-    "/v1/models", status_code=201, response_model=ModelRead, summary="Register (and optionally train) a model"
+    "/v1/models",
+    status_code=201,
+    response_model=ModelRead,
+    responses=problems(400, 413, 415, 507),
+    summary="Register (and optionally train) a model",
 )
 def create_model(
     owner: WriteAccess,
@@ -99,12 +104,12 @@ def list_models(
     return Page[ModelRead](items=[model_read(r) for r in rows], next_page_token=token)
 
 
-@router.get("/v1/models/{model_id}", response_model=ModelRead)
+@router.get("/v1/models/{model_id}", response_model=ModelRead, responses=problems(404))
 def get_model(caller: ReadAccess, model_id: str, request: Request, response: Response, session: SessionDep):
     return conditional(request, response, model_read(service.get(session, caller.tenant_id, model_id)))
 
 
-@router.patch("/v1/models/{model_id}", response_model=ModelRead)
+@router.patch("/v1/models/{model_id}", response_model=ModelRead, responses=problems(400, 404, 412, 413))
 def update_model(
     owner: WriteAccess,
     model_id: str,
@@ -118,13 +123,18 @@ def update_model(
     return conditional(request, response, model_read(service.rename(session, model, body.name)))
 
 
-@router.delete("/v1/models/{model_id}", status_code=204)
+@router.delete("/v1/models/{model_id}", status_code=204, responses=problems(404, 409))
 def delete_model(owner: WriteAccess, model_id: str, session: SessionDep) -> Response:
     service.delete(session, service.get(session, owner.tenant_id, model_id))
     return Response(status_code=204)
 
 
-@router.post("/v1/models/{model_id}/checkpoints", status_code=201, response_model=CheckpointRead)
+@router.post(
+    "/v1/models/{model_id}/checkpoints",
+    status_code=201,
+    response_model=CheckpointRead,
+    responses=problems(400, 404, 409, 413, 415, 507),
+)
 def add_checkpoint(
     owner: WriteAccess,
     model_id: str,
@@ -153,7 +163,7 @@ def add_checkpoint(
     return CheckpointRead.model_validate(checkpoint)
 
 
-@router.get("/v1/models/{model_id}/checkpoints", response_model=Page[CheckpointRead])
+@router.get("/v1/models/{model_id}/checkpoints", response_model=Page[CheckpointRead], responses=problems(404))
 def list_checkpoints(caller: ReadAccess, model_id: str, session: SessionDep):
     model = service.get(session, caller.tenant_id, model_id)
     return Page[CheckpointRead](items=[CheckpointRead.model_validate(c) for c in model.checkpoints])

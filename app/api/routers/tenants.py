@@ -55,7 +55,7 @@ def who_am_i(caller: ReadAccess, session: SessionDep, settings: SettingsDep):
     "/v1/tenants",
     status_code=201,
     response_model=TenantRead,
-    responses=problems(409, 413),
+    responses=problems(400, 409, 413),
     summary="Create a tenant",
 )
 def create_tenant(
@@ -91,7 +91,7 @@ def get_tenant(admin: AdminAccess, tenant_id: str, session: SessionDep, settings
 @router.patch(
     "/v1/tenants/{tenant_id}",
     response_model=TenantRead,
-    responses=problems(404, 413),
+    responses=problems(400, 404, 413),
     summary="Replace a tenant's limits",
 )
 def update_tenant(
@@ -104,7 +104,7 @@ def update_tenant(
     "/v1/tenants/{tenant_id}/api-keys",
     status_code=201,
     response_model=ApiKeyCreated,
-    responses=problems(404, 413),
+    responses=problems(400, 404, 413),
     summary="Mint an API key (the secret is shown once)",
 )
 def create_api_key(

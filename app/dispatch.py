@@ -51,7 +51,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,  # safe: the DB attempt counter caps re-runs
         "worker_prefetch_multiplier": 1,
         "worker_max_tasks_per_child": 1,  # a fresh process per job returns its (GPU) memory
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # A broker blip must not kill the running job (SIGTERM loses its work, and the runner records
+        # it as failed). Redis gives the unacked message back only after the visibility timeout, and
+        # the DB lease drops any second delivery, so the job is not run twice in parallel.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "task_soft_time_limit": settings.task_soft_time_limit,
         "task_time_limit": settings.task_time_limit,
         "task_default_queue": "default",

@@ -20,4 +20,5 @@ fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/lint-imports
-.venv/bin/pytest -n "${PYTEST_WORKERS:-2}" -p no:cacheprovider "$@"
+# loadfile: a module's tests share one process, so module fixtures (a private PostgreSQL/Redis stack) start once.
+.venv/bin/pytest -n "${PYTEST_WORKERS:-2}" --dist loadfile -p no:cacheprovider "$@"

@@ -17,6 +17,7 @@ from app.settings import Settings
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+RETRY_SECONDS = 60.0  # a restart or failover; past this the lease has expired and the job re-runs anyway
 
 
 def make_engine(url: str) -> Engine:
@@ -33,7 +34,15 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_recycle=1800)
+    # A bounded connect: a database that hangs must fail a request (503), not pin its thread.
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=10,
+        max_overflow=20,
+        pool_recycle=1800,
+        connect_args={"connect_timeout": 5},
+    )
 
 
 @lru_cache(maxsize=8)
@@ -63,27 +72,27 @@ def session_scope(settings: Settings) -> Iterator[Session]:
         session.close()
 
 
-def unreachable(exc: BaseException) -> bool:
+def _unreachable(exc: BaseException) -> bool:
     """The database could not be reached or dropped the connection (restart, failover, network)."""
     return isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
 
 
-def retry_transaction(settings: Settings, work: Callable[[Session], T], *, for_seconds: float = 60.0) -> T:
+def retry_transaction(settings: Settings, work: Callable[[Session], T]) -> T:
     """Run ``work`` in its own transaction, again with backoff while the database is unreachable.
 
     For the commits that save minutes of compute: a PostgreSQL restart takes seconds. ``work``
     must re-read what it needs and write through compare-and-set guards, so a retry after a
     commit whose acknowledgement was lost changes nothing.
     """
-    deadline = time.monotonic() + for_seconds
+    deadline = time.monotonic() + RETRY_SECONDS
     delay = 0.25
     while True:
         try:
             with session_scope(settings) as session:
                 return work(session)
         except DBAPIError as exc:
-            if not unreachable(exc) or time.monotonic() + delay > deadline:
+            if not _unreachable(exc) or time.monotonic() + delay > deadline:
                 raise
             log.warning("database unreachable (%s); retrying in %.2fs", type(exc.orig).__name__, delay)
         time.sleep(delay)
-        delay = min(2 * delay, 5.0)
+        delay = min(2 * delay, 2.0)

@@ -17,7 +17,7 @@ from sqlalchemy import select, update
 from app import dispatch
 from app.db.base import utcnow
 from app.db.models import Job, JobShard
-from app.db.session import session_scope
+from app.db.session import retry_transaction, session_scope
 from app.estimators.sharding import ShardPlan
 from app.problems import ProblemError
 from app.services.jobs import Claim, LeaseLost
@@ -156,9 +156,13 @@ def complete(
     self_uri: str | None,
     compute_seconds: float,
 ) -> bool:
-    """Record the partial result and count it; the last shard publishes finalize. False: lease lost."""
-    now = utcnow()
-    with session_scope(settings) as session:
+    """Record the partial result and count it; the last shard publishes finalize. False: lease lost.
+
+    Retried while the database is unreachable, like ``jobs.finish``.
+    """
+
+    def transaction(session) -> tuple[int, int] | None:
+        now = utcnow()
         moved = session.execute(
             update(JobShard)
             .where(
@@ -176,7 +180,7 @@ def complete(
         ).rowcount
         if moved != 1:
             session.rollback()
-            return False
+            return None
         done, total = session.execute(
             update(Job)
             .where(Job.id == claim.job_id)
@@ -191,6 +195,12 @@ def complete(
             "fraction": round(done / total, 4),
             "updated_at": now.isoformat(),
         }
+        return done, total
+
+    counted = retry_transaction(settings, transaction)
+    if counted is None:
+        return False
+    done, total = counted
     if done == total:
         dispatch.enqueue_finalize(settings, claim.job_id)
     return True

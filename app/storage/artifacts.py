@@ -7,6 +7,7 @@ two copies, and a crashed writer leaves at most a file under ``tmp/``.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -20,6 +21,8 @@ from typing import BinaryIO
 import numpy as np
 import torch
 from safetensors.torch import save_file
+
+from app.problems import ProblemError
 
 URI_SCHEME = "artifact://"
 CHUNK = 1024 * 1024
@@ -40,6 +43,22 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+@contextmanager
+def _disk_full_as_problem() -> Iterator[None]:
+    """ENOSPC/EDQUOT become a 507 ``disk-full`` problem: the API's answer and a job's error alike."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ProblemError(
+                507,
+                "disk-full",
+                "Insufficient storage",
+                "the artifact store has no space left; nothing was kept, retry once space is freed",
+            ) from exc
+        raise
+
+
 class ArtifactStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -48,14 +67,18 @@ class ArtifactStore:
 
     @contextmanager
     def staging_file(self, suffix: str = "") -> Iterator[Path]:
-        """A temporary path on the store's filesystem, removed unless committed."""
-        fd, name = tempfile.mkstemp(dir=self.tmp_dir, suffix=suffix)
-        os.close(fd)
-        path = Path(name)
-        try:
-            yield path
-        finally:
-            path.unlink(missing_ok=True)
+        """A temporary path on the store's filesystem, removed unless committed.
+
+        A full disk anywhere inside the block (writing, fsync, commit) leaves as ``disk-full``.
+        """
+        with _disk_full_as_problem():
+            fd, name = tempfile.mkstemp(dir=self.tmp_dir, suffix=suffix)
+            os.close(fd)
+            path = Path(name)
+            try:
+                yield path
+            finally:
+                path.unlink(missing_ok=True)
 
     def commit(self, staged: Path, suffix: str, sha256: str | None = None) -> StoredArtifact:
         """Move a staged file to its content address (idempotent)."""

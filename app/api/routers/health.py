@@ -1,12 +1,14 @@
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from app.api.deps import SettingsDep
+from app.api.errors import PROBLEM_JSON, request_id
 from app.db.session import get_engine
 from app.dispatch import client
+from app.problems import ProblemError
 
 router = APIRouter(tags=["health"])
 
@@ -17,7 +19,7 @@ def healthz():
 
 
 @router.get("/readyz", summary="Readiness: database and broker answer")
-def readyz(settings: SettingsDep):
+def readyz(request: Request, settings: SettingsDep):
     checks: dict[str, str] = {}
     try:
         with get_engine(settings).connect() as conn:
@@ -31,20 +33,15 @@ def readyz(settings: SettingsDep):
         checks["broker"] = "ok"
     except Exception as exc:  # noqa: BLE001
         checks["broker"] = f"unavailable: {type(exc).__name__}"
-    ok = all(v == "ok" for v in checks.values())
-    body = {"status": "ok" if ok else "unavailable", "checks": checks}
-    if ok:
-        return body
-    return JSONResponse(
-        {
-            "type": "https://influence-service.dev/problems/not-ready",
-            "title": "Service unavailable",
-            "status": 503,
-            "detail": "; ".join(f"{k}: {v}" for k, v in checks.items()),
-            "code": "not-ready",
-            **body,
-        },
-        status_code=503,
-        media_type="application/problem+json",
+    if all(v == "ok" for v in checks.values()):
+        return {"status": "ok", "checks": checks}
+    problem = ProblemError(
+        503,
+        "not-ready",
+        "Service unavailable",
+        "; ".join(f"{k}: {v}" for k, v in checks.items()),
         headers={"Retry-After": "5"},
     )
+    # RFC 9457 reserves "status" for the HTTP status, so the checks travel as an extension member.
+    body = {**problem.to_dict(instance=request.url.path, request_id=request_id(request)), "checks": checks}
+    return JSONResponse(body, status_code=503, media_type=PROBLEM_JSON, headers=problem.headers)

@@ -9,5 +9,5 @@ trap 'rm -f "$pin"' EXIT
 pip=(.venv/bin/python -m pip install --quiet -c "$pin")
 "${pip[@]}" captum==0.9.0 traker==0.3.2 dattri==0.3.0 \
   cloudpickle cvxpy joblib more-itertools numcodecs pandas psutil pyDeprecate tqdm distributed dask \
-  accelerate einops einconv opt-einsum
+  accelerate einops einconv opt-einsum "zarr<3"
 "${pip[@]}" --no-deps pyDVL==0.10.0 kronfluence==1.0.1

@@ -1,4 +1,5 @@
-"""if_exact / if_cg / if_lissa / if_arnoldi against pyDVL 0.10 (ESTIMATORS.md 2.10-2.13, section 9).
+"""if_exact / if_cg / if_lissa / if_arnoldi against pyDVL 0.10 (ESTIMATORS.md 2.10-2.13, section 9),
+and the data-valuation methods against ``pydvl.valuation`` (2.4, 2.6, 2.8; see the end of the file).
 
 Adapter conversions (pyDVL -> ours):
 
@@ -23,13 +24,23 @@ import torch
 
 pytest.importorskip("sklearn")
 pytest.importorskip("scipy")
-pydvl_torch = pytest.importorskip("pydvl.influence.torch")
-pydvl_influence = pytest.importorskip("pydvl.influence")
+pytest.importorskip("pydvl.valuation")
+try:  # pydvl.influence.torch also needs zarr; the valuation half below does not
+    import pydvl.influence as pydvl_influence
+    import pydvl.influence.torch as pydvl_torch
+except ImportError as _e:
+    pydvl_influence = pydvl_torch = None
+    _no_influence = f"could not import pydvl.influence.torch: {_e}"
+else:
+    _no_influence = ""
+influence = pytest.mark.skipif(pydvl_torch is None, reason=_no_influence)
 
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from .workloads import (  # noqa: E402
+    _load,
+    _split,
     assert_sign_agreement,
     logreg_cancer,
     logreg_digits,
@@ -67,6 +78,7 @@ def _pydvl_scores(inf, w) -> np.ndarray:
 # ----------------------------------------------------------------------------- exact
 
 
+@influence
 @pytest.mark.parametrize("workload", [logreg_cancer, logreg_digits], ids=["cancer", "digits"])
 def test_if_exact_matches_direct_influence(workload):
     w = workload()
@@ -79,6 +91,7 @@ def test_if_exact_matches_direct_influence(workload):
     assert_sign_agreement(ours, peer)
 
 
+@influence
 def test_if_exact_damping_maps_to_regularization():
     """Our ``damping`` stacks on the weight decay: pyDVL regularization = weight_decay + damping."""
     w = logreg_cancer()
@@ -91,6 +104,7 @@ def test_if_exact_damping_maps_to_regularization():
 # ----------------------------------------------------------------------------- CG
 
 
+@influence
 def test_if_cg_converged_matches_cg_influence():
     w = logreg_digits()
     ours = w.ours("if_cg", {"damping": 0.0, "max_iter": 300, "rtol": 1e-10})
@@ -110,6 +124,7 @@ def test_if_cg_converged_matches_cg_influence():
     np.testing.assert_allclose(ours, peer, rtol=1e-6, atol=1e-8 * np.abs(peer).max())
 
 
+@influence
 def test_if_cg_truncated_nonconvex_mlp():
     """A non-convex MLP (Hessian eigenvalues down to about -0.17) with damping 0.2 and only 15 CG
     iterations. pyDVL starts CG at x0 = b and we start at 0, so truncated iterates differ slightly;
@@ -138,6 +153,7 @@ def test_if_cg_truncated_nonconvex_mlp():
 # ----------------------------------------------------------------------------- LiSSA
 
 
+@influence
 def test_if_lissa_vs_lissa_influence():
     """Randomised on both sides (different mini-batch streams): agreement is statistical.
 
@@ -176,6 +192,7 @@ def test_if_lissa_vs_lissa_influence():
 # ----------------------------------------------------------------------------- Arnoldi
 
 
+@influence
 def test_if_arnoldi_full_rank_matches_arnoldi_influence_and_exact():
     w = logreg_cancer()  # p = 62: rank = p reproduces the exact inverse
     ours = w.ours("if_arnoldi", {"rank": 62, "n_iter": 62})
@@ -190,6 +207,7 @@ def test_if_arnoldi_full_rank_matches_arnoldi_influence_and_exact():
     np.testing.assert_allclose(ours, exact, rtol=1e-6, atol=1e-9 * np.abs(exact).max())
 
 
+@influence
 def test_if_arnoldi_low_rank_same_subspace():
     """Rank 50 of p = 650 on digits. pyDVL's ARPACK (tol 1e-10) converges the top-50 eigenpairs; our
     Lanczos needs n_iter = 3 x rank here (the eigengap at 50 is ~1%), after which both keep the same
@@ -213,3 +231,121 @@ def test_if_arnoldi_low_rank_same_subspace():
     exact = w.ours("if_exact")
     sp = spearman_rows(peer, exact)
     print(f"[peers] rank-{rank} Arnoldi (either library) vs exact IF: Spearman mean {sp.mean():.3f}")
+
+
+# ----------------------------------------------------------------------------- data valuation
+
+
+def test_knn_shapley_matches_knn_shapley_valuation():
+    """Exact KNN-Shapley (K = 5): the same recursion, so equal to rounding. Standardised digits have no
+    distance ties, which the two sorts would break differently."""
+    from pydvl.valuation import Dataset, KNNShapleyValuation
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from app.estimators.valuation import knn_shapley
+
+    X, y = _load("digits")
+    x, yy, qx, qy = _split(X.astype(np.float64), y, 600, 150, seed=0)
+    ours, _ = knn_shapley(x, yy, qx, qy, 5)
+    val = KNNShapleyValuation(
+        KNeighborsClassifier(n_neighbors=5), Dataset(qx.numpy(), qy.numpy()), progress=False
+    )
+    res = val.fit(Dataset(x.numpy(), yy.numpy())).result
+    peer = np.empty(len(yy))
+    peer[res.indices] = res.values
+    print(f"[peers] knn_shapley vs pyDVL: max |diff| {np.abs(ours - peer).max():.2e}")
+    np.testing.assert_allclose(ours, peer, rtol=0, atol=1e-12)
+
+
+N_GAME = 8
+
+
+def _game():
+    """Every subset of 8 breast-cancer points with its utility: validation accuracy of L2 logistic
+    regression (our exact retraining). Small enough for exact Shapley and Banzhaf values."""
+    from app.estimators import Recipe, TaskSpec, init_model
+    from app.estimators.valuation import exhaustive_plan, train_subsets, utility_table
+
+    X, y = _load("breast_cancer")
+    x, yy, qx, qy = _split(X.astype(np.float64), y, N_GAME, 200, seed=1)
+    assert 0 < int(yy.sum()) < N_GAME  # both classes
+    plan = exhaustive_plan(N_GAME)
+    model = init_model("linear", {"in_features": x.shape[1], "num_classes": 2}, 0).double()
+    out = train_subsets(
+        model,
+        TaskSpec("classification", "cross_entropy"),
+        Recipe(optimizer="lbfgs", weight_decay=0.1),
+        x,
+        yy,
+        plan.masks,
+        plan.seeds,
+        {"v": (qx, qy)},
+        {"v": "accuracy"},
+    )
+    return (x, yy, qx, qy), utility_table(plan, out["v"])
+
+
+def _z(a, se_a, b, se_b=0.0) -> float:
+    """Largest |a - b| in standard errors (exact agreement where both errors are 0)."""
+    se = np.sqrt(np.asarray(se_a) ** 2 + np.asarray(se_b) ** 2)
+    diff = np.abs(np.asarray(a) - np.asarray(b))
+    return float(
+        np.max(np.where(se > 0, diff / np.where(se > 0, se, 1.0), np.where(diff > 1e-12, np.inf, 0.0)))
+    )
+
+
+@pytest.mark.parametrize("method", ["tmc_shapley", "banzhaf_msr"])
+def test_semivalues_agree_with_pydvl_on_an_exact_game(method):
+    """Our TMC-Shapley (no truncation) and MSR Banzhaf, and pyDVL's, on the same utility table: both
+    within a few standard errors of the exact values and of each other (fixed seeds)."""
+    from pydvl.valuation import Dataset, MSRBanzhafValuation, TMCShapleyValuation
+    from pydvl.valuation.samplers.truncation import NoTruncation
+    from pydvl.valuation.stopping import MaxUpdates
+    from pydvl.valuation.utility.base import UtilityBase
+
+    from app.estimators import InfluenceProblem, TaskSpec, get_estimator, init_model
+    from app.estimators.valuation import exact_banzhaf, exact_shapley, mask_codes
+
+    (x, yy, qx, qy), table = _game()
+    powers = 1 << np.arange(N_GAME)
+
+    class TableUtility(UtilityBase):
+        def __call__(self, sample) -> float:
+            return float(table[0 if sample is None else int(powers[np.asarray(sample.subset, int)].sum())])
+
+    problem = InfluenceProblem(
+        model=init_model("linear", {"in_features": x.shape[1], "num_classes": 2}, 0).double(),
+        task=TaskSpec("classification", "cross_entropy"),
+        weights={},
+        train_x=x,
+        train_y=yy,
+        query_x=qx,
+        query_y=qy,
+        weight_decay=0.1,
+    )
+    if method == "tmc_shapley":
+        exact, walks = exact_shapley(table), 3000
+        params = {"truncation": 0.0, "max_retrains": walks * (N_GAME - 1) + 1}
+        peer = TMCShapleyValuation(
+            TableUtility(), truncation=NoTruncation(), is_done=MaxUpdates(walks), seed=0
+        )
+    else:
+        exact, samples = exact_banzhaf(table), 6000
+        params = {"max_retrains": samples}
+        peer = MSRBanzhafValuation(TableUtility(), is_done=MaxUpdates(samples // 2), seed=0)
+    res = get_estimator(method).run(
+        problem, {**params, "seed": 0}, trainer=lambda plan: {"utility": table[mask_codes(plan.masks)]}
+    )
+    peer.fit(Dataset(x.numpy(), yy.numpy()))
+    pv, pse = (np.empty(N_GAME) for _ in range(2))
+    pv[peer.result.indices], pse[peer.result.indices] = peer.result.values, peer.result.stderr
+    z_ours, z_peer, z_both = (
+        _z(res.values, res.stderr, exact),
+        _z(pv, pse, exact),
+        _z(res.values, res.stderr, pv, pse),
+    )
+    print(
+        f"[peers] {method} on an exact 8-point game: max z vs exact ours {z_ours:.2f}, pyDVL {z_peer:.2f}; "
+        f"ours vs pyDVL {z_both:.2f} (ours: {res.n_samples} samples)"
+    )
+    assert max(z_ours, z_peer, z_both) < 4.5

@@ -168,6 +168,78 @@ def test_newton_matches_lbfgs_and_is_shard_invariant():
     np.testing.assert_allclose(cold["q"], out["q"], rtol=0, atol=1e-10)
 
 
+def test_binary_newton_is_the_two_class_minimiser():
+    """The reduced 2-class path (w = theta_1 - theta_0) gives the full softmax model's minimiser."""
+    x, y = _data(40, 5, d=3, k=2)
+    qx, qy = _data(25, 6, d=3, k=2)
+    recipe = Recipe(optimizer="lbfgs", weight_decay=0.05, epochs=200, lbfgs_tolerance=1e-12)
+    template = init_model("linear", {"in_features": 3, "num_classes": 2}, 0).double()
+    plan = bernoulli_plan(40, 6, seed=2)
+    plan.masks[1] = False
+    plan.masks[1, :3] = True  # a tiny subset
+    sets, measure = {"q": (qx, qy)}, {"q": "loss"}
+    out = train_subsets(template, CLS, recipe, x, y, plan.masks, plan.seeds, sets, measure)
+    assert out.info["newton_max_grad_norm"] < 1e-11
+    for r in (0, 1):
+        rows = torch.as_tensor(np.nonzero(plan.masks[r])[0])
+        model = init_model("linear", {"in_features": 3, "num_classes": 2}, 0).double()
+        train(model, CLS, x[rows], y[rows], recipe)
+        with torch.no_grad():
+            want = per_example_loss(model(qx), qy, CLS).numpy()
+        np.testing.assert_allclose(out["q"][r], want, rtol=0, atol=1e-6)
+    # the same problem solved in the full 2p-dimensional parametrisation
+    from app.estimators.valuation import engine
+
+    masks = torch.as_tensor(plan.masks)
+    idx, W = engine._packed(masks)
+    X = engine._features(x, True)[idx]
+    full = engine._Multinomial.of(X, y[idx], W, 0.05, 2)
+    theta, _ = engine._newton(full, torch.zeros(len(masks), 8, dtype=torch.float64), 1e-12, 100)
+    reduced = engine._Binary.of(X, y[idx], W, 0.05)
+    w, gnorm = engine._newton(reduced, torch.zeros(len(masks), 4, dtype=torch.float64), 1e-12, 100)
+    torch.testing.assert_close(reduced.weights(w), full.weights(theta), rtol=0, atol=1e-10)
+    assert float(gnorm.max()) < 1e-12
+
+
+def test_multinomial_small_subset_step_is_the_newton_step():
+    """Subsets with fewer rows than features take the Woodbury (s k)-square solve: same step."""
+    from app.estimators.valuation import engine
+
+    x, y = _data(30, 9, d=6, k=4)
+    masks = torch.zeros(5, 30, dtype=torch.bool)
+    for r in range(5):
+        masks[r, r : r + 2 + r] = True  # 2..6 rows < p = 7
+    idx, W = engine._packed(masks)
+    problem = engine._Multinomial.of(engine._features(x, True)[idx], y[idx], W, 0.05, 4)
+    theta = 0.3 * torch.randn(5, 28, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    _, G, P = problem.derivatives(theta)
+    primal = torch.linalg.solve(problem.hessian(P), G.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(problem.newton_step(P, G), primal, rtol=1e-9, atol=1e-12)
+
+
+def test_newton_accuracy_is_batch_invariant_when_classes_are_missing():
+    """Classes absent from a subset get tied logits; accuracy must not depend on the batch."""
+    x, y = _data(30, 7, d=3)
+    qx, qy = _data(40, 8, d=3)
+    recipe = Recipe(optimizer="lbfgs", weight_decay=0.05)
+    template = init_model("linear", {"in_features": 3, "num_classes": 3}, 0).double()
+    order = np.random.default_rng(0).permutation(30)
+    masks = np.zeros((12, 30), bool)
+    for r in range(12):
+        masks[r, order[: r + 1]] = True  # prefixes: the first ones hold one or two classes
+    sets, measure = {"q": (qx, qy)}, {"q": "accuracy"}
+    together = train_subsets(template, CLS, recipe, x, y, masks, [0] * 12, sets, measure)["q"]
+    alone = [
+        train_subsets(template, CLS, recipe, x, y, masks[r : r + 1], [0], sets, measure)["q"][0]
+        for r in range(12)
+    ]
+    mixed = train_subsets(
+        template, CLS, recipe, x, y, masks[::-1], [0] * 12, sets, measure, n_models_per_batch=5
+    )["q"][::-1]
+    np.testing.assert_array_equal(together, alone)
+    np.testing.assert_array_equal(together, mixed)
+
+
 @pytest.fixture(scope="module")
 def ridge_small():
     g = torch.Generator().manual_seed(0)

@@ -98,20 +98,24 @@ class Settings(BaseSettings):
     # Sandboxed compute (worker/sandbox.py): limits of the child process each job or shard runs in.
     sandbox_wall_seconds: float = Field(
         3 * 3600 - 300,
+        gt=0,
         description="Wall-clock limit of a compute child (keep it below IA_TASK_SOFT_TIME_LIMIT).",
     )
     sandbox_cpu_seconds: int = Field(
-        24 * 3600, description="RLIMIT_CPU of a compute child: CPU seconds summed over its threads."
+        24 * 3600, ge=1, description="RLIMIT_CPU of a compute child: CPU seconds summed over its threads."
     )
     sandbox_memory_bytes: int = Field(
         16 * 1024**3,
+        ge=0,
         description="RLIMIT_AS of a compute child on CPU-only workers (0 = none; never set with CUDA).",
     )
     sandbox_max_file_bytes: int = Field(
-        8 * 1024**3, description="RLIMIT_FSIZE of a compute child: the largest file it may write."
+        8 * 1024**3, ge=1024, description="RLIMIT_FSIZE of a compute child: the largest file it may write."
     )
-    sandbox_max_open_files: int = Field(256, description="RLIMIT_NOFILE of a compute child.")
-    sandbox_nice: int = Field(10, description="Niceness added to a compute child, so the API keeps a core.")
+    sandbox_max_open_files: int = Field(256, ge=32, description="RLIMIT_NOFILE of a compute child.")
+    sandbox_nice: int = Field(
+        10, ge=0, le=19, description="Niceness added to a compute child, so the API keeps a core."
+    )
     sandbox_network: bool = Field(
         True, description="Give compute children an empty network namespace (when `unshare --net` works)."
     )

@@ -130,6 +130,7 @@ def main() -> None:
     parser.add_argument("--submit-rps", type=int, default=50)
     parser.add_argument("--duration", type=int, default=30, help="Seconds of load.")
     parser.add_argument("--processes", type=int, default=2, help="API processes (uvicorn workers).")
+    parser.add_argument("--idle", action="store_true", help="No worker: nothing computes during the load.")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "load.json")
     args = parser.parse_args()
 
@@ -160,10 +161,11 @@ def main() -> None:
 
         with session_scope(settings) as session:
             tenants.by_name(session, "load").limits = UNLIMITED
-        worker = WorkerProcess(env, tmp / "worker.log").start()
+        worker = None if args.idle else WorkerProcess(env, tmp / "worker.log").start()
         with server.client() as client:
             busy_job, body = _setup(client)
-            _wait_running(client, f"/v1/training-jobs/{busy_job}")
+            if worker is not None:
+                _wait_running(client, f"/v1/training-jobs/{busy_job}")
             single = []
             for _ in range(50):
                 started = time.perf_counter()

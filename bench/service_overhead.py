@@ -8,7 +8,9 @@ then times, side by side:
 * ``worker``: the estimator's own compute time as recorded by the worker;
 * ``in-process``: the same estimator call on the same stored artifacts here.
 
-Usage: python bench/service_overhead.py [--repeats 5] [--queries 64] [--profiles embedded,postgres]
+``--gap`` pauses between jobs, as an idle worker sees them (0: each job right after the last).
+
+Usage: python bench/service_overhead.py [--repeats 5] [--queries 64] [--profiles embedded,postgres] [--gap 0]
 """
 
 from __future__ import annotations
@@ -144,7 +146,9 @@ def _direct(
     return time.perf_counter() - started
 
 
-def run_profile(name: str, env: dict[str, str], tmp: Path, repeats: int, n_queries: int) -> dict:
+def run_profile(
+    name: str, env: dict[str, str], tmp: Path, repeats: int, n_queries: int, gap: float = 0.0
+) -> dict:
     env = {**env, "IA_TORCH_THREADS": "1", "IA_HEARTBEAT_SECONDS": "1"}
     proc, url = _serve(env, tmp / f"{name}.log")
     try:
@@ -170,6 +174,7 @@ def run_profile(name: str, env: dict[str, str], tmp: Path, repeats: int, n_queri
             }
             api, worker, queue_wait, run = [], [], [], []
             for _ in range(repeats):
+                time.sleep(gap)
                 started = time.perf_counter()
                 job = client.post("/v1/influence-jobs", json=body).json()
                 job = _wait(client, f"/v1/influence-jobs/{job['id']}")
@@ -214,6 +219,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--queries", type=int, default=64)
     parser.add_argument("--profiles", default="embedded,postgres")
+    parser.add_argument("--gap", type=float, default=0.0, help="seconds between jobs")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -225,10 +231,10 @@ def main() -> None:
                 env = _postgres_env(tmp)
                 if env is None:
                     continue
-            rows.append(run_profile(profile, env, tmp, args.repeats, args.queries))
+            rows.append(run_profile(profile, env, tmp, args.repeats, args.queries, args.gap))
     print(
         f"\nTracInCP job, digits MLP; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, 1 compute thread, median of {args.repeats}"
+        f"torch {torch.__version__}, 1 compute thread, median of {args.repeats}, {args.gap:g} s between jobs"
     )
     print(
         f"{'profile':<10} {'n_train':>7} {'queries':>7} {'ckpts':>5} {'api s':>8} {'worker s':>9} "

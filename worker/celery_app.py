@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from celery import Celery
-from celery.signals import worker_init
+from celery.signals import worker_process_init, worker_process_shutdown
 
 from app.dispatch import celery_config
 from app.settings import get_settings
@@ -13,16 +13,20 @@ celery_app.conf.update(celery_config(get_settings()))
 app = celery_app
 
 
-@worker_init.connect
-def _warm_up_before_forking(**_kwargs) -> None:
-    """Each job runs in a freshly forked child; initialise torch.func once here, in the parent (CPU only).
+@worker_process_init.connect
+def _prestart_compute_child(**_kwargs) -> None:
+    """A pool process runs one task; start its sandboxed compute child now, while it waits for one.
 
-    Single-threaded on purpose: an OpenMP thread pool started in the parent does not survive
-    ``fork`` and would deadlock the children's first parallel region.
+    The child's interpreter start and torch import (over a second) then overlap the queue wait
+    instead of delaying the job. A finalize task leaves it unused; it is stopped on exit.
     """
-    import torch
+    from worker import sandbox
 
-    from app.estimators.gradients import warm_up
+    sandbox.prestart(get_settings())
 
-    torch.set_num_threads(1)
-    warm_up()
+
+@worker_process_shutdown.connect
+def _stop_compute_child(**_kwargs) -> None:
+    from worker import sandbox
+
+    sandbox.discard()

@@ -1,12 +1,15 @@
-"""Run one job delivery: claim, compute with heartbeats, finish under the attempt guard.
+"""Run one job delivery: claim, compute in a sandboxed child with heartbeats, finish under the attempt guard.
 
-Shared by the Celery task and by anything else that wants to run a job by id
-(tests, a notebook). Never holds a DB transaction across compute.
+Shared by the Celery task and by anything else that wants to run a job by id (tests, a notebook).
+This process is trusted (it holds DB and broker credentials): it claims, loads rows, looks up and
+stores the train-state cache, validates what the compute child wrote and stores results. Tenant
+weights and data meet torch only in the child (worker/sandbox.py, worker/compute.py); finalize
+merges shards or estimates values from stored arrays here. Never holds a DB transaction across compute.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import errno
 import json
 import logging
 import os
@@ -14,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,12 +35,13 @@ from app.estimators import (
     EstimatorError,
     InfluenceProblem,
     Recipe,
-    Runtime,
     TaskSpec,
+    TrainState,
+    get_architecture,
     get_estimator,
-    train,
+    init_model,
 )
-from app.estimators.sharding import ShardPlan, merge_shards, plan_shards, plan_subset_shards
+from app.estimators.sharding import merge_shards
 from app.estimators.valuation.engine import SubsetOutputs
 from app.problems import FieldError, ProblemError
 from app.services import datasets as datasets_service
@@ -48,17 +53,20 @@ from app.services import train_state
 from app.services.validation import validate_params
 from app.settings import Settings
 from app.storage.artifacts import ArtifactStore
+from worker import sandbox
+from worker.compute import shard_plans
 
 log = logging.getLogger(__name__)
 
 
 class Reporter:
-    """Progress callback for estimators plus a background heartbeat.
+    """Progress callback (fed by the compute child's progress lines) plus a background heartbeat.
 
     The heartbeat thread extends the lease every ``heartbeat_seconds`` and
     writes the latest progress; the callback itself never touches the DB, it
     only raises :class:`Cancelled` or :class:`LeaseLost` once the thread has
-    seen the flag. Cancel latency is therefore one heartbeat plus one batch.
+    seen the flag, and the sandbox then kills the child. Cancel latency is
+    therefore about one heartbeat.
     """
 
     def __init__(self, settings: Settings, claim, beat=jobs_service.heartbeat) -> None:
@@ -132,12 +140,6 @@ class _Loaded:
     checkpoints: list
 
 
-def _device(settings: Settings) -> torch.device:
-    if settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 def _labels(y: np.ndarray, task: str) -> torch.Tensor:
     return torch.as_tensor(y, dtype=torch.long if task == "classification" else torch.float32)
 
@@ -169,6 +171,8 @@ def _problem_for(exc: BaseException) -> dict:
         return ProblemError(
             500, "resource-limit", "The job ran out of memory", "reduce chunk size, queries or model size"
         ).to_dict()
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return sandbox.disk_full().to_dict()
     return ProblemError(500, "internal-error", "The job failed unexpectedly", type(exc).__name__).to_dict()
 
 
@@ -178,7 +182,6 @@ def run_job(settings: Settings, job_id: str, worker_id: str) -> str:
     if claim is None:
         log.info("job %s not claimable (finished, running elsewhere or cancelled); dropping message", job_id)
         return "skipped"
-    _threads(settings)
     store = ArtifactStore(settings.resolved_artifact_dir)
     reporter = Reporter(settings, claim)
     try:
@@ -214,50 +217,39 @@ def run_job(settings: Settings, job_id: str, worker_id: str) -> str:
 
 
 def run_shard(settings: Settings, shard_id: str, worker_id: str) -> str:
-    """Compute one shard of a fanned-out job and record its partial result."""
+    """Compute one shard of a fanned-out job in a sandboxed child and record its partial result."""
     claim = shards_service.claim(settings, shard_id, worker_id)
     if claim is None:
         return "skipped"
-    _threads(settings)
     store = ArtifactStore(settings.resolved_artifact_dir)
+    plan = claim.plan
     try:
         with Reporter(settings, claim, beat=shards_service.heartbeat) as reporter:
-            ctx = _context(settings, store, claim.job_id)
-            problem = ctx.problem
-            if claim.plan.checkpoint_indices is not None:
-                problem = dataclasses.replace(
-                    problem, checkpoints=[problem.checkpoints[i] for i in claim.plan.checkpoint_indices]
-                )
-            runtime = _runtime(settings, ctx, reporter)
-            started = time.perf_counter()
-            if claim.plan.kind == "subsets":
-                subsets = ctx.estimator.plan(
-                    ctx.problem, ctx.params, start=claim.plan.train_lo, stop=claim.plan.train_hi
-                )
-                outputs = ctx.estimator.train_subsets(ctx.problem, ctx.params, subsets, runtime)
-                reporter.check()
-                uri = store.put_npz(
-                    **outputs.arrays, __info__=np.array(json.dumps(outputs.info, default=str))
-                ).uri
-                seconds = time.perf_counter() - started
-                return (
-                    "succeeded"
-                    if shards_service.complete(settings, claim, uri, None, seconds)
-                    else "lease-lost"
-                )
-            state = train_state.get_or_fit(
-                settings, store, ctx.estimator, ctx.params, ctx.problem, runtime, ctx.state_inputs
-            ).state
-            attribution = ctx.estimator.attribute(
-                problem,
-                ctx.params,
-                want_scores=True,
-                want_self_influence=ctx.output["self_influence"],
-                runtime=runtime,
-                state=state,
-                train_range=(claim.plan.train_lo, claim.plan.train_hi),
-            )
-            seconds = time.perf_counter() - started
+            reporter("loading", 0, 1)
+            job = _prepare(settings, store, claim.job_id)
+            payload = {
+                **job.payload,
+                "plan": {
+                    "kind": plan.kind,
+                    "train_lo": plan.train_lo,
+                    "train_hi": plan.train_hi,
+                    "checkpoint_indices": (
+                        list(plan.checkpoint_indices) if plan.checkpoint_indices is not None else None
+                    ),
+                },
+            }
+            with sandbox.acquire(settings) as box:
+                out = box.run("worker.compute:shard", payload, job.inputs, reporter)
+                seconds = out.number("compute_seconds")
+                if plan.kind == "subsets":
+                    scores_uri, self_uri = _store_subsets(store, out, plan.train_hi - plan.train_lo), None
+                else:
+                    _store_state(settings, store, job, out)
+                    width = plan.train_hi - plan.train_lo
+                    scores = out.optional_array("scores", (job.n_query, width), job.parameter)
+                    self_influence = out.optional_array("self_influence", (width,), job.parameter)
+                    scores_uri = store.put_npy(scores).uri if scores is not None else None
+                    self_uri = store.put_npy(self_influence).uri if self_influence is not None else None
             reporter.check()
     except jobs_service.LeaseLost:
         return "lease-lost"
@@ -271,15 +263,20 @@ def run_shard(settings: Settings, shard_id: str, worker_id: str) -> str:
         if not isinstance(exc, Exception):
             raise
         return "failed"
-    scores_uri = store.put_npy(attribution.scores).uri if attribution.scores is not None else None
-    self_uri = (
-        store.put_npy(attribution.self_influence).uri if attribution.self_influence is not None else None
-    )
     return (
         "succeeded"
         if shards_service.complete(settings, claim, scores_uri, self_uri, seconds)
         else "lease-lost"
     )
+
+
+def _store_subsets(store: ArtifactStore, out: sandbox.Outputs, rows: int) -> str:
+    """A retraining shard's measurements (``rows`` subsets each) as one npz, for finalize."""
+    arrays = {name: out.rows(f"subset.{name}", rows) for name in out.names("subsets")}
+    if not arrays:
+        raise sandbox.invalid_output("a retraining shard returned no measurements")
+    info = out.mapping("info")
+    return store.put_npz(**arrays, __info__=np.array(json.dumps(info))).uri
 
 
 def finalize_job(settings: Settings, job_id: str) -> str:
@@ -344,7 +341,7 @@ def _load_outputs(store: ArtifactStore, uri: str) -> SubsetOutputs:
 
 
 def _threads(settings: Settings) -> None:
-    """The child's intra-op threads: the setting, else one per CPU (the parent ran single-threaded)."""
+    """Finalize's intra-op threads: the setting, else one per CPU."""
     torch.set_num_threads(
         settings.torch_threads if settings.torch_threads > 0 else max(1, os.cpu_count() or 1)
     )
@@ -361,9 +358,263 @@ def _done(phase: str = "done") -> dict:
     }
 
 
+def _query_rows(spec: dict, query_ds: Dataset) -> np.ndarray:
+    rows = spec["query_indices"] if spec.get("query_indices") is not None else np.arange(query_ds.n_examples)
+    return np.asarray(rows, dtype=np.int64)
+
+
+def _model_spec(model: Model) -> dict:
+    """What the child needs to build the architecture (as models_service.build_model does)."""
+    return {
+        "architecture": model.architecture,
+        "architecture_params": model.architecture_params,
+        "seed": int(model.recipe.get("seed", 0)),
+        "task": model.task,
+        "loss": model.loss,
+    }
+
+
+def _tuning_parameter(estimator: Estimator) -> str | None:
+    """The parameter to name when the estimator's output is not finite (regularisation first)."""
+    fields = estimator.Params.__dataclass_fields__
+    for name in ("damping", "damping_scale", "l2", "recipe"):
+        if name in fields:
+            return f"/method/params/{name}"
+    return None
+
+
+@dataclass
+class _Job:
+    """An influence job as the trusted side sees it: rows, the child's assignment, what to expect back."""
+
+    loaded: _Loaded
+    estimator: Estimator
+    params: object
+    payload: dict
+    inputs: dict[str, Path]
+    state: train_state.Lookup | None
+    query_rows: np.ndarray
+    n_train: int
+    parameter: str | None
+
+    @property
+    def n_query(self) -> int:
+        return len(self.query_rows)
+
+
+def _prepare(settings: Settings, store: ArtifactStore, job_id: str) -> _Job:
+    """Rows and artifact paths for the child, and the train-state cache lookup; no tensors are loaded here."""
+    loaded = _load(settings, job_id)
+    spec, model = loaded.job.spec, loaded.model
+    query_ds = loaded.query or loaded.train
+    recipe = validate_params(Recipe, model.recipe, "/recipe")
+    estimator = get_estimator(spec["method"]["name"])
+    params = validate_params(estimator.Params, spec["method"]["params"], "/method/params")
+    query_rows = _query_rows(spec, query_ds)
+    inputs = {
+        "weights": store.path(model.weights_uri),
+        "train": store.path(loaded.train.uri),
+        "query": store.path(query_ds.uri),
+        **{f"checkpoint_{i}": store.path(c.uri) for i, c in enumerate(loaded.checkpoints)},
+    }
+    state_inputs = {
+        "weights_sha256": model.weights_sha256,
+        "checkpoints_sha256": [c.sha256 for c in loaded.checkpoints],
+        "train_dataset_sha256": loaded.train.sha256,
+        "architecture": model.architecture,
+        "architecture_params": model.architecture_params,
+        "task": model.task,
+        "weight_decay": recipe.weight_decay,
+    }
+    state = train_state.lookup(settings, store, estimator, params, state_inputs)
+    if state is not None and state.uri is not None:
+        inputs["state"] = store.path(state.uri)
+    execution = spec.get("execution") or {}
+    payload = {
+        "model": _model_spec(model),
+        "recipe": dict(model.recipe),
+        "weight_decay": recipe.weight_decay,
+        "measurement": spec["measurement"],
+        "checkpoints": [
+            {
+                "step": c.step,
+                "learning_rate": c.learning_rate if c.learning_rate is not None else recipe.learning_rate,
+            }
+            for c in loaded.checkpoints
+        ],
+        "query_rows": query_rows.tolist(),
+        "method": {"name": estimator.name, "params": spec["method"]["params"]},
+        "runtime": {
+            "device": settings.device,
+            "chunk_size": settings.chunk_size,
+            "memory_budget_bytes": settings.memory_budget_bytes,
+        },
+        "self_influence": bool(spec["output"]["self_influence"]),
+        "fit_state": state is not None and state.uri is None,
+        "sharding": {
+            "subsets_per_shard": execution.get("subsets_per_shard"),
+            "train_shard_size": execution.get("train_shard_size") or settings.train_shard_size or None,
+            "by_checkpoint": bool(execution.get("shard_by_checkpoint")),
+        },
+    }
+    return _Job(
+        loaded,
+        estimator,
+        params,
+        payload,
+        inputs,
+        state,
+        query_rows,
+        loaded.train.n_examples,
+        _tuning_parameter(estimator),
+    )
+
+
+def _store_state(settings: Settings, store: ArtifactStore, job: _Job, out: sandbox.Outputs) -> dict:
+    """Cache a state the child fitted (once validated); returns what the result metadata says about it."""
+    reported = out.mapping("state", optional=True)
+    if job.state is None or reported is None:
+        return {}
+    if job.state.uri is not None:
+        return {
+            "key": job.state.key,
+            "cache_hit": True,
+            "fit_seconds": job.state.fit_seconds,
+            "load_seconds": out.number("load_seconds", reported),
+        }
+    fit_seconds = out.number("fit_seconds", reported)
+    tensors, metadata = out.tensors("state", job.parameter)
+    info = sandbox.loads_plain(metadata.get("info", "{}"), "the train state's info")
+    if not isinstance(info, dict):
+        raise sandbox.invalid_output("the train state's info is not an object")
+    train_state.save(settings, store, job.state, job.estimator, TrainState(tensors, info), fit_seconds)
+    return {"key": job.state.key, "cache_hit": False, "fit_seconds": fit_seconds}
+
+
+def _ids(store: ArtifactStore, dataset: Dataset) -> np.ndarray | None:
+    """A stored dataset's example ids, without decompressing its features."""
+    with np.load(store.path(dataset.uri), allow_pickle=False) as data:
+        return data["ids"] if "ids" in data.files else None
+
+
+def _influence(settings: Settings, store: ArtifactStore, claim, reporter: Reporter):
+    reporter("loading", 0, 1)
+    job = _prepare(settings, store, claim.job_id)
+    with sandbox.acquire(settings) as box:
+        out = box.run("worker.compute:influence", job.payload, job.inputs, reporter)
+        state_info = _store_state(settings, store, job, out)
+        budget = out.integer("retrain_budget", optional=True, maximum=10**9)
+        plans = shard_plans(
+            job.payload["sharding"], job.estimator, job.n_train, len(job.loaded.checkpoints), budget
+        )
+        if len(plans) > 1:
+            return plans
+        reporter("writing", 0, 1)
+        n_train, parameter = job.n_train, job.parameter
+        scores = out.optional_array("scores", (job.n_query, n_train), parameter)
+        self_influence = out.optional_array("self_influence", (n_train,), parameter)
+        values = out.optional_array("values", (n_train,), parameter)
+        values_stderr = (
+            out.optional_array("values_stderr", (n_train,), parameter) if values is not None else None
+        )
+        if scores is None and self_influence is None and values is None:
+            raise sandbox.invalid_output("the computation returned neither scores, self-influence nor values")
+        details = dict(out.mapping("metadata"))
+        details.update(
+            compute_seconds=out.number("compute_seconds"),
+            device=out.text("device"),
+            chunk_size=out.integer("chunk_size"),
+        )
+    loaded = job.loaded
+    details.update(
+        model_weights_sha256=loaded.model.weights_sha256,
+        train_dataset_sha256=loaded.train.sha256,
+        n_checkpoints=len(loaded.checkpoints),
+        torch_version=torch.__version__,
+    )
+    if state_info:
+        details["train_state"] = state_info
+    query_ds = loaded.query or loaded.train
+    query_ids = _ids(store, query_ds)
+    prepared = results_service.prepare(
+        store,
+        scores=scores,
+        self_influence=self_influence,
+        query_rows=job.query_rows,
+        query_ids=query_ids[job.query_rows] if query_ids is not None else None,
+        train_ids=query_ids if query_ds.id == loaded.train.id else _ids(store, loaded.train),
+        top=loaded.job.spec["output"]["top_k"],
+        keep_full_matrix=loaded.job.spec["output"]["keep_full_matrix"],
+        details=details,
+        values=values,
+        values_stderr=values_stderr,
+    )
+    return prepared.write(claim.job_id, claim.attempt), _done()
+
+
+def _expected_state(model_row: Model) -> dict[str, torch.Size]:
+    """The architecture's state-dict shapes, built on the meta device: no memory, no tenant data."""
+    arch = get_architecture(model_row.architecture)
+    params = validate_params(arch.Params, model_row.architecture_params, "/architecture/params")
+    with torch.device("meta"):
+        module = init_model(arch, params)
+    return {name: tensor.shape for name, tensor in module.state_dict().items()}
+
+
+def _trained_state(out: sandbox.Outputs, name: str, expected: dict[str, torch.Size]) -> dict:
+    tensors, _ = out.tensors(name, "/recipe/learning_rate")
+    shapes = {key: tensor.shape for key, tensor in tensors.items()}
+    if shapes != expected:
+        raise sandbox.invalid_output(f"{name}: the tensors do not match the architecture")
+    return tensors
+
+
+def _train(settings: Settings, store: ArtifactStore, claim, reporter: Reporter):
+    loaded = _load(settings, claim.job_id)
+    model_row = loaded.model
+    payload = {"model": _model_spec(model_row), "recipe": dict(model_row.recipe), "device": settings.device}
+    expected = _expected_state(model_row)
+    with sandbox.acquire(settings) as box:
+        out = box.run("worker.compute:training", payload, {"train": store.path(loaded.train.uri)}, reporter)
+        weights = _trained_state(out, "weights", expected)
+        listed = out.meta.get("checkpoints")
+        if not isinstance(listed, list) or len(listed) > 10_000:
+            raise sandbox.invalid_output("meta.json: checkpoints is not a list")
+        checkpoints = []
+        for i, entry in enumerate(listed):
+            if not isinstance(entry, dict):
+                raise sandbox.invalid_output("meta.json: a checkpoint is not an object")
+            step, rate = entry.get("step"), out.number("learning_rate", entry)
+            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                raise sandbox.invalid_output("meta.json: a checkpoint's step is not a non-negative integer")
+            checkpoints.append(Checkpoint(step, rate, _trained_state(out, f"checkpoint_{i}", expected)))
+    stored_weights = store.put_state_dict(weights)
+    stored_checkpoints = [(c, store.put_state_dict(c.state)) for c in checkpoints]
+
+    def write(session) -> None:
+        model = session.get(Model, model_row.id)
+        model.weights_uri, model.weights_sha256, model.state, model.error = (
+            stored_weights.uri,
+            stored_weights.sha256,
+            "ready",
+            None,
+        )
+        for checkpoint, artifact in stored_checkpoints:
+            model.checkpoints.append(
+                CheckpointRow(
+                    step=checkpoint.step,
+                    learning_rate=checkpoint.learning_rate,
+                    uri=artifact.uri,
+                    sha256=artifact.sha256,
+                )
+            )
+
+    return write, _done("trained")
+
+
 @dataclass
 class _Context:
-    """An influence job's inputs, loaded and ready for the estimator."""
+    """A fanned-out job's inputs, loaded in this process for finalize (merge, or estimate from arrays)."""
 
     loaded: _Loaded
     problem: InfluenceProblem
@@ -373,12 +624,6 @@ class _Context:
     query_rows: np.ndarray
     query_ids: np.ndarray | None
     train_ids: np.ndarray | None
-    state_inputs: dict
-
-
-def _query_rows(spec: dict, query_ds: Dataset) -> np.ndarray:
-    rows = spec["query_indices"] if spec.get("query_indices") is not None else np.arange(query_ds.n_examples)
-    return np.asarray(rows, dtype=np.int64)
 
 
 def _context(settings: Settings, store: ArtifactStore, job_id: str) -> _Context:
@@ -414,15 +659,6 @@ def _context(settings: Settings, store: ArtifactStore, job_id: str) -> _Context:
     )
     estimator = get_estimator(spec["method"]["name"])
     params = validate_params(estimator.Params, spec["method"]["params"], "/method/params")
-    state_inputs = {
-        "weights_sha256": model.weights_sha256,
-        "checkpoints_sha256": [c.sha256 for c in loaded.checkpoints],
-        "train_dataset_sha256": loaded.train.sha256,
-        "architecture": model.architecture,
-        "architecture_params": model.architecture_params,
-        "task": model.task,
-        "weight_decay": recipe.weight_decay,
-    }
     return _Context(
         loaded,
         problem,
@@ -432,116 +668,4 @@ def _context(settings: Settings, store: ArtifactStore, job_id: str) -> _Context:
         query_rows,
         query_arrays.ids[query_rows] if query_arrays.ids is not None else None,
         train_arrays.ids,
-        state_inputs,
     )
-
-
-def _runtime(settings: Settings, ctx: _Context, reporter: Reporter) -> Runtime:
-    """Chunk size bounded by the memory budget: a chunk of per-sample gradients is rows x p floats."""
-    n_params = sum(p.numel() for p in ctx.problem.model.parameters())
-    bytes_per_row = 4 * n_params * 4  # the gradient chunk plus vmap's intermediates, float32
-    chunk = max(1, min(settings.chunk_size, settings.memory_budget_bytes // max(bytes_per_row, 1)))
-    return Runtime(device=_device(settings), chunk_size=int(chunk), progress=reporter)
-
-
-def _shard_plans(settings: Settings, ctx: _Context) -> list[ShardPlan]:
-    """How to split the job: subset rows for retraining plans, else training rows x checkpoints."""
-    execution = ctx.loaded.job.spec.get("execution") or {}
-    budget = ctx.estimator.retrain_budget(ctx.problem, ctx.params)
-    if budget is not None and execution.get("subsets_per_shard"):
-        return plan_subset_shards(budget, execution["subsets_per_shard"])
-    if not ctx.estimator.shardable_by_rows:
-        return []
-    return plan_shards(
-        ctx.problem.n_train,
-        len(ctx.problem.checkpoints),
-        train_shard_size=execution.get("train_shard_size") or settings.train_shard_size or None,
-        by_checkpoint=bool(execution.get("shard_by_checkpoint")) and ctx.estimator.checkpoint_additive,
-    )
-
-
-def _influence(settings: Settings, store: ArtifactStore, claim, reporter: Reporter):
-    reporter("loading", 0, 1)
-    ctx = _context(settings, store, claim.job_id)
-    runtime = _runtime(settings, ctx, reporter)
-    outcome = train_state.get_or_fit(
-        settings, store, ctx.estimator, ctx.params, ctx.problem, runtime, ctx.state_inputs
-    )
-    plans = _shard_plans(settings, ctx)
-    if len(plans) > 1:
-        return plans
-    started = time.perf_counter()
-    attribution = ctx.estimator.attribute(
-        ctx.problem,
-        ctx.params,
-        want_scores=True,
-        want_self_influence=ctx.output["self_influence"],
-        runtime=runtime,
-        state=outcome.state,
-    )
-    compute_seconds = time.perf_counter() - started
-    reporter("writing", 0, 1)
-    details = dict(attribution.metadata)
-    details.update(
-        compute_seconds=round(compute_seconds, 4),
-        device=str(runtime.device),
-        chunk_size=runtime.chunk_size,
-        model_weights_sha256=ctx.loaded.model.weights_sha256,
-        train_dataset_sha256=ctx.loaded.train.sha256,
-        n_checkpoints=len(ctx.problem.checkpoints),
-        torch_version=torch.__version__,
-    )
-    if outcome.info:
-        details["train_state"] = outcome.info
-    prepared = results_service.prepare(
-        store,
-        scores=attribution.scores,
-        self_influence=attribution.self_influence,
-        query_rows=ctx.query_rows,
-        query_ids=ctx.query_ids,
-        train_ids=ctx.train_ids,
-        top=ctx.output["top_k"],
-        keep_full_matrix=ctx.output["keep_full_matrix"],
-        details=details,
-        values=attribution.values,
-        values_stderr=attribution.values_stderr,
-    )
-    return prepared.write(claim.job_id, claim.attempt), _done()
-
-
-def _train(settings: Settings, store: ArtifactStore, claim, reporter: Reporter):
-    loaded = _load(settings, claim.job_id)
-    model_row = loaded.model
-    arrays = datasets_service.load_arrays(store, loaded.train)
-    recipe = validate_params(Recipe, model_row.recipe, "/recipe")
-    result = train(
-        models_service.build_model(model_row),
-        TaskSpec(kind=model_row.task, loss=model_row.loss),
-        torch.as_tensor(arrays.x),
-        _labels(arrays.y, model_row.task),
-        recipe,
-        progress=reporter,
-        device=_device(settings),
-    )
-    weights = store.put_state_dict(result.weights)
-    stored_checkpoints = [(c, store.put_state_dict(c.state)) for c in result.checkpoints]
-
-    def write(session) -> None:
-        model = session.get(Model, model_row.id)
-        model.weights_uri, model.weights_sha256, model.state, model.error = (
-            weights.uri,
-            weights.sha256,
-            "ready",
-            None,
-        )
-        for checkpoint, artifact in stored_checkpoints:
-            model.checkpoints.append(
-                CheckpointRow(
-                    step=checkpoint.step,
-                    learning_rate=checkpoint.learning_rate,
-                    uri=artifact.uri,
-                    sha256=artifact.sha256,
-                )
-            )
-
-    return write, _done("trained")

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from contextlib import ExitStack
 from typing import Annotated, Any
 
+import anyio
 from fastapi import Depends, Query, Request, Response, UploadFile
 from fastapi.encoders import jsonable_encoder
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session
@@ -21,6 +25,8 @@ from app.services.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from app.settings import Settings
 from app.storage.artifacts import ArtifactStore
 
+SESSION_EXIT_THREADS = 8
+
 
 # Async so FastAPI calls them inline instead of hopping to the threadpool for an attribute read.
 async def get_settings_dep(request: Request) -> Settings:
@@ -31,29 +37,94 @@ async def get_store(request: Request) -> ArtifactStore:
     return request.app.state.store
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    """One session per request: commit on success, roll back on error.
+def _unstorable(exc: DataError) -> ProblemError:
+    return ProblemError(
+        422,
+        "unstorable-value",
+        "The request is invalid",
+        f"a value in the request cannot be stored: {type(exc.orig).__name__}",
+    )
 
-    A value the database cannot hold (a NUL character in an id or a name, an integer too big for
-    its column) is the client's error, so it answers 422 rather than 500.
-    """
-    session = get_sessionmaker(request.app.state.settings)()
+
+def _commit_and_close(session: Session) -> None:
     try:
-        yield session
         session.commit()
     except DataError as exc:
         session.rollback()
-        raise ProblemError(
-            422,
-            "unstorable-value",
-            "The request is invalid",
-            f"a value in the request cannot be stored: {type(exc.orig).__name__}",
-        ) from None
+        raise _unstorable(exc) from None
     except BaseException:
         session.rollback()
         raise
     finally:
         session.close()
+
+
+def _rollback_and_close(session: Session) -> None:
+    try:
+        session.rollback()
+    finally:
+        session.close()
+
+
+def _exit_limiter(request: Request) -> anyio.CapacityLimiter:
+    limiter = getattr(request.app.state, "session_exit_limiter", None)
+    if limiter is None:
+        limiter = request.app.state.session_exit_limiter = anyio.CapacityLimiter(SESSION_EXIT_THREADS)
+    return limiter
+
+
+class CommittingRoute(APIRoute):
+    """Sync endpoints commit their request's session in their own thread, before returning.
+
+    That gives the database connection back while the endpoint still holds its threadpool slot.
+    Without it, a finished endpoint keeps its connection until FastAPI has serialised the response
+    (another threadpool call) and run the session's exit; under load every slot can be taken by
+    endpoints waiting for a connection that only such a finished request can return: a deadlock
+    until the pool times out.
+    """
+
+    def __init__(self, path: str, endpoint, **kwargs) -> None:
+        if not inspect.iscoroutinefunction(endpoint):
+            endpoint = _committing(endpoint)
+        super().__init__(path, endpoint, **kwargs)
+
+
+def _committing(endpoint):
+    @functools.wraps(endpoint)  # FastAPI reads the signature through __wrapped__
+    def run(*args, **kwargs):
+        result = endpoint(*args, **kwargs)
+        for value in kwargs.values():
+            if isinstance(value, Session):
+                try:
+                    value.commit()
+                except DataError as exc:
+                    value.rollback()
+                    raise _unstorable(exc) from None
+        return result
+
+    return run
+
+
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """One session per request: commit on success, roll back on error.
+
+    Endpoints routed through :class:`CommittingRoute` have committed already; the final commit
+    runs on its own small thread limiter, not the endpoints' threadpool. Otherwise,
+    under load, every pool thread can sit in an endpoint waiting for a database connection while
+    the requests that hold the connections wait for a thread to commit and return them: a
+    deadlock until the pool times out. A value the database cannot hold (a NUL character, an
+    integer too big for its column) is the client's error, so it answers 422 rather than 500.
+    """
+    session = get_sessionmaker(request.app.state.settings)()  # no I/O until the first query
+    try:
+        yield session
+    except DataError as exc:
+        await anyio.to_thread.run_sync(_rollback_and_close, session, limiter=_exit_limiter(request))
+        raise _unstorable(exc) from None
+    except BaseException:
+        await anyio.to_thread.run_sync(_rollback_and_close, session, limiter=_exit_limiter(request))
+        raise
+    await anyio.to_thread.run_sync(_commit_and_close, session, limiter=_exit_limiter(request))
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]

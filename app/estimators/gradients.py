@@ -826,16 +826,3 @@ def as_params(params_cls: type, params: Any) -> Any:
         except TypeError as e:
             raise EstimatorError(f"invalid method parameters: {e}", parameter="/method/params") from None
     raise TypeError(f"params must be None, a dict or {params_cls.__name__}, not {type(params).__name__}")
-
-
-def warm_up() -> None:
-    """Pay torch.func's one-off initialisation (about a second) on a tiny CPU model.
-
-    Celery forks a fresh child per job; calling this in the parent before the fork
-    means no child pays it again. Never touches CUDA.
-    """
-    tiny = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
-    objective = train_objective(TaskSpec())
-    x, y = torch.zeros(2, 2), torch.zeros(2, dtype=torch.long)
-    for _ in per_sample_gradients(tiny, tiny.state_dict(), x, y, objective, chunk_size=2):
-        pass

@@ -1,22 +1,25 @@
-"""Cache of estimators' train-side state, so a second job on the same model and data skips that pass."""
+"""Cache of estimators' train-side state, so a second job on the same model and data skips that pass.
+
+Split in two because the fit runs in the sandboxed compute child (worker/sandbox.py): the worker
+looks the state up before it starts the child, and stores what the child fitted once it has
+validated it.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
-from safetensors import safe_open
 from safetensors.torch import save_file
 from sqlalchemy.exc import IntegrityError
 
 from app.db.models import TrainStateEntry
 from app.db.session import session_scope
-from app.estimators import Estimator, InfluenceProblem, Runtime, TrainState
+from app.estimators import Estimator, TrainState
 from app.settings import Settings
-from app.storage.artifacts import ArtifactStore
+from app.storage.artifacts import ArtifactStore, StoredArtifact
 
 
 def code_version() -> str:
@@ -42,70 +45,59 @@ def state_key(estimator: Estimator, params, inputs: dict) -> tuple[str, dict]:
 
 
 @dataclass
-class StateOutcome:
-    state: TrainState | None
-    info: dict  # for the result metadata: key, cache_hit, fit_seconds
+class Lookup:
+    """The cache key of one (estimator, params, inputs), and the stored state if there is one."""
+
+    key: str
+    described: dict
+    uri: str | None
+    fit_seconds: float | None
 
 
-def _load(store: ArtifactStore, uri: str) -> TrainState:
-    with safe_open(str(store.path(uri)), framework="pt") as handle:
-        info = json.loads((handle.metadata() or {}).get("info", "{}"))
-        return TrainState(tensors={k: handle.get_tensor(k) for k in handle.keys()}, info=info)
+def lookup(
+    settings: Settings, store: ArtifactStore, estimator: Estimator, params, inputs: dict
+) -> Lookup | None:
+    """None when the estimator has no train state; else its key and the cached file, if present."""
+    if not has_train_state(estimator):
+        return None
+    key, described = state_key(estimator, params, inputs)
+    with session_scope(settings) as session:
+        entry = session.get(TrainStateEntry, key)
+        cached = (entry.uri, entry.fit_seconds) if entry is not None else None
+    if cached is not None and store.path(cached[0]).exists():
+        return Lookup(key, described, cached[0], cached[1])
+    return Lookup(key, described, None, None)
 
 
-def _save(store: ArtifactStore, state: TrainState):
+def _save(store: ArtifactStore, state: TrainState) -> StoredArtifact:
     with store.staging_file(".safetensors") as staged:
         tensors = {k: v.detach().contiguous().cpu() for k, v in state.tensors.items()}
         save_file(tensors, str(staged), metadata={"info": json.dumps(state.info)})
         return store.commit(staged, ".safetensors")
 
 
-def get_or_fit(
+def save(
     settings: Settings,
     store: ArtifactStore,
+    found: Lookup,
     estimator: Estimator,
-    params,
-    problem: InfluenceProblem,
-    runtime: Runtime,
-    inputs: dict,
-) -> StateOutcome:
-    """Load the state for (estimator, params, inputs) or compute and store it."""
-    if not has_train_state(estimator):
-        return StateOutcome(None, {})
-    key, described = state_key(estimator, params, inputs)
-    with session_scope(settings) as session:
-        entry = session.get(TrainStateEntry, key)
-        cached = (entry.uri, entry.fit_seconds) if entry is not None else None
-    if cached is not None and store.path(cached[0]).exists():
-        started = time.perf_counter()
-        state = _load(store, cached[0])
-        return StateOutcome(
-            state,
-            {
-                "key": key,
-                "cache_hit": True,
-                "fit_seconds": cached[1],
-                "load_seconds": round(time.perf_counter() - started, 4),
-            },
-        )
-    started = time.perf_counter()
-    state = estimator.fit(problem, params, runtime)
-    fit_seconds = round(time.perf_counter() - started, 4)
-    if state is None:
-        return StateOutcome(None, {})
+    state: TrainState,
+    fit_seconds: float,
+) -> None:
+    """Store a freshly fitted (and already validated) state under ``found.key``."""
     stored = _save(store, state)
     try:
         with session_scope(settings) as session:
-            existing = session.get(TrainStateEntry, key)
+            existing = session.get(TrainStateEntry, found.key)
             if existing is None:
                 session.add(
                     TrainStateEntry(
-                        key=key,
+                        key=found.key,
                         estimator=estimator.name,
                         uri=stored.uri,
                         size_bytes=stored.size_bytes,
                         fit_seconds=fit_seconds,
-                        inputs=described,
+                        inputs=found.described,
                     )
                 )
             else:  # a stale row whose file vanished
@@ -116,4 +108,3 @@ def get_or_fit(
                 )
     except IntegrityError:
         pass  # another worker stored the same state first
-    return StateOutcome(state, {"key": key, "cache_hit": False, "fit_seconds": fit_seconds})

@@ -8,6 +8,7 @@ from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from app.api.auth import ReadAccess, WriteAccess
 from app.api.deps import (
     DEFAULT_PAGE,
+    CommittingRoute,
     PageSize,
     PageToken,
     SessionDep,
@@ -22,7 +23,7 @@ from app.schemas.common import Page
 from app.schemas.datasets import BuiltinDatasetCreate, DatasetRead
 from app.services import datasets as service
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=GATE)
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=GATE, route_class=CommittingRoute)
 
 _SUFFIX_FORMATS = {".npz": "npz", ".safetensors": "safetensors", ".parquet": "parquet", ".pq": "parquet"}
 

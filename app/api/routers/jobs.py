@@ -9,7 +9,15 @@ from fastapi.responses import FileResponse, StreamingResponse
 from safetensors.numpy import save as save_safetensors
 
 from app.api.auth import ReadAccess, WriteAccess
-from app.api.deps import DEFAULT_PAGE, PageSize, SessionDep, SettingsDep, StoreDep, conditional
+from app.api.deps import (
+    DEFAULT_PAGE,
+    CommittingRoute,
+    PageSize,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+    conditional,
+)
 from app.api.openapi import GATE, problems
 from app.db.models import TERMINAL_STATES, Job
 from app.estimators import ORIENTATION, REGISTRY, SIGN_CONVENTION
@@ -31,7 +39,7 @@ from app.services import results as results_service
 from app.services.pagination import decode_token, encode_token
 from app.services.validation import json_schema
 
-router = APIRouter(tags=["influence-jobs"], responses=GATE)
+router = APIRouter(tags=["influence-jobs"], responses=GATE, route_class=CommittingRoute)
 POLL_SECONDS = "2"
 
 

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 from app.api.auth import ReadAccess, WriteAccess
 from app.api.deps import (
     DEFAULT_PAGE,
+    CommittingRoute,
     PageSize,
     PageToken,
     SessionDep,
@@ -36,7 +37,7 @@ from app.services import jobs as jobs_service
 from app.services import models as service
 from app.services.validation import json_schema
 
-router = APIRouter(tags=["models"], responses=GATE)
+router = APIRouter(tags=["models"], responses=GATE, route_class=CommittingRoute)
 
 
 def model_read(model: Model) -> ModelRead:

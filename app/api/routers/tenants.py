@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from app.api.auth import AdminAccess, ReadAccess
-from app.api.deps import DEFAULT_PAGE, PageSize, PageToken, SessionDep, SettingsDep
+from app.api.deps import DEFAULT_PAGE, CommittingRoute, PageSize, PageToken, SessionDep, SettingsDep
 from app.api.openapi import GATE, problems
 from app.db.models import ApiKey, Tenant
 from app.schemas.common import Page
@@ -22,7 +22,7 @@ from app.schemas.tenants import (
 from app.services import api_keys, tenants
 from app.settings import Settings
 
-router = APIRouter(tags=["tenants"], responses=GATE)
+router = APIRouter(tags=["tenants"], responses=GATE, route_class=CommittingRoute)
 
 
 def tenant_read(settings: Settings, tenant: Tenant) -> TenantRead:

@@ -218,14 +218,18 @@ class ServerProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-def mint_key(settings: Settings, tenant: str, scopes=("read", "write", "admin"), **kwargs) -> str:
-    """A key for ``tenant`` (created if needed), minted in the database as ``influence keys create`` does."""
+def mint_key(
+    settings: Settings, tenant: str, scopes=("read", "write", "admin"), limits: dict | None = None, **kwargs
+) -> str:
+    """A key for ``tenant`` (created with ``limits`` if needed), minted in the database like the CLI does."""
     from app.db.session import session_scope
-    from app.schemas.tenants import TenantCreate
+    from app.schemas.tenants import TenantCreate, TenantLimits
     from app.services import api_keys, tenants
 
     with session_scope(settings) as session:
-        row = tenants.by_name(session, tenant) or tenants.create(session, TenantCreate(name=tenant))
+        row = tenants.by_name(session, tenant) or tenants.create(
+            session, TenantCreate(name=tenant, limits=TenantLimits(**(limits or {})))
+        )
         return api_keys.create(session, settings, row, name="test", scopes=list(scopes), **kwargs)[1]
 
 

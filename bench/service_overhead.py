@@ -116,7 +116,18 @@ def _postgres_env(tmp: Path) -> dict[str, str] | None:
         "IA_BROKER_URL": "redis://127.0.0.1:6379/15",
         "IA_DATA_DIR": str(tmp / "pg"),
         "IA_COMPUTE_QUEUE": "bench",
+        "IA_API_KEY_PEPPER": uuid.uuid4().hex,
     }
+
+
+def _api_key(env: dict[str, str]) -> str:
+    """The embedded profile's local admin key (written on first start), or one minted in PostgreSQL."""
+    if not env.get("IA_DATABASE_URL"):
+        return (Path(env["IA_DATA_DIR"]) / "admin-api-key").read_text().strip()
+    from app.settings import Settings
+    from tests.conftest import mint_key
+
+    return mint_key(Settings(**{k[3:].lower(): v for k, v in env.items() if v}), "bench")
 
 
 def _direct(
@@ -152,7 +163,8 @@ def run_profile(
     env = {**env, "IA_TORCH_THREADS": "1", "IA_HEARTBEAT_SECONDS": "1"}
     proc, url = _serve(env, tmp / f"{name}.log")
     try:
-        with httpx.Client(base_url=url, timeout=60) as client:
+        headers = {"Authorization": f"Bearer {_api_key(env)}"}
+        with httpx.Client(base_url=url, timeout=60, headers=headers) as client:
             train = client.post(
                 "/v1/datasets/builtin", json={"builtin": "sklearn:digits", "split": "train"}
             ).json()

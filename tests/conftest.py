@@ -239,7 +239,9 @@ def api_server(integration_env, integration_settings, tmp_path_factory) -> Itera
     server = ServerProcess(
         integration_env, tmp_path_factory.mktemp("api") / "api.log", "--no-worker"
     ).wait_ready()
-    server.api_key = mint_key(integration_settings, "tenant-a")
+    # Tests share tenant-a across modules: quotas stay out of their way (test_auth tests the quotas).
+    roomy = {"max_active_jobs": 10_000, "max_running_jobs": 100, "read_requests_per_second": 10_000}
+    server.api_key = mint_key(integration_settings, "tenant-a", limits=roomy)
     yield server
     server.stop()
 

@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.db.base import utcnow
 from app.db.models import Dataset, Job, Model, Tenant
 from app.problems import ProblemError
 from app.schemas.tenants import EffectiveLimits, TenantCreate, TenantLimits
@@ -130,7 +131,9 @@ def running_slot_free(session: Session, settings: Settings, job_id: str) -> bool
     if row is None or row.state != "queued":
         return True
     _lock(session, row.Tenant.id)
-    running = session.scalar(
-        select(func.count()).select_from(Job).where(Job.tenant_id == row.Tenant.id, Job.state == "running")
+    running = session.scalar(  # a running row whose lease expired is a dead worker's: it computes nothing
+        select(func.count())
+        .select_from(Job)
+        .where(Job.tenant_id == row.Tenant.id, Job.state == "running", Job.lease_expires_at > utcnow())
     )
     return int(running) < effective_limits(settings, row.Tenant).max_running_jobs

@@ -123,6 +123,10 @@ class PrivateRedis:
                 raise RuntimeError("redis did not start:\n" + (self.dir / "redis.log").read_text()[-2000:])
             time.sleep(0.05)
 
+    def on_disk(self, text: str) -> bool:
+        """Whether ``text`` is in the append-only file yet (everysec: within about a second)."""
+        return any(text.encode() in f.read_bytes() for f in self.dir.rglob("*.aof"))
+
     def kill9(self) -> None:
         """A crash: nothing is flushed beyond what ``appendfsync everysec`` already wrote."""
         os.kill(self.proc.pid, signal.SIGKILL)

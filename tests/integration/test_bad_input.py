@@ -111,6 +111,8 @@ def test_oversize_upload(client, unchanged, integration_env, tmp_path_factory):
             assert_problem(_upload(capped, "big.npz", big), 413, "too-large")
 
             def chunks():  # no Content-Length: the cap must hold on the streamed body
+                # A well-formed start of a file part, so only the size (never the parser) can refuse it.
+                yield b'--zzz\r\nContent-Disposition: form-data; name="file"; filename="big.npz"\r\n\r\n'
                 for _ in range(64):
                     yield b"x" * 4096
 

@@ -208,7 +208,8 @@ def test_redis_crash_and_restart_mid_run(stack: ChaosStack, jobs: Jobs):
         running_id = accepted(client, jobs.slow)
         wait_computing(client, running_id)
         queued = accepted(client, jobs.quick)
-        time.sleep(1.5)  # appendfsync everysec: what was published a second ago is on disk
+        # appendfsync everysec: what was published is on disk within about a second (longer under load)
+        wait_until(lambda: stack.redis.on_disk(queued), 30, "the queued message in the AOF")
         stack.redis.kill9()
         try:
             assert_problem(client.get("/readyz"), 503, "not-ready")

@@ -21,17 +21,21 @@ import json
 import re
 import subprocess
 import sys
+import uuid
 
 import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save as save_tensors
-from sqlalchemy import event
+from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session
 
+from app.db.base import utcnow
+from app.db.models import Job, Tenant
+from app.db.session import session_scope
 from app.main import create_app
-from tests.conftest import mint_key
+from tests.conftest import ServerProcess, mint_key
 from tests.integration.flows import assert_problem, builtin, register_model, submit
 
 pytestmark = pytest.mark.integration
@@ -254,9 +258,34 @@ def _replay_as_other_tenant(b: httpx.Client, spec: dict, held: dict, a_tenant: s
     return replayed
 
 
+@pytest.fixture(scope="module")
+def fuzz_server(integration_env, integration_settings, tmp_path_factory):
+    """An API process of the session's stack whose jobs go to a queue no worker reads.
+
+    The fuzzer submits dozens of jobs; on the session queue they would keep the other modules'
+    workers busy for minutes. Afterwards they are cancelled, so no sweeper re-publishes them.
+    """
+    env = {
+        **integration_env,
+        "IA_COMPUTE_QUEUE": f"fuzz-unread-{uuid.uuid4().hex[:6]}",
+        "IA_SWEEP_INTERVAL_SECONDS": "0",
+    }
+    server = ServerProcess(env, tmp_path_factory.mktemp("fuzz") / "api.log", "--no-worker").wait_ready()
+    yield server
+    server.stop()
+    with session_scope(integration_settings) as session:
+        fuzz_tenants = select(Tenant.id).where(Tenant.name.like("tenant-fuzz-%"))
+        session.execute(
+            update(Job)
+            .where(Job.tenant_id.in_(fuzz_tenants), Job.state.in_(("queued", "running")))
+            .values(state="cancelled", finished_at=utcnow())
+        )
+
+
 def test_fuzzing_two_tenants_finds_no_error_no_contract_breach_and_no_cross_tenant_access(
-    api_server, integration_settings, tmp_path
+    fuzz_server, integration_settings, tmp_path
 ):
+    api_server = fuzz_server
     a_key = mint_key(integration_settings, "tenant-fuzz-a")
     b_key = mint_key(integration_settings, "tenant-fuzz-b", scopes=("read", "write"))
     spec = httpx.get(f"{api_server.url}/openapi.json").json()

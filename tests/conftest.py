@@ -29,16 +29,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _xdist_index(worker_id: str) -> int:
-    return int(worker_id[2:]) if worker_id.startswith("gw") else 0
+def _xdist_index() -> int:
+    """This process's xdist worker number (0 without xdist, so ``-p no:xdist`` works too)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    return int(worker[2:]) if worker.startswith("gw") else 0
 
 
 @pytest.fixture(scope="session")
-def pg_url(worker_id: str) -> Iterator[str]:
+def pg_url() -> Iterator[str]:
     """A brand-new database migrated to head with Alembic (which tests the migrations too)."""
     from app.db.migrate import upgrade
 
-    name = f"ia_test_{_xdist_index(worker_id)}_{uuid.uuid4().hex[:8]}"
+    name = f"ia_test_{_xdist_index()}_{uuid.uuid4().hex[:8]}"
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
@@ -54,11 +56,11 @@ def pg_url(worker_id: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def redis_url(worker_id: str) -> str:
+def redis_url() -> str:
     """One Redis logical DB per xdist worker, flushed first (never the whole server)."""
     import redis
 
-    url = f"{REDIS_URL}/{1 + _xdist_index(worker_id)}"
+    url = f"{REDIS_URL}/{1 + _xdist_index()}"
     redis.Redis.from_url(url).flushdb()
     return url
 

@@ -24,7 +24,7 @@ from sqlalchemy.exc import DBAPIError
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.errors import problem_response, request_id
+from app.api.errors import database_unavailable, problem_response, request_id
 from app.db.session import get_sessionmaker
 from app.problems import ProblemError
 from app.services import api_keys
@@ -130,14 +130,9 @@ class AuthGate:
             return await response(scope, receive, send)
         except DBAPIError as exc:
             log.warning("database unavailable while authenticating: %s", type(exc).__name__)
-            problem = ProblemError(
-                503,
-                "database-unavailable",
-                "Service unavailable",
-                "the database is not reachable; retry shortly",
-                headers={"Retry-After": "5"},
+            response = problem_response(
+                database_unavailable(), scope.get("path", ""), request_id(scope=scope)
             )
-            response = problem_response(problem, scope.get("path", ""), request_id(scope=scope))
             return await response(scope, receive, send)
         scope.setdefault("state", {})["principal"] = principal
         await self.app(scope, receive, send)

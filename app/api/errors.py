@@ -49,6 +49,16 @@ def problem_response(problem: ProblemError, instance: str, rid: str) -> JSONResp
     )
 
 
+def database_unavailable() -> ProblemError:
+    return ProblemError(
+        503,
+        "database-unavailable",
+        "Service unavailable",
+        "the database is not reachable; retry shortly",
+        headers={"Retry-After": "5"},
+    )
+
+
 def _pointer(loc: tuple) -> str:
     parts = [str(p) for p in loc]
     if parts and parts[0] in ("body", "query", "path", "header", "form"):
@@ -89,14 +99,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(OperationalError)
     async def _db_down(request: Request, exc: OperationalError):
         log.warning("database unavailable: %s", exc.__class__.__name__)
-        problem = ProblemError(
-            503,
-            "database-unavailable",
-            "Service unavailable",
-            "the database is not reachable; retry shortly",
-            headers={"Retry-After": "5"},
-        )
-        return problem_response(problem, request.url.path, request_id(request))
+        return problem_response(database_unavailable(), request.url.path, request_id(request))
 
     @app.exception_handler(DBAPIError)
     async def _db_error(request: Request, exc: DBAPIError):

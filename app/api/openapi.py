@@ -87,7 +87,7 @@ def install(app: FastAPI) -> None:
 def _allow(app: FastAPI, path: str) -> str:
     """Starlette's Allow names one route's methods; a path served by several routes needs all of them,
     those of the most literal template that matches (``/v1/datasets/builtin``, not ``.../{dataset_id}``)."""
-    routes = [r for r in _api_routes(app.router.routes) if r.path_regex.match(path)]
+    routes = [r for r in api_routes(app.router.routes) if r.path_regex.match(path)]
     if not routes:
         return ""
     template = min((r.path for r in routes), key=lambda p: p.count("{"))
@@ -95,12 +95,14 @@ def _allow(app: FastAPI, path: str) -> str:
     return ", ".join(sorted(methods))
 
 
-def _api_routes(routes) -> list[APIRoute]:
-    """Every APIRoute, also inside the routers FastAPI includes lazily."""
+def api_routes(routes) -> list[APIRoute]:
+    """Every APIRoute, also inside the routers FastAPI includes lazily (we include without a prefix).
+
+    The route table itself: the 405 handler and the tests that must cover every route use it."""
     found = []
     for route in routes:
         if isinstance(route, APIRoute):
             found.append(route)
         elif hasattr(route, "original_router"):
-            found += _api_routes(route.original_router.routes)
+            found += api_routes(route.original_router.routes)
     return found

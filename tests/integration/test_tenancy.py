@@ -13,11 +13,11 @@ import uuid
 import pytest
 import torch
 
+from app.api.openapi import api_routes
 from app.main import create_app
 from app.settings import Settings
 from tests.conftest import WorkerProcess, mint_key
 from tests.integration.flows import builtin, register_model, submit, wait
-from tests.routes import api_routes
 
 pytestmark = pytest.mark.integration
 

@@ -16,6 +16,7 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
 from app.api.auth import PUBLIC_PATHS, require_admin, require_read, require_write
+from app.api.openapi import api_routes
 from app.db.base import utcnow
 from app.db.migrate import upgrade
 from app.db.session import session_scope
@@ -24,7 +25,6 @@ from app.schemas.tenants import TenantCreate, TenantLimits
 from app.services import api_keys, tenants
 from app.settings import Settings
 from tests.integration.flows import register_model
-from tests.routes import api_routes
 
 PROBLEM = "application/problem+json"
 LINEAR = {"name": "linear", "params": {"in_features": 30, "num_classes": 2}}

@@ -16,7 +16,6 @@ Usage: python bench/load.py [--poll-rps 300] [--submit-rps 50] [--duration 30] [
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -38,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from app.db.migrate import upgrade  # noqa: E402
 from app.db.models import Job  # noqa: E402
 from app.settings import Settings  # noqa: E402
-from bench.openloop import Stream, run  # noqa: E402
+from bench.openloop import Request, Stream, run  # noqa: E402
 from tests.conftest import ServerProcess, WorkerProcess, mint_key  # noqa: E402
 
 PG_ADMIN_URL = os.environ.get("IA_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -115,21 +114,16 @@ def _wait_running(client: httpx.Client, path: str, timeout: float = 120) -> None
 def _drive(url: str, api_key: str, busy_job: str, body: dict, args) -> tuple[list[dict], list[str]]:
     accepted: list[str] = []
 
-    def keep(response: httpx.Response) -> None:
-        if response.status_code == 202:
-            accepted.append(response.json()["id"])
+    def keep(status: int, response: bytes) -> None:
+        if status == 202:
+            accepted.append(json.loads(response)["id"])
 
     streams = [
-        Stream("GET /v1/training-jobs/{id}", args.poll_rps, lambda c: c.get(f"/v1/training-jobs/{busy_job}")),
-        Stream(
-            "POST /v1/influence-jobs",
-            args.submit_rps,
-            lambda c: c.post("/v1/influence-jobs", json=body),
-            keep,
-        ),
+        Stream("GET /v1/training-jobs/{id}", args.poll_rps, Request("GET", f"/v1/training-jobs/{busy_job}")),
+        Stream("POST /v1/influence-jobs", args.submit_rps, Request("POST", "/v1/influence-jobs", body), keep),
     ]
     streams = [s for s in streams if s.rate > 0]
-    summaries = asyncio.run(run(url, {"Authorization": f"Bearer {api_key}"}, streams, args.duration))
+    summaries = run(url, {"Authorization": f"Bearer {api_key}"}, streams, args.duration)
     return summaries, accepted
 
 

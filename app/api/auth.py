@@ -124,7 +124,7 @@ class AuthGate:
             if principal is None:
                 principal = await run_in_threadpool(self._authenticate, token)
                 self.cache.put(token, principal)
-            self._count(scope, principal)
+            await self._count(scope, principal)
         except ProblemError as problem:
             response = problem_response(problem, scope.get("path", ""), request_id(scope=scope))
             return await response(scope, receive, send)
@@ -146,12 +146,12 @@ class AuthGate:
         finally:
             session.close()
 
-    def _count(self, scope: Scope, principal: Principal) -> None:
+    async def _count(self, scope: Scope, principal: Principal) -> None:
         read = scope.get("method") in _READ_METHODS
         kind = "read" if read else "write"
         limits = principal.limits
         per_second = limits.read_requests_per_second if read else limits.write_requests_per_second
-        wait = scope["app"].state.rate_limiter.retry_after(principal.tenant_id, kind, per_second)
+        wait = await scope["app"].state.rate_limiter.retry_after(principal.tenant_id, kind, per_second)
         if wait is not None:
             raise ProblemError(
                 429,

@@ -5,20 +5,19 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
-import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import anyio
 from fastapi import Depends, Query, Request, Response, UploadFile
-from fastapi.encoders import jsonable_encoder
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
-from app.db.session import get_sessionmaker
+from app.db.session import get_sessionmaker, read_session
 from app.problems import ProblemError
 from app.services.models import WeightsUpload
 from app.services.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
@@ -26,6 +25,7 @@ from app.settings import Settings
 from app.storage.artifacts import ArtifactStore
 
 SESSION_EXIT_THREADS = 8
+T = TypeVar("T")
 
 
 # Async so FastAPI calls them inline instead of hopping to the threadpool for an attribute read.
@@ -57,6 +57,34 @@ def _commit_and_close(session: Session) -> None:
         raise
     finally:
         session.close()
+
+
+def _run_in_session(settings: Settings, fn: Callable[..., T], args: tuple, read_only: bool) -> T:
+    if read_only:
+        with read_session(settings) as session:
+            return fn(session, *args)
+    session = get_sessionmaker(settings)()
+    try:
+        result = fn(session, *args)
+    except DataError as exc:
+        _rollback_and_close(session)
+        raise _unstorable(exc) from None
+    except BaseException:
+        _rollback_and_close(session)
+        raise
+    _commit_and_close(session)
+    return result
+
+
+async def in_session(request: Request, fn: Callable[..., T], *args: Any, read_only: bool = False) -> T:
+    """``fn(session, *args)`` with its own session, committed and closed, in one threadpool hop.
+
+    For the hottest routes (status poll, submission), which are ``async def`` and return their
+    JSON themselves: a :data:`SessionDep` route costs three hops (endpoint, session exit,
+    response validation). The connection is returned inside the hop, so a waiting request can
+    never hold a thread that a connection's holder needs. ``read_only``: no transaction at all.
+    """
+    return await run_in_threadpool(_run_in_session, request.app.state.settings, fn, args, read_only)
 
 
 def _rollback_and_close(session: Session) -> None:
@@ -137,22 +165,37 @@ PageToken = Annotated[str | None, Query(description="next_page_token from the pr
 DEFAULT_PAGE = DEFAULT_PAGE_SIZE
 
 
-def etag_of(payload: Any) -> str:
-    body = json.dumps(jsonable_encoder(payload), sort_keys=True, separators=(",", ":"))
-    return 'W/"' + hashlib.sha256(body.encode()).hexdigest()[:32] + '"'
+def etag_of(model: BaseModel) -> str:
+    return _etag(model.model_dump_json().encode())
+
+
+def _etag(body: bytes) -> str:
+    return 'W/"' + hashlib.sha256(body).hexdigest()[:32] + '"'
 
 
 def conditional(request: Request, response: Response, model: BaseModel) -> BaseModel | Response:
     """Set ETag; answer 304 when the client already has this representation."""
     tag = etag_of(model)
     if request.headers.get("if-none-match") == tag:
-        return Response(status_code=304, headers={"ETag": tag, **_passthrough(response)})
+        return Response(status_code=304, headers={"ETag": tag})
     response.headers["ETag"] = tag
     return model
 
 
-def _passthrough(response: Response) -> dict[str, str]:
-    return {k: v for k, v in response.headers.items() if k.lower() in ("retry-after",)}
+def json_response(
+    model: BaseModel, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    """The model serialised once, by pydantic-core (a route's ``response_model`` still documents it)."""
+    return Response(model.model_dump_json(), status_code, headers, media_type="application/json")
+
+
+def conditional_json(request: Request, model: BaseModel, headers: dict[str, str]) -> Response:
+    """:func:`conditional` for routes that return their JSON themselves (serialised once)."""
+    body = model.model_dump_json().encode()
+    tag = _etag(body)
+    if request.headers.get("if-none-match") == tag:
+        return Response(status_code=304, headers={"ETag": tag, **headers})
+    return Response(body, media_type="application/json", headers={"ETag": tag, **headers})
 
 
 def require_match(request: Request, model: BaseModel) -> None:

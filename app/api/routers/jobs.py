@@ -7,6 +7,7 @@ import numpy as np
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
 from safetensors.numpy import save as save_safetensors
+from sqlalchemy.orm import Session
 
 from app.api.auth import ReadAccess, WriteAccess
 from app.api.deps import (
@@ -14,9 +15,10 @@ from app.api.deps import (
     CommittingRoute,
     PageSize,
     SessionDep,
-    SettingsDep,
     StoreDep,
-    conditional,
+    conditional_json,
+    in_session,
+    json_response,
 )
 from app.api.openapi import GATE, problems
 from app.db.models import TERMINAL_STATES, Job
@@ -36,14 +38,16 @@ from app.schemas.jobs import (
 )
 from app.services import jobs as service
 from app.services import results as results_service
+from app.services.api_keys import Principal
 from app.services.pagination import decode_token, encode_token
 from app.services.validation import json_schema
+from app.settings import Settings
 
 router = APIRouter(tags=["influence-jobs"], responses=GATE, route_class=CommittingRoute)
 POLL_SECONDS = "2"
 
 
-def job_read(request: Request, job: Job) -> JobRead:
+def job_read(job: Job) -> JobRead:
     base = "/v1/influence-jobs/" if job.kind == "influence" else "/v1/training-jobs/"
     links = {"self": base + job.id}
     if job.kind == "influence":
@@ -74,10 +78,15 @@ def job_read(request: Request, job: Job) -> JobRead:
     )
 
 
-def _status_response(request: Request, response: Response, job: Job):
-    if job.state not in TERMINAL_STATES:
-        response.headers["Retry-After"] = POLL_SECONDS
-    return conditional(request, response, job_read(request, job))
+def _read_status(session: Session, tenant_id: str, job_id: str, kind: str) -> JobRead:
+    return job_read(service.get(session, tenant_id, job_id, kind=kind))
+
+
+async def _status_response(request: Request, tenant_id: str, job_id: str, kind: str) -> Response:
+    """The status poll, the hottest route: one thread hop, no transaction, JSON serialised once."""
+    job = await in_session(request, _read_status, tenant_id, job_id, kind, read_only=True)
+    headers = {} if job.state in TERMINAL_STATES else {"Retry-After": POLL_SECONDS}
+    return conditional_json(request, job, headers)
 
 
 @router.post(
@@ -87,13 +96,10 @@ def _status_response(request: Request, response: Response, job: Job):
     responses=problems(400, 413),
     summary="Submit an influence job",
 )
-def submit_job(
+async def submit_job(
     owner: WriteAccess,
     body: JobCreate,
     request: Request,
-    response: Response,
-    session: SessionDep,
-    settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ):
     """Validated and costed at submit time; runs asynchronously on a worker.
@@ -101,10 +107,16 @@ def submit_job(
     Same ``Idempotency-Key`` and body returns the original job; same key with a
     different body is a 422.
     """
-    job, _created = service.submit_influence(session, settings, owner, body, idempotency_key)
-    response.headers["Location"] = f"/v1/influence-jobs/{job.id}"
-    response.headers["Retry-After"] = POLL_SECONDS
-    return job_read(request, job)
+    settings = request.app.state.settings
+    job = await in_session(request, _submit, settings, owner, body, idempotency_key)
+    headers = {"Location": f"/v1/influence-jobs/{job.id}", "Retry-After": POLL_SECONDS}
+    return json_response(job, 202, headers)
+
+
+def _submit(
+    session: Session, settings: Settings, owner: Principal, body: JobCreate, idempotency_key: str | None
+) -> JobRead:
+    return job_read(service.submit_influence(session, settings, owner, body, idempotency_key)[0])
 
 
 @router.get("/v1/influence-jobs", response_model=Page[JobRead])
@@ -118,7 +130,7 @@ def list_jobs(
     page_token: str | None = None,
 ):
     rows, token = service.list_page(session, caller.tenant_id, page_size, page_token, state, model_id)
-    return Page[JobRead](items=[job_read(request, j) for j in rows], next_page_token=token)
+    return Page[JobRead](items=[job_read(j) for j in rows], next_page_token=token)
 
 
 @router.get(
@@ -127,8 +139,8 @@ def list_jobs(
     responses=problems(404),
     summary="Job status, progress and error",
 )
-def get_job(caller: ReadAccess, job_id: str, request: Request, response: Response, session: SessionDep):
-    return _status_response(request, response, service.get(session, caller.tenant_id, job_id))
+async def get_job(caller: ReadAccess, job_id: str, request: Request):
+    return await _status_response(request, caller.tenant_id, job_id, "influence")
 
 
 @router.get(
@@ -137,11 +149,8 @@ def get_job(caller: ReadAccess, job_id: str, request: Request, response: Respons
     responses=problems(404),
     summary="Status of a model's training job",
 )
-def get_training_job(
-    caller: ReadAccess, job_id: str, request: Request, response: Response, session: SessionDep
-):
-    job = service.get(session, caller.tenant_id, job_id, kind="training")
-    return _status_response(request, response, job)
+async def get_training_job(caller: ReadAccess, job_id: str, request: Request):
+    return await _status_response(request, caller.tenant_id, job_id, "training")
 
 
 @router.post(
@@ -152,7 +161,7 @@ def get_training_job(
 )
 def cancel_job(owner: WriteAccess, job_id: str, request: Request, session: SessionDep):
     """Idempotent. A running job stops at its next batch; 409 once it succeeded or failed."""
-    return job_read(request, service.request_cancel(session, service.get(session, owner.tenant_id, job_id)))
+    return job_read(service.request_cancel(session, service.get(session, owner.tenant_id, job_id)))
 
 
 @router.delete("/v1/influence-jobs/{job_id}", status_code=204, responses=problems(404, 409))

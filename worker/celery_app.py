@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 
 from app.dispatch import celery_config
 from app.settings import get_settings
@@ -11,6 +11,14 @@ from app.settings import get_settings
 celery_app = Celery("influence-worker", include=["worker.tasks"])
 celery_app.conf.update(celery_config(get_settings()))
 app = celery_app
+
+
+@worker_init.connect
+def _protect_credentials(**_kwargs) -> None:
+    """The main process holds the credentials too (pool processes fork from it): hide its memory."""
+    from worker import sandbox
+
+    sandbox.protect_supervisor()
 
 
 @worker_process_init.connect

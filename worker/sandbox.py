@@ -9,7 +9,13 @@ tenant weights or data happens in a fresh child per job or shard, which gets
   ``PR_SET_PDEATHSIG=SIGKILL`` (it dies with its supervisor), ``PR_SET_NO_NEW_PRIVS``, a nice
   level, and RLIMIT_CPU, RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_CORE=0 and, on CPU-only workers,
   RLIMIT_AS (CUDA reserves huge address ranges, so never with CUDA);
-* an empty network namespace (``unshare --net``) where this machine permits one.
+* an empty network namespace (``unshare --net``) where this machine permits one;
+* no capabilities when the worker runs as root (``setpriv`` empties the bounding set before
+  the child's exec), so it cannot read another process's memory or environment, mount, or
+  change owners.
+
+The supervisor marks itself non-dumpable (:func:`protect_supervisor`): its ``/proc/<pid>/environ``
+and memory, which hold the credentials, are then closed to a child of the same user.
 
 Protocol: the supervisor makes a private scratch folder and starts the child in it. It writes
 ``assignment.json`` (a task ``module:function``, a JSON payload, absolute paths of the input
@@ -72,6 +78,7 @@ _CODE = re.compile(r"[a-z][a-z0-9-]{0,63}")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
 _prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: after fork the child only calls it
 
@@ -426,6 +433,28 @@ def _unshare_net() -> tuple[str, ...]:
     return ()
 
 
+@lru_cache(maxsize=1)
+def _drop_capabilities() -> tuple[str, ...]:
+    """``setpriv`` emptying the capability sets, for a root worker; else () (a user has none to drop)."""
+    if os.geteuid() != 0:
+        return ()
+    exe = shutil.which("setpriv")
+    command = (exe, "--bounding-set", "-all", "--inh-caps", "-all", "--") if exe else ()
+    try:
+        if command and subprocess.run([*command, "true"], capture_output=True, timeout=10).returncode == 0:
+            return command
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    log.warning("cannot drop capabilities here (setpriv fails): compute children of a root worker keep them")
+    return ()
+
+
+def protect_supervisor() -> None:
+    """Make this process non-dumpable: a child of the same user can no longer read its memory or
+    ``/proc/<pid>/environ`` (database and broker credentials), nor ptrace it. Forks inherit it."""
+    _prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
 def network_isolated(limits: Limits) -> bool:
     return limits.isolate_network and bool(_unshare_net())
 
@@ -506,8 +535,9 @@ class Sandbox:
         self._used = False
         (self.scratch / "out").mkdir()
         self._stderr = open(self.scratch / "stderr.log", "w+b")  # read back through this handle
+        protect_supervisor()
         try:
-            wrapper = _unshare_net() if limits.isolate_network else ()
+            wrapper = (_unshare_net() if limits.isolate_network else ()) + _drop_capabilities()
             self.proc = subprocess.Popen(
                 [*wrapper, sys.executable, "-s", "-m", "worker.sandbox", str(self.scratch)],
                 stdin=subprocess.PIPE,

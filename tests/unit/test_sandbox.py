@@ -15,6 +15,7 @@ import resource
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -47,7 +48,23 @@ def child_environment(payload, inputs, out, progress) -> dict:
         "pdeathsig": deathsig.value,
         "session_leader": os.getsid(0) == os.getpid(),
         "cwd": os.getcwd(),
+        "parent_environ_readable": _readable(f"/proc/{os.getppid()}/environ"),
+        "capabilities": int(_status_field("CapEff"), 16) | int(_status_field("CapBnd"), 16),
     }
+
+
+def _readable(path: str) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            fh.read()
+    except OSError:
+        return False
+    return True
+
+
+def _status_field(name: str) -> str:
+    with open("/proc/self/status") as fh:
+        return next(line.split()[1] for line in fh if line.startswith(name + ":"))
 
 
 def child_write(payload, inputs, out, progress) -> dict:
@@ -199,6 +216,8 @@ def test_child_environment_has_no_credentials_and_its_limits(settings, tmp_path,
     assert limits["RLIMIT_CORE"] == [0, 0]
     assert meta["nice"] >= settings.sandbox_nice
     assert meta["no_new_privs"] == 1 and meta["pdeathsig"] == signal.SIGKILL and meta["session_leader"]
+    assert not meta["parent_environ_readable"], "the supervisor's environment holds the credentials"
+    assert meta["capabilities"] == 0
     assert not box.scratch.exists(), "the scratch folder is removed"
 
 
@@ -245,6 +264,35 @@ def test_cancel_kills_the_child_at_once(settings, tmp_path):
         assert not box.alive()
     assert gone(int(pid_file.read_text()))
     assert reporter.events[0] == ("ticking", 0, 10**6)
+
+
+@pytest.mark.parametrize("protected", [False, True])
+def test_a_protected_supervisor_hides_its_environment_from_a_same_user_child(protected):
+    """The non-dumpable flag itself, apart from the capability drop: both processes run with the
+    same user and no capabilities (as a Docker worker does), so only the flag can refuse the read."""
+    capless = list(sandbox._drop_capabilities())  # () unless this runs as root
+    target_code = (
+        "import sys\n"
+        "from worker import sandbox\n"
+        "if sys.argv[1] == '1': sandbox.protect_supervisor()\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    target = subprocess.Popen(
+        [*capless, sys.executable, "-c", target_code, "1" if protected else "0"],
+        cwd=sandbox.ROOT,
+        env={**os.environ, "IA_DATABASE_URL": "postgresql://user:secret@db/ia"},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert target.stdout.readline() == b"ready\n"
+        read = f"open('/proc/{target.pid}/environ', 'rb').read()"
+        reader = subprocess.run([*capless, sys.executable, "-c", read], capture_output=True, timeout=60)
+        assert (reader.returncode == 0) is not protected, reader.stderr.decode()[-500:]
+    finally:
+        target.kill()
+        target.wait()
 
 
 def test_network_is_isolated_when_unshare_is_permitted(settings):

@@ -57,7 +57,7 @@ class Settings(BaseSettings):
         2, description="Jobs per tenant computing at once; more wait queued."
     )
     tenant_max_storage_bytes: int = Field(
-        20 * 1024**3, description="Uploaded dataset and model bytes per tenant (413 beyond)."
+        20 * 1024**3, description="Stored dataset and model bytes per tenant, trained weights too (413)."
     )
     tenant_read_requests_per_second: int = Field(200, description="GET/HEAD requests per second per tenant.")
     tenant_write_requests_per_second: int = Field(50, description="Other requests per second per tenant.")

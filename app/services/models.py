@@ -128,6 +128,9 @@ def create(
 
     uploads = ([weights] if weights is not None else []) + checkpoints
     size_bytes = sum(upload.path.stat().st_size for upload in uploads)
+    if weights is None:  # the training job will store the weights and its checkpoints: count them now
+        state_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+        size_bytes += state_bytes * (1 + recipe.num_checkpoints)
     tenants.reserve_storage(session, owner.tenant_id, owner.limits, size_bytes)
     model = Model(
         tenant_id=owner.tenant_id,

@@ -7,6 +7,7 @@ dependency, or answers without a valid key, fails here.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 from datetime import timedelta
 
@@ -227,6 +228,34 @@ def test_storage_quota_refuses_uploads_past_it(http, settings):
     second = http.post("/v1/datasets/builtin", headers=auth(token), json=body)
     assert second.status_code == 413 and second.json()["code"] == "storage-quota-exceeded"
     assert http.get("/v1/me", headers=auth(token)).json()["storage_bytes_used"] == first.json()["size_bytes"]
+
+
+def test_weights_a_training_job_will_store_count_against_the_quota(http, settings):
+    token = mint(settings, "trainer", limits={"max_storage_bytes": 150_000})
+    data = http.post(
+        "/v1/datasets/builtin",
+        headers=auth(token),
+        json={"builtin": "sklearn:breast_cancer", "split": "train"},
+    ).json()
+
+    def register(hidden: int, checkpoints: int):
+        spec = {
+            "name": f"mlp-{hidden}",
+            "architecture": {
+                "name": "mlp",
+                "params": {"in_features": 30, "hidden": [hidden], "num_classes": 2},
+            },
+            "recipe": {"epochs": 1, "num_checkpoints": checkpoints},
+            "train_dataset_id": data["id"],
+        }
+        return http.post("/v1/models", headers=auth(token), data={"spec": json.dumps(spec)})
+
+    too_big = register(1024, 0)  # 33,794 float32 parameters: 135,176 bytes on top of the dataset
+    assert too_big.status_code == 413 and too_big.json()["code"] == "storage-quota-exceeded"
+    fits = register(64, 2)  # 2,114 parameters, stored three times (weights and two checkpoints)
+    assert fits.status_code == 201, fits.text
+    used = http.get("/v1/me", headers=auth(token)).json()["storage_bytes_used"]
+    assert used == data["size_bytes"] + 3 * 4 * 2_114
 
 
 def test_active_jobs_quota_answers_429(http, settings):

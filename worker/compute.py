@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from app.estimators import (
     Checkpoint,
     Estimator,
+    EstimatorError,
     InfluenceProblem,
     ProgressCallback,
     Recipe,
@@ -34,8 +35,12 @@ from app.estimators import (
     init_model,
     train,
 )
+from app.estimators.features import load_tensors, save_tensors
 from app.estimators.sharding import ShardPlan, plan_shards, plan_subset_shards
+from app.estimators.valuation import LDSParams, LDSSubsets, SubsetOutputs
 from app.services.validation import validate_params
+
+LDS_POINTER = "/evaluation/lds"
 
 
 def shard_plans(
@@ -55,6 +60,33 @@ def shard_plans(
         train_shard_size=sharding.get("train_shard_size"),
         by_checkpoint=bool(sharding.get("by_checkpoint")) and estimator.checkpoint_additive,
     )
+
+
+def job_plans(
+    sharding: dict,
+    estimator: Estimator,
+    n_train: int,
+    n_checkpoints: int,
+    budget: int | None,
+    lds_masks: int | None = None,
+) -> list[ShardPlan]:
+    """The shards a job fans out into, or [] to run it as one task.
+
+    The method's own shards (:func:`shard_plans`) plus, when an LDS evaluation has ``lds_masks``
+    subsets to retrain, ``kind="lds"`` shards of ``subsets_per_shard`` of them (one shard when unset).
+    A job fans out when its own work splits, or when its own work is one shard and the LDS subsets
+    split; otherwise the single task also retrains the LDS subsets. Pure, like :func:`shard_plans`.
+    """
+    own = shard_plans(sharding, estimator, n_train, n_checkpoints, budget)
+    per = sharding.get("subsets_per_shard")
+    lds = (
+        [dataclasses.replace(p, kind="lds") for p in plan_subset_shards(lds_masks, per or lds_masks)]
+        if lds_masks
+        else []
+    )
+    if len(own) > 1 or (len(own) == 1 and len(lds) > 1):
+        return [dataclasses.replace(p, index=i) for i, p in enumerate(own + lds)]
+    return []
 
 
 def plain(value: Any) -> Any:
@@ -101,14 +133,14 @@ def _arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_state(path: Path) -> TrainState:
-    with safe_open(str(path), framework="pt") as handle:
-        info = json.loads((handle.metadata() or {}).get("info", "{}"))
-        return TrainState(tensors={k: handle.get_tensor(k) for k in handle.keys()}, info=info)
+    """A cached train state, memory-mapped (copy-on-write): tensors are paged in as they are used."""
+    tensors, metadata = load_tensors(path)
+    return TrainState(tensors=tensors, info=json.loads(metadata.get("info", "{}")))
 
 
-def _write_state(path: Path, state: TrainState) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state.tensors.items()}
-    save_file(tensors, str(path), metadata={"info": json.dumps(plain(state.info))})
+def _write_state(path: Path, state: TrainState, budget: int | None = None) -> None:
+    """The state as safetensors, streamed from its (possibly memory-mapped) tensors in row blocks."""
+    save_tensors(path, state.tensors, {"info": json.dumps(plain(state.info))}, budget=budget)
 
 
 def _problem(payload: dict, inputs: dict[str, Path]) -> tuple[InfluenceProblem, Estimator, Any]:
@@ -139,12 +171,25 @@ def _problem(payload: dict, inputs: dict[str, Path]) -> tuple[InfluenceProblem, 
     return problem, estimator, params
 
 
-def _runtime(spec: dict, problem: InfluenceProblem, progress: ProgressCallback) -> Runtime:
-    """Chunk size bounded by the memory budget: a chunk of per-sample gradients is rows x p floats."""
+def _runtime(
+    spec: dict, problem: InfluenceProblem, progress: ProgressCallback, scratch: Path | None = None
+) -> Runtime:
+    """Chunk size bounded by the memory budget: a chunk of per-sample gradients is rows x p floats.
+
+    The same budget bounds the train-side features kept in RAM; larger ones are memory-mapped files
+    in ``scratch`` (the child's scratch folder, removed by the supervisor afterwards).
+    """
     n_params = sum(p.numel() for p in problem.model.parameters())
     bytes_per_row = 4 * n_params * 4  # the gradient chunk plus vmap's intermediates, float32
-    chunk = max(1, min(spec["chunk_size"], spec["memory_budget_bytes"] // max(bytes_per_row, 1)))
-    return Runtime(device=_device(spec["device"]), chunk_size=int(chunk), progress=progress)
+    budget = int(spec["memory_budget_bytes"])
+    chunk = max(1, min(spec["chunk_size"], budget // max(bytes_per_row, 1)))
+    return Runtime(
+        device=_device(spec["device"]),
+        chunk_size=int(chunk),
+        progress=progress,
+        memory_budget_bytes=budget,
+        scratch_dir=scratch,
+    )
 
 
 def _state(
@@ -167,7 +212,7 @@ def _state(
     if state is None:
         return None, None
     fit_seconds = round(time.perf_counter() - started, 4)
-    _write_state(out / "state.safetensors", state)
+    _write_state(out / "state.safetensors", state, runtime.memory_budget_bytes)
     return state, {"fit_seconds": fit_seconds}
 
 
@@ -177,32 +222,105 @@ def _save_arrays(out: Path, **arrays: np.ndarray | None) -> None:
             np.save(out / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
 
 
+def _lds(payload: dict) -> dict | None:
+    """The job's LDS evaluation: ``{"params", "n_masks", "train"}`` (train: retrain its subsets here)."""
+    return (payload.get("evaluation") or {}).get("lds")
+
+
+def _lds_masks_to_train(payload: dict) -> int | None:
+    lds = _lds(payload)
+    return int(lds["n_masks"]) if lds and lds["train"] else None
+
+
+def _train_lds(
+    problem: InfluenceProblem, lds: dict, runtime: Runtime, start: int = 0, stop: int | None = None
+) -> SubsetOutputs:
+    """Retrain rows ``start..stop-1`` of the LDS evaluation's subsets (progress phase ``lds-...``)."""
+    estimator = LDSSubsets()
+    params = validate_params(LDSParams, lds["params"], LDS_POINTER)
+    report = runtime.progress
+    lds_runtime = dataclasses.replace(
+        runtime, progress=lambda phase, done, total: report(f"lds-{phase}", done, total)
+    )
+    try:
+        plan = estimator.plan(problem, params, start=start, stop=stop)
+        return estimator.train_subsets(problem, params, plan, lds_runtime)
+    except EstimatorError as exc:  # name the evaluation's fields, not the method's
+        if exc.parameter and exc.parameter.startswith("/method/params"):
+            exc.parameter = LDS_POINTER + exc.parameter[len("/method/params") :]
+        raise
+
+
+def _save_outputs(out: Path, prefix: str, outputs: SubsetOutputs) -> dict:
+    _save_arrays(out, **{f"{prefix}.{name}": array for name, array in outputs.arrays.items()})
+    return {"names": sorted(outputs.arrays), "info": plain(outputs.info)}
+
+
+def _stored_outputs(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """A cached subset-outputs artifact (masks, seeds, measured sets, info) the supervisor passed in."""
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    return arrays, json.loads(str(arrays.pop("info")))
+
+
 def influence(payload: dict, inputs: dict[str, Path], out: Path, progress: ProgressCallback) -> dict:
-    """A whole job: fit or load the train state, then either report that it fans out or attribute."""
+    """A whole job: fit or load the train state, then either report that it fans out or attribute.
+
+    Fixed-fraction retraining methods (``payload["subsets"]``) estimate from the cached outputs the
+    supervisor passed (``inputs["subset_outputs"]``), else train and write their outputs
+    (``subset.<name>.npy``) for the cache; an LDS evaluation whose subsets must be trained writes
+    theirs as ``lds.<name>.npy``.
+    """
     progress("loading", 0, 1)
     problem, estimator, params = _problem(payload, inputs)
-    runtime = _runtime(payload["runtime"], problem, progress)
+    runtime = _runtime(payload["runtime"], problem, progress, out.parent)
     state, state_meta = _state(estimator, params, problem, runtime, payload["fit_state"], inputs, out)
-    budget = estimator.retrain_budget(problem, params)
+    cached = "subset_outputs" in inputs
+    budget = None if cached else estimator.retrain_budget(problem, params)
     meta: dict[str, Any] = {"state": state_meta, "retrain_budget": budget}
-    plans = shard_plans(payload["sharding"], estimator, problem.n_train, len(problem.checkpoints), budget)
-    if len(plans) > 1:
+    plans = job_plans(
+        payload["sharding"],
+        estimator,
+        problem.n_train,
+        len(problem.checkpoints),
+        budget,
+        _lds_masks_to_train(payload),
+    )
+    if plans:
         return meta
     started = time.perf_counter()
-    attribution = estimator.attribute(
-        problem,
-        params,
-        want_scores=True,
-        want_self_influence=payload["self_influence"],
-        runtime=runtime,
-        state=state,
-    )
+    if payload.get("subsets") is not None:
+        attribution, outputs = estimator.attribute_with_outputs(
+            problem,
+            params,
+            want_self_influence=payload["self_influence"],
+            runtime=runtime,
+            stored=_stored_outputs(inputs["subset_outputs"]) if cached else None,
+        )
+        if not cached:
+            meta["subset_outputs"] = _save_outputs(out, "subset", outputs)
+    else:
+        attribution = estimator.attribute(
+            problem,
+            params,
+            want_scores=True,
+            want_self_influence=payload["self_influence"],
+            runtime=runtime,
+            state=state,
+        )
     meta.update(
         compute_seconds=round(time.perf_counter() - started, 4),
         device=str(runtime.device),
         chunk_size=runtime.chunk_size,
         metadata=plain(attribution.metadata),
     )
+    if _lds_masks_to_train(payload):
+        started = time.perf_counter()
+        lds_outputs = _train_lds(problem, _lds(payload), runtime)
+        meta["lds"] = {
+            **_save_outputs(out, "lds", lds_outputs),
+            "seconds": round(time.perf_counter() - started, 4),
+        }
     _save_arrays(
         out,
         scores=attribution.scores,
@@ -217,12 +335,16 @@ def shard(payload: dict, inputs: dict[str, Path], out: Path, progress: ProgressC
     """One shard of a fanned-out job: training rows (and checkpoints), or rows of a retraining plan."""
     progress("loading", 0, 1)
     problem, estimator, params = _problem(payload, inputs)
-    runtime = _runtime(payload["runtime"], problem, progress)
+    runtime = _runtime(payload["runtime"], problem, progress, out.parent)
     plan = payload["plan"]
     started = time.perf_counter()
-    if plan["kind"] == "subsets":
-        subsets = estimator.plan(problem, params, start=plan["train_lo"], stop=plan["train_hi"])
-        outputs = estimator.train_subsets(problem, params, subsets, runtime)
+    if plan["kind"] in ("subsets", "lds"):
+        if plan["kind"] == "lds":
+            outputs = _train_lds(problem, _lds(payload), runtime, plan["train_lo"], plan["train_hi"])
+        else:
+            subsets = estimator.plan(problem, params, start=plan["train_lo"], stop=plan["train_hi"])
+            want_self = payload["self_influence"] and estimator.supports_self_influence
+            outputs = estimator.train_subsets(problem, params, subsets, runtime, self_influence=want_self)
         _save_arrays(out, **{f"subset.{name}": array for name, array in outputs.arrays.items()})
         return {
             "subsets": sorted(outputs.arrays),

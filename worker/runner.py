@@ -2,9 +2,11 @@
 
 Shared by the Celery task and by anything else that wants to run a job by id (tests, a notebook).
 This process is trusted (it holds DB and broker credentials): it claims, loads rows, looks up and
-stores the train-state cache, validates what the compute child wrote and stores results. Tenant
-weights and data meet torch only in the child (worker/sandbox.py, worker/compute.py); finalize
-merges shards or estimates values from stored arrays here. Never holds a DB transaction across compute.
+stores the train-state and retraining-outputs caches, validates what the compute child wrote and stores
+results. Tenant weights and data meet torch only in the child (worker/sandbox.py, worker/compute.py);
+finalize merges shards or estimates values from stored arrays here, and the LDS evaluation is rank
+arithmetic on validated arrays (scores, masks, measured outputs). Never holds a DB transaction across
+compute.
 """
 
 from __future__ import annotations
@@ -36,25 +38,31 @@ from app.estimators import (
     InfluenceProblem,
     Recipe,
     TaskSpec,
-    TrainState,
     get_architecture,
     get_estimator,
     init_model,
 )
 from app.estimators.sharding import merge_shards
-from app.estimators.valuation.engine import SubsetOutputs
+from app.estimators.valuation import (
+    SOLVERS,
+    LDSParams,
+    LDSSubsets,
+    SubsetOutputs,
+    SubsetSpec,
+    lds_summary,
+)
 from app.problems import FieldError, ProblemError
 from app.services import datasets as datasets_service
 from app.services import jobs as jobs_service
 from app.services import models as models_service
 from app.services import results as results_service
 from app.services import shards as shards_service
-from app.services import train_state
+from app.services import subset_outputs, train_state
 from app.services.validation import validate_params
 from app.settings import Settings
 from app.storage.artifacts import ArtifactStore
 from worker import sandbox
-from worker.compute import shard_plans
+from worker.compute import job_plans
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +249,7 @@ def run_shard(settings: Settings, shard_id: str, worker_id: str) -> str:
             with sandbox.acquire(settings) as box:
                 out = box.run("worker.compute:shard", payload, job.inputs, reporter)
                 seconds = out.number("compute_seconds")
-                if plan.kind == "subsets":
+                if plan.kind in ("subsets", "lds"):
                     scores_uri, self_uri = _store_subsets(store, out, plan.train_hi - plan.train_lo), None
                 else:
                     _store_state(settings, store, job, out)
@@ -286,21 +294,44 @@ def finalize_job(settings: Settings, job_id: str) -> str:
         return "skipped"
     claim, parts = ready
     _threads(settings)
+    try:
+        write = _merge(settings, claim, parts)
+    except (ProblemError, EstimatorError) as exc:  # deterministic: a re-published finalize would fail again
+        stored = jobs_service.finish(settings, claim, "failed", error=_problem_for(exc))
+        return "failed" if stored else "skipped"
+    stored = jobs_service.finish(settings, claim, "succeeded", write=write, progress=_done())
+    return "succeeded" if stored else "skipped"
+
+
+def _merge(settings: Settings, claim, parts: list) -> object:
+    """The fanned-out job's result: merged scores, or an estimate from the merged subset outputs."""
+    job_id = claim.job_id
     store = ArtifactStore(settings.resolved_artifact_dir)
     ctx = _context(settings, store, job_id)
     spec = ctx.loaded.job.spec
+    reuse = _reuse(settings, store, ctx.loaded, ctx.estimator, ctx.params, ctx.query_rows)
+    lds_parts = [p for p in parts if p.plan.kind == "lds"]
+    parts = [p for p in parts if p.plan.kind != "lds"]
     values = values_stderr = None
     details = {
         "method": spec["method"]["name"],
         "measurement": spec["measurement"],
         "sign_convention": SIGN_CONVENTION,
         "orientation": ORIENTATION,
-        "shards": len(parts),
-        "compute_seconds": round(sum(p.compute_seconds or 0.0 for p in parts), 4),
+        "shards": len(parts) + len(lds_parts),
+        "compute_seconds": round(sum(p.compute_seconds or 0.0 for p in parts + lds_parts), 4),
     }
+    own = None
     if parts[0].plan.kind == "subsets":  # retraining: estimate from every shard's trained outputs
         outputs = SubsetOutputs.concat(_load_outputs(store, p.scores_uri) for p in parts)
         full_plan = ctx.estimator.plan(ctx.problem, ctx.params)
+        if reuse.own is not None:
+            _check_outputs(outputs, reuse.own.spec, ctx.problem.n_query, ctx.problem.n_train)
+            outputs = SubsetOutputs(outputs.arrays, _child_info(outputs.info, len(full_plan)))
+            seconds = sum(p.compute_seconds or 0.0 for p in parts)
+            subset_outputs.save(settings, store, reuse.own, full_plan, outputs, seconds)
+            own = (full_plan, outputs, "trained", reuse.own.key)
+            details.update(_outputs_details(reuse.own, "trained", outputs))
         attribution = ctx.estimator.estimate(ctx.problem, ctx.params, full_plan, outputs)
         scores, self_influence = attribution.scores, attribution.self_influence
         values, values_stderr = attribution.values, attribution.values_stderr
@@ -315,6 +346,15 @@ def finalize_job(settings: Settings, job_id: str) -> str:
             ctx.problem.n_train,
             ((p.plan, load(p.scores_uri), load(p.self_uri)) for p in parts),
         )
+    if reuse.lds is not None:
+        trained = None
+        if lds_parts:
+            merged = SubsetOutputs.concat(_load_outputs(store, p.scores_uri) for p in lds_parts)
+            merged = SubsetOutputs(merged.arrays, _child_info(merged.info, reuse.lds.spec.n_masks))
+            trained = (merged, sum(p.compute_seconds or 0.0 for p in lds_parts))
+        details["quality"] = {
+            "lds": _lds_quality(settings, store, reuse, scores, ctx.problem.n_train, own, trained)
+        }
     prepared = results_service.prepare(
         store,
         scores=scores,
@@ -328,10 +368,7 @@ def finalize_job(settings: Settings, job_id: str) -> str:
         values=values,
         values_stderr=values_stderr,
     )
-    stored = jobs_service.finish(
-        settings, claim, "succeeded", write=prepared.write(job_id, claim.attempt), progress=_done()
-    )
-    return "succeeded" if stored else "skipped"
+    return prepared.write(job_id, claim.attempt)
 
 
 def _load_outputs(store: ArtifactStore, uri: str) -> SubsetOutputs:
@@ -393,6 +430,7 @@ class _Job:
     payload: dict
     inputs: dict[str, Path]
     state: train_state.Lookup | None
+    reuse: _Reuse
     query_rows: np.ndarray
     n_train: int
     parameter: str | None
@@ -429,6 +467,9 @@ def _prepare(settings: Settings, store: ArtifactStore, job_id: str) -> _Job:
     state = train_state.lookup(settings, store, estimator, params, state_inputs)
     if state is not None and state.uri is not None:
         inputs["state"] = store.path(state.uri)
+    reuse = _reuse(settings, store, loaded, estimator, params, query_rows)
+    if reuse.own is not None and reuse.own.hit is not None:
+        inputs["subset_outputs"] = store.path(reuse.own.hit.uri)
     execution = spec.get("execution") or {}
     payload = {
         "model": _model_spec(model),
@@ -451,6 +492,18 @@ def _prepare(settings: Settings, store: ArtifactStore, job_id: str) -> _Job:
         },
         "self_influence": bool(spec["output"]["self_influence"]),
         "fit_state": state is not None and state.uri is None,
+        "subsets": {"cached": reuse.own.hit is not None} if reuse.own is not None else None,
+        "evaluation": (
+            {
+                "lds": {
+                    "params": reuse.lds_block,
+                    "n_masks": reuse.lds.spec.n_masks,
+                    "train": reuse.lds_masks_to_train is not None,
+                }
+            }
+            if reuse.lds is not None
+            else None
+        ),
         "sharding": {
             "subsets_per_shard": execution.get("subsets_per_shard"),
             "train_shard_size": execution.get("train_shard_size") or settings.train_shard_size or None,
@@ -464,6 +517,7 @@ def _prepare(settings: Settings, store: ArtifactStore, job_id: str) -> _Job:
         payload,
         inputs,
         state,
+        reuse,
         query_rows,
         loaded.train.n_examples,
         _tuning_parameter(estimator),
@@ -483,11 +537,9 @@ def _store_state(settings: Settings, store: ArtifactStore, job: _Job, out: sandb
             "load_seconds": out.number("load_seconds", reported),
         }
     fit_seconds = out.number("fit_seconds", reported)
-    tensors, metadata = out.tensors("state", job.parameter)
-    info = sandbox.loads_plain(metadata.get("info", "{}"), "the train state's info")
-    if not isinstance(info, dict):
-        raise sandbox.invalid_output("the train state's info is not an object")
-    train_state.save(settings, store, job.state, job.estimator, TrainState(tensors, info), fit_seconds)
+    with store.staging_file(".safetensors") as staged:  # copied, validated, then committed as it is
+        checked = out.state_file("state", staged, job.parameter)
+        train_state.save(settings, store, job.state, job.estimator, staged, fit_seconds, checked.sha256)
     return {"key": job.state.key, "cache_hit": False, "fit_seconds": fit_seconds}
 
 
@@ -504,10 +556,15 @@ def _influence(settings: Settings, store: ArtifactStore, claim, reporter: Report
         out = box.run("worker.compute:influence", job.payload, job.inputs, reporter)
         state_info = _store_state(settings, store, job, out)
         budget = out.integer("retrain_budget", optional=True, maximum=10**9)
-        plans = shard_plans(
-            job.payload["sharding"], job.estimator, job.n_train, len(job.loaded.checkpoints), budget
+        plans = job_plans(
+            job.payload["sharding"],
+            job.estimator,
+            job.n_train,
+            len(job.loaded.checkpoints),
+            budget,
+            job.reuse.lds_masks_to_train,
         )
-        if len(plans) > 1:
+        if plans:
             return plans
         reporter("writing", 0, 1)
         n_train, parameter = job.n_train, job.parameter
@@ -525,6 +582,19 @@ def _influence(settings: Settings, store: ArtifactStore, claim, reporter: Report
             device=out.text("device"),
             chunk_size=out.integer("chunk_size"),
         )
+        own = _own_outputs(settings, store, job, out, details)
+        if job.reuse.lds is not None:
+            trained = None
+            if job.reuse.lds_masks_to_train is not None:
+                reported = out.mapping("lds")
+                spec = job.reuse.lds.spec
+                trained = (
+                    _child_outputs(out, "lds", reported, spec, job.n_query, n_train),
+                    out.number("seconds", reported),
+                )
+            details["quality"] = {
+                "lds": _lds_quality(settings, store, job.reuse, scores, n_train, own, trained)
+            }
     loaded = job.loaded
     details.update(
         model_weights_sha256=loaded.model.weights_sha256,
@@ -550,6 +620,179 @@ def _influence(settings: Settings, store: ArtifactStore, claim, reporter: Report
         values_stderr=values_stderr,
     )
     return prepared.write(claim.job_id, claim.attempt), _done()
+
+
+@dataclass
+class _Reuse:
+    """A job's retraining outputs and their cache entries: the method's own (Downsampling and
+    Datamodels) and its LDS evaluation's. ``lds_masks_to_train``: LDS subsets this job must retrain
+    (None when stored outputs serve, or when the evaluation's subsets are the method's own)."""
+
+    own: subset_outputs.Lookup | None
+    lds: subset_outputs.Lookup | None
+    lds_block: dict | None
+    lds_masks_to_train: int | None
+
+    @property
+    def lds_shares_own(self) -> bool:
+        return self.own is not None and self.lds is not None and self.own.plan_key == self.lds.plan_key
+
+
+def _reuse(
+    settings: Settings, store: ArtifactStore, loaded: _Loaded, estimator: Estimator, params, query_rows
+) -> _Reuse:
+    """Look up the stored subset outputs this job can reuse (keys as in app/services/subset_outputs.py)."""
+    spec, model = loaded.job.spec, loaded.model
+    lds_block = (spec.get("evaluation") or {}).get("lds")
+    if not hasattr(estimator, "subset_spec") and lds_block is None:
+        return _Reuse(None, None, None, None)
+    recipe = validate_params(Recipe, model.recipe, "/recipe")
+    query_ds = loaded.query or loaded.train
+    fingerprint = subset_outputs.fingerprint(
+        architecture=model.architecture,
+        architecture_params=model.architecture_params,
+        task=model.task,
+        loss=model.loss,
+        weights_sha256=model.weights_sha256,
+        train_sha256=loaded.train.sha256,
+        query_sha256=query_ds.sha256,
+        query_rows=query_rows,
+        measurement=spec["measurement"],
+    )
+    reuse = bool((spec.get("execution") or {}).get("reuse_subset_outputs", True))
+
+    def lookup(subset_spec: SubsetSpec) -> subset_outputs.Lookup:
+        solver = subset_outputs.resolve_solver(model.architecture, model.architecture_params, subset_spec)
+        return subset_outputs.lookup(settings, store, subset_spec, fingerprint, solver, reuse=reuse)
+
+    context = {"model_recipe": dict(model.recipe), "weight_decay": recipe.weight_decay}
+    own = lds = None
+    if hasattr(estimator, "subset_spec"):
+        own = lookup(
+            estimator.subset_spec(params, **context, self_influence=bool(spec["output"]["self_influence"]))
+        )
+    if lds_block is not None:
+        lds_params = validate_params(LDSParams, lds_block, "/evaluation/lds")
+        lds = lookup(LDSSubsets().subset_spec(lds_params, **context))
+    found = _Reuse(own, lds, lds_block, None)
+    if lds is not None and lds.hit is None and not found.lds_shares_own:
+        found.lds_masks_to_train = lds.spec.n_masks
+    return found
+
+
+def _check_outputs(outputs: SubsetOutputs, spec: SubsetSpec, n_query: int, n_train: int) -> None:
+    """Merged outputs hold exactly the spec's measured sets, n_masks rows each, of the right width."""
+    K = spec.n_masks
+    shapes = {"query": (K, n_query), "train": (K, n_train)}
+    if sorted(outputs.arrays) != sorted(spec.outputs):
+        raise sandbox.invalid_output(
+            f"retraining returned {sorted(outputs.arrays)}, not {list(spec.outputs)}"
+        )
+    for name, array in outputs.arrays.items():
+        if array.shape != shapes[name] or not np.isfinite(array).all():
+            raise sandbox.invalid_output(
+                f"retrained {name} outputs: shape {array.shape}, expected {shapes[name]}"
+            )
+
+
+def _child_info(info: object, rows: int) -> dict:
+    """The engine's info as far as the cache keeps it: solver and models trained, checked."""
+    if not isinstance(info, dict):
+        raise sandbox.invalid_output("meta.json: the retraining info is not an object")
+    solver, trained = info.get("solver"), info.get("n_trained")
+    if (
+        solver not in SOLVERS
+        or isinstance(trained, bool)
+        or not isinstance(trained, int)
+        or not 0 <= trained <= rows
+    ):
+        raise sandbox.invalid_output("meta.json: the retraining info has no valid solver and model count")
+    return {"solver": solver, "n_trained": trained}
+
+
+def _child_outputs(
+    out: sandbox.Outputs, prefix: str, reported: dict, spec: SubsetSpec, n_query: int, n_train: int
+) -> SubsetOutputs:
+    """A single task's retrained outputs (``<prefix>.<set>.npy``), validated against ``spec``."""
+    names = reported.get("names")
+    if not isinstance(names, list) or sorted(names) != sorted(spec.outputs):
+        raise sandbox.invalid_output(f"meta.json: retrained sets {names!r}, expected {list(spec.outputs)}")
+    shapes = {"query": (spec.n_masks, n_query), "train": (spec.n_masks, n_train)}
+    arrays = {name: out.array(f"{prefix}.{name}", shapes[name]) for name in spec.outputs}
+    return SubsetOutputs(arrays, _child_info(reported.get("info"), spec.n_masks))
+
+
+def _outputs_details(found: subset_outputs.Lookup, status: str, outputs: SubsetOutputs) -> dict:
+    """What the result says about the method's own subset outputs: reused or trained, and the entry."""
+    return {
+        "subset_outputs": status,
+        "subset_outputs_key": found.hit.key if status == "reused" else found.key,
+        "models_trained": 0 if status == "reused" else int(outputs.info.get("n_trained") or 0),
+    }
+
+
+def _own_outputs(settings: Settings, store: ArtifactStore, job: _Job, out: sandbox.Outputs, details: dict):
+    """Single task: cache the outputs the child trained, or note the reused entry. Returns
+    ``(plan, outputs, status, key)`` for an LDS evaluation on the same subsets (plan None when reused:
+    the evaluation then finds the same entry itself), or None for methods without subset outputs."""
+    found = job.reuse.own
+    if found is None:
+        return None
+    if found.hit is not None:
+        details.update(_outputs_details(found, "reused", SubsetOutputs({}, {})))
+        return (None, None, "reused", found.hit.key)
+    outputs = _child_outputs(
+        out, "subset", out.mapping("subset_outputs"), found.spec, job.n_query, job.n_train
+    )
+    plan = found.spec.plan(job.n_train)
+    subset_outputs.save(settings, store, found, plan, outputs, out.number("compute_seconds"))
+    details.update(_outputs_details(found, "trained", outputs))
+    return (plan, outputs, "trained", found.key)
+
+
+def _lds_quality(
+    settings: Settings,
+    store: ArtifactStore,
+    reuse: _Reuse,
+    scores: np.ndarray | None,
+    n_train: int,
+    own,
+    trained: tuple[SubsetOutputs, float] | None,
+) -> dict:
+    """The LDS of the job's scores on the evaluation's subsets: from the outputs this job retrained
+    (then cached), its own method's outputs, or a stored entry. Arithmetic on validated arrays only."""
+    found = reuse.lds
+    if scores is None:
+        raise ProblemError(
+            422,
+            "evaluation-unsupported",
+            "The LDS needs a score matrix",
+            "the estimator returned no m x n scores",
+            [FieldError("/evaluation/lds", "the estimator returned no score matrix")],
+        )
+    if trained is not None:
+        outputs, seconds = trained
+        _check_outputs(outputs, found.spec, scores.shape[0], n_train)
+        plan = found.spec.plan(n_train)
+        subset_outputs.save(settings, store, found, plan, outputs, seconds)
+        status, key = "trained", found.key
+    elif found.hit is not None:
+        plan, outputs = subset_outputs.load_outputs(store, found.hit, ("query",))
+        status, key = "reused", found.hit.key
+    elif reuse.lds_shares_own and own is not None and own[0] is not None:
+        plan, outputs, status, key = own
+    else:  # cannot happen: _reuse asks for a retrain whenever nothing else serves
+        raise sandbox.invalid_output("the LDS evaluation's subsets were neither trained nor found")
+    if plan.masks.shape != (found.spec.n_masks, n_train):
+        raise sandbox.invalid_output("the LDS evaluation's masks do not match its plan")
+    summary = lds_summary(scores, plan.masks, outputs["query"])
+    return {
+        **summary,
+        "alpha": found.spec.alpha,
+        "seed": found.spec.seed,
+        "subset_outputs": status,
+        "subset_outputs_key": key,
+    }
 
 
 def _expected_state(model_row: Model) -> dict[str, torch.Size]:

@@ -24,7 +24,9 @@ artifacts, the thread count) and sends ``go`` on the child's stdin. The child wr
 the failure) and progress as JSON lines on its stdout. The supervisor forwards progress to the
 job's reporter (heartbeats, ETA and cancellation keep working), SIGKILLs the process group on
 cancel, lost lease or wall-clock timeout, maps the exit to a problem, and validates each output
-before the caller stores anything. The scratch folder is removed afterwards, also on failure.
+before the caller stores anything. A train state (possibly larger than memory) is never loaded
+whole: it is copied out of the scratch folder, validated in blocks (:func:`copy_state_file`) and
+stored as that very file. The scratch folder is removed afterwards, also on failure.
 
 A fresh interpreter spends over a second importing torch, so each Celery pool process starts its
 child when the pool process starts (:func:`prestart`); the child imports, then waits for ``go``.
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -73,6 +76,10 @@ PROGRESS_LINE_MAX = 4096
 META_MAX_BYTES = 1024 * 1024
 MEMORY_ERRORS = ("can't allocate memory", "Cannot allocate memory", "bad_alloc")
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+STATE_DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "I64": np.dtype("<i8")}
+STATE_METADATA = ("info",)
+COPY_BLOCK = 1024 * 1024
+FINITE_BLOCK = 1 << 20  # values checked at once (8 MiB of float64)
 _POINTER = re.compile(r"(/[A-Za-z0-9_.~-]{1,64}){1,8}")
 _CODE = re.compile(r"[a-z][a-z0-9-]{0,63}")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
@@ -269,6 +276,82 @@ def read_tensors(
         return tensors, dict(handle.metadata() or {})
 
 
+@dataclass(frozen=True)
+class StateFile:
+    """A train-state file the supervisor copied from the child and validated (see :func:`copy_state_file`)."""
+
+    path: Path
+    sha256: str
+    size_bytes: int
+    info: dict
+    tensors: dict[str, tuple[str, tuple[int, ...]]]  # name -> (safetensors dtype, shape)
+
+
+def copy_state_file(
+    source: Path, dest: Path, *, max_bytes: int, what: str, parameter: str | None = None
+) -> StateFile:
+    """Copy the child's safetensors ``source`` to ``dest`` (a path the supervisor owns) and validate
+    the copy, so what was checked is exactly what is kept, without loading any tensor whole.
+
+    The copy streams (``COPY_BLOCK`` at a time, hashed on the way). Checked: a regular file of at
+    most ``max_bytes``; the header parses through the upload reader's safetensors validator
+    (bounded JSON, no duplicate keys, shapes and ``data_offsets`` contiguous and consistent with the
+    file size); dtypes float32/float64/int64 only; at least one tensor; metadata holds only ``info``,
+    a JSON object of plain values; floating values finite, read back in blocks of ``FINITE_BLOCK``
+    (else numerical-instability naming ``parameter``).
+    """
+    from app.storage.formats import validate_safetensors
+
+    digest, copied = hashlib.sha256(), 0
+    with _open_regular(source) as fh, open(dest, "wb") as out:
+        if os.fstat(fh.fileno()).st_size > max_bytes:
+            raise invalid_output(f"{what}: the file exceeds the limit of {max_bytes} bytes")
+        for block in iter(lambda: fh.read(COPY_BLOCK), b""):
+            copied += len(block)
+            if copied > max_bytes:
+                raise invalid_output(f"{what}: the file exceeds the limit of {max_bytes} bytes")
+            digest.update(block)
+            out.write(block)
+        out.flush()
+        os.fsync(out.fileno())
+    try:
+        specs = validate_safetensors(dest, copied, f"/{what}", tuple(STATE_DTYPES))
+    except ProblemError as exc:
+        raise invalid_output(f"{what}: {exc.detail}") from None
+    if not specs:
+        raise invalid_output(f"{what}: the file holds no tensors")
+    with open(dest, "rb") as fh:
+        (length,) = np.frombuffer(fh.read(8), dtype="<u8")
+        metadata = json.loads(fh.read(int(length))).get("__metadata__") or {}  # validated above
+        start = 8 + int(length)
+        extra = sorted(set(metadata) - set(STATE_METADATA))
+        if extra:
+            raise invalid_output(f"{what}: unexpected metadata {extra[:5]}")
+        info = loads_plain(metadata.get("info", "{}"), f"{what}'s info")
+        if not isinstance(info, dict):
+            raise invalid_output(f"{what}'s info is not an object")
+        for spec in specs.values():
+            dtype = STATE_DTYPES[spec.dtype]
+            if dtype.kind != "f":
+                continue
+            fh.seek(start + spec.begin)
+            remaining = (spec.end - spec.begin) // dtype.itemsize
+            while remaining:
+                values = np.fromfile(fh, dtype=dtype, count=min(remaining, FINITE_BLOCK))
+                if values.size == 0:
+                    raise invalid_output(f"{what}: the file changed while it was being read")
+                if not np.isfinite(values).all():
+                    raise instability(what, parameter)
+                remaining -= values.size
+    return StateFile(
+        dest,
+        digest.hexdigest(),
+        copied,
+        info,
+        {name: (spec.dtype, spec.shape) for name, spec in specs.items()},
+    )
+
+
 def check_plain(value: Any, what: str, depth: int = 0) -> Any:
     """``value`` if it is JSON of plain values (no NaN, bounded depth), else invalid-output."""
     if depth > 16:
@@ -341,6 +424,17 @@ class Outputs:
     def tensors(self, name: str, parameter: str | None = None):
         path = self.folder / f"{name}.safetensors"
         return read_tensors(path, max_bytes=self.limits.file_bytes, what=name, parameter=parameter)
+
+    def state_file(self, name: str, dest: Path, parameter: str | None = None) -> StateFile:
+        """``name.safetensors`` (a train state) copied to ``dest`` and validated there, never loaded
+        whole: the caller stores that file as it is (:func:`copy_state_file`)."""
+        return copy_state_file(
+            self.folder / f"{name}.safetensors",
+            dest,
+            max_bytes=self.limits.file_bytes,
+            what=name,
+            parameter=parameter,
+        )
 
     def number(self, key: str, source: dict | None = None) -> float:
         value = (self.meta if source is None else source).get(key)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -124,12 +125,19 @@ class InfluenceProblem:
 
 @dataclass
 class Runtime:
-    """How to run: device, dtype, chunking and the progress/cancel hook."""
+    """How to run: device, dtype, chunking, memory and the progress/cancel hook.
+
+    ``memory_budget_bytes`` bounds what an estimator keeps in RAM beyond a gradient chunk: train-side
+    feature matrices larger than their share of it are memory-mapped files in ``scratch_dir`` (the
+    system temporary folder when None), see :mod:`.features`. None: no bound, everything in memory.
+    """
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     chunk_size: int = 256
     progress: ProgressCallback = _no_progress
+    memory_budget_bytes: int | None = None
+    scratch_dir: Path | None = None
 
 
 @dataclass
@@ -140,7 +148,8 @@ class TrainState:
     training features and kernel inverse. The service stores it as an artifact keyed by
     (weights, checkpoints, training set, :meth:`Estimator.state_params`, code version),
     so a second job with new queries skips the train-side pass. ``tensors`` must be
-    plain tensors (saved as safetensors); ``info`` must be JSON-serialisable.
+    plain tensors (saved as safetensors); ``info`` must be JSON-serialisable. Large tensors may be
+    memory-mapped (:mod:`.features`): read them in row blocks rather than converting them whole.
     """
 
     tensors: dict[str, torch.Tensor]

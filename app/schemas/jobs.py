@@ -35,8 +35,53 @@ class ExecutionSpec(RequestModel):
     subsets_per_shard: int | None = Field(
         None,
         ge=1,
-        description="Retraining methods with a fixed subset plan (downsampling, datamodels, banzhaf_msr): "
-        "subsets trained per shard task.",
+        description="Retraining methods with a fixed subset plan (downsampling, datamodels, banzhaf_msr) "
+        "and the LDS evaluation: subsets trained per shard task.",
+    )
+    reuse_subset_outputs: bool = Field(
+        True,
+        description="Reuse stored retraining outputs (the trained models' measurements on a fixed-fraction "
+        "subset plan, shared by downsampling, datamodels and the LDS evaluation) when an earlier job trained "
+        "the same subsets on the same model, data, queries and measurement; false retrains "
+        "(and still stores).",
+    )
+
+
+class LDSSpec(RequestModel):
+    """Linear Datamodeling Score (TRAK paper): retrain on random subsets and rank-correlate each query's
+    measured objective with the sum of its scores over the subset. Same plan and retraining fields as
+    ``datamodels``, so an evaluation reuses (or leaves behind) the outputs a datamodels/downsampling job
+    with the same plan trains."""
+
+    n_masks: int = Field(100, ge=4, le=100_000, description="Random subsets (models) to retrain.")
+    alpha: float = Field(0.5, gt=0, le=0.99, description="Subset size as a fraction of the training set.")
+    seed: int = Field(
+        0,
+        ge=0,
+        description="Seed of the subset sampler (use another seed than the method's "
+        "own plan to evaluate a datamodel on held-out subsets).",
+    )
+    train_seed: int | None = Field(
+        None, ge=0, description="Training seed of every retrain; null: the recipe's seed."
+    )
+    seed_per_mask: bool = Field(False, description="Derive a different training seed for every subset.")
+    solver: Literal["auto", "newton", "batched", "sequential"] = Field(
+        "auto", description="How the subsets are retrained (as the retraining methods' `solver`)."
+    )
+    recipe: dict[str, Any] | None = Field(
+        None, description="Training recipe replayed on every subset; null: the model's own recipe."
+    )
+    n_models_per_batch: int = Field(64, ge=1, description="Models trained together (memory/speed trade-off).")
+
+
+class EvaluationSpec(RequestModel):
+    """Quality measures computed after the scores, reported in the result's ``details.quality``."""
+
+    lds: LDSSpec | None = Field(
+        None,
+        description="Linear Datamodeling Score of the score matrix (estimators returning m x n scores only; "
+        "not the data-valuation methods). Result: `details.quality.lds` with the mean, its standard error "
+        "over queries and the per-query values.",
     )
 
 
@@ -54,6 +99,9 @@ class JobCreate(RequestModel):
     measurement: Literal["loss", "margin"] = "loss"
     output: OutputSpec = Field(default_factory=OutputSpec)
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
+    evaluation: EvaluationSpec | None = Field(
+        None, description='Opt-in quality evaluation of the scores, e.g. `{"lds": {"n_masks": 50}}`.'
+    )
 
 
 class Progress(ReadModel):

@@ -23,6 +23,7 @@ from app.db.base import utcnow
 from app.db.models import TERMINAL_STATES, Checkpoint, Dataset, Job, JobShard, Model
 from app.db.session import retry_transaction, session_scope
 from app.estimators import EstimatorError, ProblemSize, get_estimator
+from app.estimators.valuation import LDSParams, returns_scores
 from app.problems import FieldError, ProblemError, invalid_field
 from app.schemas.jobs import JobCreate
 from app.services import tenants
@@ -118,6 +119,7 @@ def _validate(session: Session, settings: Settings, owner: Principal, body: JobC
             f"{owner.limits.max_job_cost:.3g}; use fewer queries or a smaller model",
             [FieldError("/query_indices", "too many queries for this model and training set")],
         )
+    cost += _validate_evaluation(body, estimator, params, size, cost, owner.limits.max_job_cost)
     try:
         estimator.check(size, params)
     except EstimatorError as exc:
@@ -127,6 +129,40 @@ def _validate(session: Session, settings: Settings, owner: Principal, body: JobC
     spec["checkpoint_ids"] = [c.id for c in checkpoints]
     spec["estimated_cost"] = cost
     return model, spec
+
+
+def _validate_evaluation(
+    body: JobCreate, estimator, params, size: ProblemSize, cost: float, limit: float
+) -> float:
+    """Refuse an evaluation the job cannot have; returns its cost (added to the job's).
+
+    The LDS retrains ``n_masks`` models and measures each on the queries: about
+    ``n_masks x (n_train + n_query) x n_parameters``, charged against the same limit as the job.
+    """
+    lds = body.evaluation.lds if body.evaluation is not None else None
+    if lds is None:
+        return 0.0
+    if not returns_scores(estimator, params):
+        raise ProblemError(
+            422,
+            "evaluation-unsupported",
+            "The LDS evaluates score matrices",
+            f"{estimator.name} returns data values (one per training example), not an m x n score matrix; "
+            "the linear datamodeling score needs per-query scores",
+            [FieldError("/evaluation/lds", f"not available for {estimator.name}")],
+        )
+    lds_params = validate_params(LDSParams, lds.model_dump(mode="json"), "/evaluation/lds")
+    lds_cost = float(lds_params.n_masks) * (size.n_train + size.n_query) * size.n_parameters
+    if cost + lds_cost > limit:
+        raise ProblemError(
+            422,
+            "job-too-large",
+            "The job exceeds the cost limit",
+            f"the LDS evaluation's n_masks x (n_train + n_query) x n_parameters = {lds_cost:.3g} takes "
+            f"the job to {cost + lds_cost:.3g}, over the limit {limit:.3g}; use fewer masks",
+            [FieldError("/evaluation/lds/n_masks", "too many subsets for this model and training set")],
+        )
+    return lds_cost
 
 
 def _outputs(model: Model) -> int:

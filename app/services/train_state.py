@@ -11,13 +11,13 @@ import hashlib
 import json
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
-from safetensors.torch import save_file
 from sqlalchemy.exc import IntegrityError
 
 from app.db.models import TrainStateEntry
 from app.db.session import session_scope
-from app.estimators import Estimator, TrainState
+from app.estimators import Estimator
 from app.settings import Settings
 from app.storage.artifacts import ArtifactStore, StoredArtifact
 
@@ -69,42 +69,45 @@ def lookup(
     return Lookup(key, described, None, None)
 
 
-def _save(store: ArtifactStore, state: TrainState) -> StoredArtifact:
-    with store.staging_file(".safetensors") as staged:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in state.tensors.items()}
-        save_file(tensors, str(staged), metadata={"info": json.dumps(state.info)})
-        return store.commit(staged, ".safetensors")
-
-
 def save(
     settings: Settings,
     store: ArtifactStore,
     found: Lookup,
     estimator: Estimator,
-    state: TrainState,
+    staged: Path,
     fit_seconds: float,
+    sha256: str | None = None,
 ) -> None:
-    """Store a freshly fitted (and already validated) state under ``found.key``."""
-    stored = _save(store, state)
+    """Store a freshly fitted state under ``found.key``: its safetensors file, already validated and
+    staged on the store's filesystem (:meth:`ArtifactStore.staging_file`; ``sha256`` when known), is
+    committed as it is, never loaded or re-serialised."""
+    stored = store.commit(staged, ".safetensors", sha256)
+    record(settings, found.key, estimator.name, stored, fit_seconds, found.described)
+
+
+def record(
+    settings: Settings, key: str, namespace: str, stored: StoredArtifact, seconds: float, described: dict
+) -> None:
+    """Point the cache entry ``key`` at ``stored``: insert it, or repair a row whose file vanished."""
     try:
         with session_scope(settings) as session:
-            existing = session.get(TrainStateEntry, found.key)
+            existing = session.get(TrainStateEntry, key)
             if existing is None:
                 session.add(
                     TrainStateEntry(
-                        key=found.key,
-                        estimator=estimator.name,
+                        key=key,
+                        estimator=namespace,
                         uri=stored.uri,
                         size_bytes=stored.size_bytes,
-                        fit_seconds=fit_seconds,
-                        inputs=found.described,
+                        fit_seconds=seconds,
+                        inputs=described,
                     )
                 )
-            else:  # a stale row whose file vanished
+            else:
                 existing.uri, existing.size_bytes, existing.fit_seconds = (
                     stored.uri,
                     stored.size_bytes,
-                    fit_seconds,
+                    seconds,
                 )
     except IntegrityError:
-        pass  # another worker stored the same state first
+        pass  # another worker stored the same entry first

@@ -322,7 +322,7 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _validate_safetensors(
+def validate_safetensors(
     path: str | os.PathLike[str], size: int, pointer: str, allowed_dtypes: tuple[str, ...]
 ) -> dict[str, _TensorSpec]:
     """Validate a safetensors file's header against its size without loading data."""
@@ -434,7 +434,7 @@ def read_state_dict(
         raise _problem(
             415, "unsupported-format", pointer, "The weights are not a safetensors file. " + _CONVERT_HINT
         )
-    specs = _validate_safetensors(path, size, pointer, tuple(allowed_dtypes))
+    specs = validate_safetensors(path, size, pointer, tuple(allowed_dtypes))
     if not specs:
         raise _problem(422, "missing-array", pointer, "The safetensors file contains no tensors.")
 
@@ -746,7 +746,7 @@ def _read_npz(path: str | os.PathLike[str], size: int, pointer: str, max_bytes: 
 
 
 def _read_safetensors_dataset(path: str | os.PathLike[str], size: int, pointer: str) -> ArrayDataset:
-    specs = _validate_safetensors(path, size, pointer, _ST_DATASET_DTYPES)
+    specs = validate_safetensors(path, size, pointer, _ST_DATASET_DTYPES)
     unexpected = sorted(set(specs) - set(_ST_DATASET_TENSORS))
     if unexpected:
         raise _problem(

@@ -103,7 +103,10 @@ def test_retraining_sharded_over_two_workers_equals_one_process(cancer, worker_f
     whole = wait(client, submit(client, body).headers["location"], timeout=300)
     sharded = wait(
         client,
-        submit(client, {**body, "execution": {"subsets_per_shard": 16}}).headers["location"],
+        # reuse off: the whole job's stored outputs would otherwise serve it without any shard
+        submit(
+            client, {**body, "execution": {"subsets_per_shard": 16, "reuse_subset_outputs": False}}
+        ).headers["location"],
         timeout=300,
     )
     assert whole["state"] == sharded["state"] == "succeeded", (whole, sharded)

@@ -32,7 +32,8 @@ layers. A factor's ``k`` at least the layer dimension, or ``projection =
 "identity"``, uses that factor unprojected. The model must treat examples
 independently along the leading dimension (eval mode: BatchNorm uses running
 statistics). Train-side state (:meth:`fit`): the projected training gradients
-(``n x D``) and the Cholesky factor of ``F~ + lambda I``.
+(``n x D``, written chunk by chunk and memory-mapped beyond the runtime's memory budget, see
+:mod:`..features`; scoring reads them in float64 row blocks) and the Cholesky factor of ``F~ + lambda I``.
 """
 
 from __future__ import annotations
@@ -42,12 +43,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
+import numpy as np
 import torch
 from annotated_types import Ge
 from torch import nn
 from torch.func import functional_call
 
 from ..base import Attribution, Estimator, EstimatorError, NumericalError, Runtime, TrainState, register
+from ..features import FeatureWriter, row_chunks
 from ..gradients import (
     Objective,
     Ticker,
@@ -255,7 +258,7 @@ class LoGra(Estimator):
         layers, D = self._layers(problem, p, runtime)
         dev = torch.device(runtime.device)
         tt = Ticker(runtime, "train_gradients", n_chunks(n, runtime.chunk_size))
-        rows = []
+        writer = FeatureWriter.for_runtime(runtime, n, D)
         Fsum = torch.zeros(D, D, dtype=torch.float64, device=dev)
         for _, _, G in self._stream(
             problem,
@@ -266,7 +269,7 @@ class LoGra(Estimator):
             layers,
             runtime,
         ):
-            rows.append(G)
+            writer.write(G)
             G64 = G.to(torch.float64)
             Fsum += G64.T @ G64
             tt.tick()
@@ -283,7 +286,7 @@ class LoGra(Estimator):
                 parameter="/method/params/damping",
             )
         return TrainState(
-            tensors={"train_features": torch.cat(rows).cpu(), "fisher_cholesky": L.cpu()},
+            tensors={"train_features": writer.finish(), "fisher_cholesky": L.cpu()},
             info={
                 "n_train": n,
                 "dim": D,
@@ -323,7 +326,11 @@ class LoGra(Estimator):
         m = problem.n_query
         dtype = numpy_dtype(runtime.dtype)
         L = state.tensors["fisher_cholesky"].to(dev, torch.float64)
-        Gs = state.tensors["train_features"][lo:hi].to(dev, torch.float64)
+        features = state.tensors["train_features"]
+
+        def blocks():  # float64 row blocks of the shard's (possibly memory-mapped) training features
+            return row_chunks(features, lo, hi, budget=runtime.memory_budget_bytes, device=dev)
+
         scores = self_inf = None
         if want_scores:
             qt = Ticker(runtime, "query_gradients", n_chunks(m, runtime.chunk_size))
@@ -341,10 +348,14 @@ class LoGra(Estimator):
                 qt.tick()
             Qg = torch.cat(rows) if rows else torch.zeros(0, D, dtype=torch.float64, device=dev)
             S = torch.cholesky_solve(Qg.T, L)  # D x m
-            scores = ((Gs @ S).T / n).cpu().numpy().astype(dtype)
+            scores = np.empty((m, hi - lo), dtype=dtype)
+            for s, e, Gs in blocks():
+                scores[:, s - lo : e - lo] = ((Gs @ S).T / n).cpu().numpy()
         if want_self_influence:
-            Z = torch.linalg.solve_triangular(L, Gs.T, upper=False)
-            self_inf = ((Z * Z).sum(dim=0) / n).cpu().numpy().astype(dtype)
+            self_inf = np.empty(hi - lo, dtype=dtype)
+            for s, e, Gs in blocks():
+                Z = torch.linalg.solve_triangular(L, Gs.T, upper=False)
+                self_inf[s - lo : e - lo] = ((Z * Z).sum(dim=0) / n).cpu().numpy()
         return Attribution(
             scores=scores,
             self_influence=self_inf,

@@ -15,7 +15,8 @@ Options:
 * ``projection_dim=k`` (TracIn-RP): both gradients are replaced by seeded
   random projections ``g P`` (``p x k``, see :mod:`..projection`), which keeps
   inner products in expectation. The projected training gradients (``n x k`` per
-  checkpoint) are the cacheable train-side state returned by :meth:`fit`;
+  checkpoint, memory-mapped beyond the runtime's memory budget and scored in row
+  blocks, see :mod:`..features`) are the cacheable train-side state returned by :meth:`fit`;
   without a projection there is nothing worth caching (``fit`` returns None).
   ``k >= p`` means no projection.
 * ``layers``: restrict the gradients to the parameters of these module prefixes
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 from annotated_types import Ge
 
 from ..base import Attribution, Estimator, EstimatorError, ProblemSize, Runtime, TrainState, register
+from ..features import FeatureWriter, row_chunks
 from ..gradients import (
     Ticker,
     as_params,
@@ -154,14 +156,11 @@ class TracInCP(Estimator):
             return names, None
         return names, make_projector(kind, n_params, k, p.seed, runtime.device, runtime.dtype)
 
-    def _projected_train(self, problem, ck, runtime, names, projector, train_range, ticker) -> torch.Tensor:
-        rows = []
-        for _, _, G in train_gradients(problem, ck.state, runtime, train_range, names=names):
-            rows.append(projector.project(G))
+    def _projected_train(self, problem, ck, runtime, names, projector, train_range, ticker):
+        """Stream ``(start, stop, G P)``: projected training gradients, chunk by chunk (relative rows)."""
+        for start, stop, G in train_gradients(problem, ck.state, runtime, train_range, names=names):
+            yield start, stop, projector.project(G)
             ticker.tick()
-        if not rows:
-            return torch.zeros(0, projector.k, device=torch.device(runtime.device), dtype=runtime.dtype)
-        return torch.cat(rows)
 
     @staticmethod
     def _state_index(state: TrainState, problem, ckpts: list) -> list[int]:
@@ -249,12 +248,12 @@ class TracInCP(Estimator):
             return None
         n = problem.n_train
         tt = Ticker(runtime, "train_gradients", len(ckpts) * n_chunks(n, runtime.chunk_size))
-        tensors = {
-            f"train_features_{t}": self._projected_train(
-                problem, ck, runtime, names, projector, None, tt
-            ).cpu()
-            for t, ck in enumerate(ckpts)
-        }
+        tensors = {}
+        for t, ck in enumerate(ckpts):
+            writer = FeatureWriter.for_runtime(runtime, n, projector.k, matrices=len(ckpts))
+            for _, _, rows in self._projected_train(problem, ck, runtime, names, projector, None, tt):
+                writer.write(rows)
+            tensors[f"train_features_{t}"] = writer.finish()
         return TrainState(
             tensors=tensors,
             info={
@@ -316,11 +315,22 @@ class TracInCP(Estimator):
                         Q = projector.project(Q)
                         if cosine:
                             Q = F.normalize(Q, dim=1)
-                    if cached:
-                        Phi = state.tensors[f"train_features_{rows_of[t]}"][lo:hi].to(dev, runtime.dtype)
+                    if cached:  # row blocks of the (possibly memory-mapped) features, relative rows
+                        chunks = (
+                            (s - lo, e - lo, block)
+                            for s, e, block in row_chunks(
+                                state.tensors[f"train_features_{rows_of[t]}"],
+                                lo,
+                                hi,
+                                budget=runtime.memory_budget_bytes,
+                                device=dev,
+                                dtype=runtime.dtype,
+                            )
+                        )
                     else:
-                        Phi = self._projected_train(problem, ck, runtime, names, projector, train_range, tt)
-                    chunks = iter([(0, n, Phi)])
+                        chunks = self._projected_train(
+                            problem, ck, runtime, names, projector, train_range, tt
+                        )
                 for start, stop, G in chunks:
                     if scores is not None:
                         Gs = F.normalize(G, dim=1) if cosine else G

@@ -30,8 +30,10 @@ Self-influence: ``(mean_m phi_{i,m}^T K_m phi_{i,m}) * mean_m Q_ii`` with the
 training margin gradient on both sides. No soft-thresholding. Classification
 only (cross-entropy).
 
-Train-side state (:meth:`fit`): ``Phi_m``, ``K_m`` and ``Q``. When ``k > n`` the
-``k x k`` ``K_m`` is replaced by the equivalent ``n x n`` dual matrix
+Train-side state (:meth:`fit`): ``Phi_m``, ``K_m`` and ``Q``. ``Phi_m`` is written chunk by chunk
+(memory-mapped beyond the runtime's memory budget, :mod:`..features`) while ``Phi_m^T Phi_m`` is
+accumulated; scoring reads it back in float64 row blocks, so no float64 copy of it exists. When
+``k > n`` the ``k x k`` ``K_m`` is replaced by the equivalent ``n x n`` dual matrix
 ``D_m = (Phi_m Phi_m^T + damping I)^+`` (``K Phi^T = Phi^T D``), which is smaller
 and gives the same scores. Scores are *not* a sum over members (``Q`` is averaged
 separately), so TRAK is not ``checkpoint_additive``. ``projection_dim`` is capped
@@ -48,6 +50,7 @@ from annotated_types import Ge
 from torch.func import functional_call
 
 from ..base import Attribution, Estimator, EstimatorError, ProblemSize, Runtime, TrainState, register
+from ..features import FeatureWriter, gram_rows, row_chunks
 from ..gradients import (
     Ticker,
     as_params,
@@ -95,19 +98,23 @@ class TRAKParams:
     )
 
 
-def _forward(model, state, x, runtime: Runtime) -> torch.Tensor:
-    """Model outputs at ``state`` (eval mode, no grad), in chunks."""
+def _label_probabilities(model, state, x, y, runtime: Runtime) -> torch.Tensor:
+    """``p_i``: the softmax probability of each example's label (= sigmoid of its margin), float64.
+
+    Model outputs at ``state`` (eval mode, no grad), a chunk at a time: memory O(chunk x classes).
+    """
     model.eval()
     dev = torch.device(runtime.device)
     names, params, fixed = functional_state(model, state, device=dev, dtype=runtime.dtype)
     dt = params[names[0]].dtype
-    outs = []
+    probs = []
     with torch.no_grad():
         for s in range(0, int(x.shape[0]), runtime.chunk_size):
             xs = x[s : s + runtime.chunk_size]
             xs = xs.to(dev, dt) if xs.is_floating_point() else xs.to(dev)
-            outs.append(functional_call(model, (params, fixed), (xs,)))
-    return torch.cat(outs) if outs else torch.zeros(0, device=dev, dtype=dt)
+            out = functional_call(model, (params, fixed), (xs,)).to(torch.float64)
+            probs.append(torch.sigmoid(margin(out, y[s : s + runtime.chunk_size].to(dev))))
+    return torch.cat(probs) if probs else torch.zeros(0, device=dev, dtype=torch.float64)
 
 
 def _psd_pinv(A: torch.Tensor, damping: float, rtol: float) -> tuple[torch.Tensor, int]:
@@ -185,7 +192,8 @@ class TRAK(Estimator):
         Qsum = torch.zeros(n, dtype=torch.float64, device=dev)
         for mi, (_, st) in enumerate(members):
             proj = self._projector(problem, p, runtime, mi)
-            rows = []
+            writer = FeatureWriter.for_runtime(runtime, n, k, matrices=len(members))
+            gram = None if dual else torch.zeros(k, k, dtype=torch.float64, device=dev)
             for _, _, G in per_sample_gradients(
                 problem.model,
                 st,
@@ -197,22 +205,25 @@ class TRAK(Estimator):
                 dtype=runtime.dtype,
                 what="training examples",
             ):
-                rows.append(proj.project(G))
+                rows = proj.project(G)
+                writer.write(rows)
+                if gram is not None:  # Phi^T Phi, one chunk of rows at a time
+                    rows64 = rows.to(torch.float64)
+                    gram.addmm_(rows64.T, rows64)
                 tt.tick()
-            Phi = torch.cat(rows)
-            Phi64 = Phi.to(torch.float64)
-            gram = Phi64 @ Phi64.T if dual else Phi64.T @ Phi64
+            Phi = writer.finish()
+            if gram is None:  # Phi Phi^T (n < k), from row blocks of the written features
+                gram = gram_rows(Phi, budget=runtime.memory_budget_bytes, device=dev)
             inv, rank = _psd_pinv(0.5 * (gram + gram.T), p.damping, rtol)
+            del gram
             if not bool(torch.isfinite(inv).all()):
                 raise EstimatorError(
                     "the TRAK kernel inverse is not finite; increase damping",
                     parameter="/method/params/damping",
                 )
             ranks.append(rank)
-            out = _forward(problem.model, st, problem.train_x, runtime).to(torch.float64)
-            prob = torch.sigmoid(margin(out, problem.train_y.to(dev)))  # = softmax prob of the label
-            Qsum += 1.0 - prob
-            tensors[f"features_{mi}"] = Phi.cpu()
+            Qsum += 1.0 - _label_probabilities(problem.model, st, problem.train_x, problem.train_y, runtime)
+            tensors[f"features_{mi}"] = Phi
             tensors[f"{'dual' if dual else 'kernel_inverse'}_{mi}"] = inv.cpu()
         tensors["q"] = (Qsum / len(members)).cpu()
         return TrainState(
@@ -261,25 +272,40 @@ class TRAK(Estimator):
         S = torch.zeros(m, cols, dtype=torch.float64, device=dev) if want_scores else None
         si = torch.zeros(cols, dtype=torch.float64, device=dev) if want_self_influence else None
         qt = Ticker(runtime, "query_gradients", M * n_chunks(m, runtime.chunk_size)) if want_scores else None
+        budget = runtime.memory_budget_bytes
+
+        def blocks(Phi, start=0, stop=None):  # float64 row blocks of the (possibly mapped) features
+            return row_chunks(Phi, start, stop, budget=budget, device=dev)
+
         for mi, (_, st) in enumerate(members):
-            Phi = state.tensors[f"features_{mi}"].to(dev, torch.float64)
+            Phi = state.tensors[f"features_{mi}"]
             inv = state.tensors[f"{'dual' if dual else 'kernel_inverse'}_{mi}"].to(dev, torch.float64)
-            Phi_s = Phi[lo:hi]
             if S is not None:
                 # phi' = -(grad q) P: the projected gradient of the query margin (or of minus its loss)
                 proj = self._projector(problem, p, runtime, mi)
                 phi_q = -proj.project(query_gradients(problem, st, runtime, qt)).to(torch.float64)
-                if dual:
-                    S += (phi_q @ Phi.T) @ inv[:, lo:hi]
-                else:
-                    S += (phi_q @ inv) @ Phi_s.T
+                if dual:  # (phi_q Phi^T) D[:, lo:hi]
+                    B = torch.empty(m, Phi.shape[0], dtype=torch.float64, device=dev)
+                    for s, e, block in blocks(Phi):
+                        B[:, s:e] = phi_q @ block.T
+                    S += B @ inv[:, lo:hi]
+                    del B
+                else:  # (phi_q K) Phi_s^T
+                    A = phi_q @ inv
+                    for s, e, block in blocks(Phi, lo, hi):
+                        S[:, s - lo : e - lo] += A @ block.T
             if si is not None:
-                if dual:
-                    si += ((Phi_s @ Phi.T) * inv[lo:hi, :]).sum(dim=1)
-                else:
-                    si += ((Phi_s @ inv) * Phi_s).sum(dim=1)
-        scores = (S / M * Q).cpu().numpy().astype(dtype) if S is not None else None
-        self_inf = (si / M * Q).cpu().numpy().astype(dtype) if si is not None else None
+                for s, e, block in blocks(Phi, lo, hi):
+                    if dual:  # ((Phi_s Phi^T) * D[lo:hi]).sum(1)
+                        R = torch.empty(e - s, Phi.shape[0], dtype=torch.float64, device=dev)
+                        for s2, e2, other in blocks(Phi):
+                            R[:, s2:e2] = block @ other.T
+                        si[s - lo : e - lo] += (R * inv[s:e, :]).sum(dim=1)
+                    else:  # ((Phi_s K) * Phi_s).sum(1)
+                        si[s - lo : e - lo] += ((block @ inv) * block).sum(dim=1)
+        # in place (the same operations as S / M * Q): no second m x n float64 matrix
+        scores = S.div_(M).mul_(Q).cpu().numpy().astype(dtype) if S is not None else None
+        self_inf = si.div_(M).mul_(Q).cpu().numpy().astype(dtype) if si is not None else None
         return Attribution(
             scores=scores,
             self_influence=self_inf,

@@ -14,7 +14,7 @@ Importing this package registers ``loo``, ``downsampling``, ``datamodels``,
 ``knn_shapley`` in :data:`app.estimators.base.REGISTRY` (see :mod:`.methods`).
 """
 
-from .datamodels import datamodels_estimate, lasso_fit, lds, rankdata, ridge_fit, spearman
+from .datamodels import datamodels_estimate, lasso_fit, lds, lds_summary, rankdata, ridge_fit, spearman
 from .driver import RunResult, run_until
 from .engine import (
     SOLVERS,
@@ -43,13 +43,19 @@ from .methods import (
     DownsamplingParams,
     KNNShapley,
     KNNShapleyParams,
+    LDSParams,
+    LDSSubsets,
     LOOParams,
     RetrainingParams,
     ShapleyExact,
     ShapleyExactParams,
+    SubsetSpec,
     TMCShapley,
     TMCShapleyParams,
     UtilityParams,
+    effective_recipe,
+    returns_scores,
+    reuse_outputs,
 )
 from .ridge import ridge_fit_closed_form, ridge_loo_closed_form
 from .samplers import (
@@ -112,6 +118,8 @@ __all__ = [
     "DownsamplingParams",
     "KNNShapley",
     "KNNShapleyParams",
+    "LDSParams",
+    "LDSSubsets",
     "LOOParams",
     "PermutationAccumulator",
     "PermutationSampler",
@@ -124,6 +132,7 @@ __all__ = [
     "StreamSamples",
     "SubsetOutputs",
     "SubsetPlan",
+    "SubsetSpec",
     "TMCShapley",
     "TMCShapleyParams",
     "UtilityParams",
@@ -136,6 +145,7 @@ __all__ = [
     "derived_seed",
     "difference_of_means",
     "downsampling_estimate",
+    "effective_recipe",
     "exact_banzhaf",
     "exact_beta_shapley",
     "exact_semivalue",
@@ -146,6 +156,7 @@ __all__ = [
     "knn_utility",
     "lasso_fit",
     "lds",
+    "lds_summary",
     "linear_layer",
     "loo_estimate",
     "loo_plan",
@@ -162,6 +173,8 @@ __all__ = [
     "permutation_marginals",
     "rankdata",
     "reset_factory",
+    "returns_scores",
+    "reuse_outputs",
     "ridge_fit",
     "ridge_fit_closed_form",
     "ridge_loo_closed_form",

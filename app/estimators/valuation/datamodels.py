@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["datamodels_estimate", "lasso_fit", "lds", "rankdata", "ridge_fit", "spearman"]
+__all__ = ["datamodels_estimate", "lasso_fit", "lds", "lds_summary", "rankdata", "ridge_fit", "spearman"]
 
 
 def _centre(X: torch.Tensor, Y: torch.Tensor):
@@ -209,3 +209,27 @@ def lds(scores: np.ndarray, masks: np.ndarray, q: np.ndarray) -> np.ndarray:
     if scores.shape != (q.shape[1], M.shape[1]):
         raise ValueError(f"scores must be m x n = {(q.shape[1], M.shape[1])}, got {scores.shape}")
     return spearman(M @ scores.T, -q)
+
+
+def lds_summary(scores: np.ndarray, masks: np.ndarray, q: np.ndarray, *, per_query_limit: int = 1000) -> dict:
+    """:func:`lds` per query and its mean over the queries where it is defined, as plain JSON.
+
+    ``stderr`` is the standard error of that mean across queries (null with fewer than two);
+    ``per_query`` lists every query's LDS (null where undefined) when there are at most
+    ``per_query_limit`` queries, else quartiles replace it.
+    """
+    values = lds(scores, masks, q)
+    defined = values[np.isfinite(values)]
+    n = int(defined.size)
+    out: dict = {
+        "mean": float(defined.mean()) if n else None,
+        "stderr": float(defined.std(ddof=1) / math.sqrt(n)) if n > 1 else None,
+        "n_queries": int(values.size),
+        "n_defined": n,
+        "n_masks": int(np.asarray(masks).shape[0]),
+    }
+    if values.size <= per_query_limit:
+        out["per_query"] = [float(v) if math.isfinite(v) else None for v in values]
+    elif n:
+        out["quartiles"] = [float(v) for v in np.quantile(defined, [0.0, 0.25, 0.5, 0.75, 1.0])]
+    return out

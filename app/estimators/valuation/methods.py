@@ -210,11 +210,13 @@ class KNNShapleyParams:
 # ----------------------------------------------------------------------------- shared machinery
 
 
-def _recipe(problem: InfluenceProblem, p: RetrainingParams) -> Recipe:
-    """The parameters' recipe, else the one the model was trained with, else defaults."""
-    r = p.recipe if p.recipe is not None else problem.recipe
+def effective_recipe(p: RetrainingParams, model_recipe: Recipe | dict | None, weight_decay: float) -> Recipe:
+    """The recipe every subset is retrained with: ``p.recipe``, else the model's own (``model_recipe``,
+    as :attr:`InfluenceProblem.recipe`), else defaults with ``weight_decay``; ``p.train_seed`` replaces
+    its seed and no checkpoints are kept. Needs no tensors, so the service can key caches on it."""
+    r = p.recipe if p.recipe is not None else model_recipe
     if r is None:
-        r = Recipe(weight_decay=float(problem.weight_decay))
+        r = Recipe(weight_decay=float(weight_decay))
     elif isinstance(r, dict):
         try:
             r = Recipe(**r)
@@ -224,6 +226,11 @@ def _recipe(problem: InfluenceProblem, p: RetrainingParams) -> Recipe:
     if p.train_seed is not None:
         r = dataclasses.replace(r, seed=int(p.train_seed))
     return dataclasses.replace(r, num_checkpoints=0)
+
+
+def _recipe(problem: InfluenceProblem, p: RetrainingParams) -> Recipe:
+    """The parameters' recipe, else the one the model was trained with, else defaults."""
+    return effective_recipe(p, problem.recipe, problem.weight_decay)
 
 
 def _shared_seed(problem: InfluenceProblem, p: RetrainingParams) -> int | None:
@@ -437,11 +444,133 @@ class LOO(_Retraining):
         )
 
 
+@dataclass(frozen=True)
+class SubsetSpec:
+    """Everything about a fixed-fraction retraining plan that determines its trained outputs, and
+    nothing about the method that consumes them: Downsampling, Datamodels and the LDS evaluation
+    with equal specs (on the same model, data, queries and measurement) train identical models.
+
+    ``train_seed`` None means per-mask seeds derived from ``seed``; ``outputs`` names the measured
+    sets (``"query"``, plus ``"train"`` for Downsampling's memorisation). ``solver`` is as requested
+    (the service resolves ``"auto"`` before keying on it).
+    """
+
+    n_masks: int
+    alpha: float
+    seed: int
+    train_seed: int | None
+    recipe: Recipe
+    solver: str
+    outputs: tuple[str, ...] = ("query",)
+
+    def plan(self, n: int, *, start: int = 0, stop: int | None = None) -> SubsetPlan:
+        """Rows ``start..stop-1`` (default: all) of the plan over ``n`` training examples."""
+        stop = self.n_masks if stop is None else min(int(stop), self.n_masks)
+        return fixed_fraction_plan(
+            n, max(0, stop - start), alpha=self.alpha, seed=self.seed, start=start, train_seed=self.train_seed
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """Plain JSON (numbers normalised, so ``1`` and ``1.0`` describe the same recipe)."""
+        recipe = {
+            f.name: float(v) if isinstance(f.default, float) else v
+            for f, v in ((f, getattr(self.recipe, f.name)) for f in dataclasses.fields(self.recipe))
+        }
+        return {
+            "sampler": "fixed_fraction",
+            "n_masks": int(self.n_masks),
+            "alpha": float(self.alpha),
+            "seed": int(self.seed),
+            "train_seed": "per-mask" if self.train_seed is None else int(self.train_seed),
+            "recipe": recipe,
+            "solver": self.solver,
+            "outputs": sorted(self.outputs),
+        }
+
+
+def reuse_outputs(
+    spec: SubsetSpec, plan: SubsetPlan, arrays: dict[str, np.ndarray], info: dict, n_query: int
+) -> SubsetOutputs:
+    """Stored outputs of ``spec`` checked against this problem's ``plan`` (K rows, m queries, n columns),
+    reduced to the sets ``spec`` measures (a stored ``"train"`` is dropped when not asked for)."""
+    K, n = plan.masks.shape
+    masks, seeds = arrays.get("masks"), arrays.get("seeds")
+    if (
+        masks is None
+        or seeds is None
+        or not (
+            np.array_equal(np.asarray(masks, dtype=bool), plan.masks) and np.array_equal(seeds, plan.seeds)
+        )
+    ):
+        raise EstimatorError("stored subset outputs do not match the plan's masks and seeds")
+    shapes = {"query": (K, n_query), "train": (K, n)}
+    picked = {}
+    for name in spec.outputs:
+        value = arrays.get(name)
+        if value is None or value.shape != shapes[name] or not np.isfinite(value).all():
+            raise EstimatorError(
+                f"stored subset outputs lack a finite {name!r} array of shape {shapes[name]}"
+            )
+        picked[name] = np.asarray(value, dtype=np.float64)
+    kept = {k: info[k] for k in ("solver", "n_trained") if k in info}
+    return SubsetOutputs(picked, kept)
+
+
 class _RandomSubsets(_Retraining):
     """Downsampling and Datamodels: a fixed-fraction plan of ``n_masks`` rows."""
 
     def retrain_budget(self, problem: InfluenceProblem, params: Any) -> int:
         return as_params(self.Params, params).n_masks
+
+    def subset_spec(
+        self,
+        params: Any,
+        *,
+        model_recipe: Recipe | dict | None,
+        weight_decay: float,
+        self_influence: bool = False,
+    ) -> SubsetSpec:
+        """What determines this job's trained outputs (no tensors needed): the service's cache key."""
+        p = as_params(self.Params, params)
+        recipe = effective_recipe(p, model_recipe, weight_decay)
+        want_train = self_influence and self.supports_self_influence
+        return SubsetSpec(
+            n_masks=int(p.n_masks),
+            alpha=float(p.alpha),
+            seed=int(p.seed),
+            train_seed=None if p.seed_per_mask else int(recipe.seed),
+            recipe=recipe,
+            solver=p.solver,
+            outputs=("query", "train") if want_train else ("query",),
+        )
+
+    def attribute_with_outputs(
+        self,
+        problem: InfluenceProblem,
+        params: Any,
+        *,
+        want_self_influence: bool = False,
+        runtime: Runtime | None = None,
+        stored: tuple[dict[str, np.ndarray], dict] | None = None,
+    ) -> tuple[Attribution, SubsetOutputs]:
+        """:meth:`attribute` that also returns the trained outputs (for the service's cache), or that
+        estimates from ``stored`` ``(arrays, info)`` outputs of the same spec without training."""
+        p = as_params(self.Params, params)
+        runtime = runtime or Runtime()
+        self._validate(problem)
+        plan = self.plan(problem, p)
+        want_self = want_self_influence and self.supports_self_influence
+        if stored is not None:
+            spec = self.subset_spec(
+                p,
+                model_recipe=problem.recipe,
+                weight_decay=problem.weight_decay,
+                self_influence=want_self,
+            )
+            outputs = reuse_outputs(spec, plan, stored[0], stored[1], problem.n_query)
+        else:
+            outputs = self.train_subsets(problem, p, plan, runtime, self_influence=want_self)
+        return self.estimate(problem, p, plan, outputs, runtime=runtime), outputs
 
     def plan(self, problem: InfluenceProblem, params: Any, *, start: int = 0, stop: int | None = None):
         """Rows ``start..stop-1`` (default: all ``n_masks``) of the fixed-fraction stream."""
@@ -557,6 +686,37 @@ class Datamodels(_RandomSubsets):
                 **extra,
             ),
         )
+
+
+# ----------------------------------------------------------------------------- LDS evaluation
+
+
+@dataclass
+class LDSParams(RetrainingParams):
+    """The retrained subsets an LDS evaluation (ESTIMATORS.md 4.2) compares a score matrix against."""
+
+    alpha: Annotated[float, Gt(0), Le(0.99)] = _p(0.5, "subset size as a fraction of n")
+    n_masks: Annotated[int, Ge(4)] = _p(100, "number of random subsets (models) to train")
+
+
+class LDSSubsets(_RandomSubsets):
+    """The subsets of an LDS evaluation: a fixed-fraction plan retrained like Datamodels' (same
+    :class:`SubsetSpec`, so the two share stored outputs). Not a registered estimator."""
+
+    name = "lds"
+    summary = "retrained subsets for the Linear Datamodeling Score"
+    Params = LDSParams
+    supports_self_influence = False
+
+
+def returns_scores(estimator: Estimator, params: Any) -> bool:
+    """Whether ``estimator`` with ``params`` returns an m x n score matrix (what the LDS evaluates):
+    not the valuation methods, whose attribution is a vector of data values."""
+    if isinstance(estimator, _Valuation):
+        return False
+    if isinstance(estimator, KNNShapley):
+        return bool(as_params(KNNShapleyParams, params).per_query_scores)
+    return True
 
 
 # ----------------------------------------------------------------------------- valuation
@@ -889,8 +1049,14 @@ __all__ = [
     "Datamodels",
     "Downsampling",
     "KNNShapley",
+    "LDSParams",
+    "LDSSubsets",
     "RetrainingParams",
     "ShapleyExact",
+    "SubsetSpec",
     "TMCShapley",
     "UtilityParams",
+    "effective_recipe",
+    "returns_scores",
+    "reuse_outputs",
 ]

@@ -20,7 +20,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="IA_", env_file=".env", extra="ignore")
+    # An empty variable means unset (IA_ARTIFACT_DIR= must not put artifacts in the working directory).
+    model_config = SettingsConfigDict(
+        env_prefix="IA_", env_file=".env", extra="ignore", env_ignore_empty=True
+    )
 
     data_dir: Path = Field(
         Path(".ia"), description="Root for the embedded profile's database, queue and artifacts."

@@ -455,7 +455,8 @@ def _prepare(settings: Settings, store: ArtifactStore, job_id: str) -> _Job:
         "query": store.path(query_ds.uri),
         **{f"checkpoint_{i}": store.path(c.uri) for i, c in enumerate(loaded.checkpoints)},
     }
-    state_inputs = {
+    state_inputs = {  # per tenant: a cache hit must not reveal another tenant's model and data
+        "tenant_id": loaded.job.tenant_id,
         "weights_sha256": model.weights_sha256,
         "checkpoints_sha256": [c.sha256 for c in loaded.checkpoints],
         "train_dataset_sha256": loaded.train.sha256,
@@ -649,6 +650,7 @@ def _reuse(
     recipe = validate_params(Recipe, model.recipe, "/recipe")
     query_ds = loaded.query or loaded.train
     fingerprint = subset_outputs.fingerprint(
+        tenant_id=loaded.job.tenant_id,
         architecture=model.architecture,
         architecture_params=model.architecture_params,
         task=model.task,

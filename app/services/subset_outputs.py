@@ -42,6 +42,7 @@ RESERVED = ("masks", "seeds", "info")
 
 def fingerprint(
     *,
+    tenant_id: str,
     architecture: str,
     architecture_params: dict,
     task: str,
@@ -52,9 +53,13 @@ def fingerprint(
     query_rows: np.ndarray | list[int],
     measurement: str,
 ) -> dict[str, Any]:
-    """The model, data, queries and measurement that retrained outputs depend on (plain JSON)."""
+    """The model, data, queries and measurement that retrained outputs depend on (plain JSON).
+
+    Scoped by tenant: a cache hit must not tell one tenant that another holds the same model and data.
+    """
     rows = np.ascontiguousarray(query_rows, dtype=np.int64)
     return {
+        "tenant_id": tenant_id,
         "model": {
             "architecture": architecture,
             "architecture_params": architecture_params,

@@ -200,3 +200,29 @@ def test_idempotency_keys_are_per_tenant(api_server, tenant_a, tenant_b):
     )
     assert job_a.status_code == job_b.status_code == 202, (job_a.text, job_b.text)
     assert job_a.json()["id"] != job_b.json()["id"]
+
+
+def test_caches_are_per_tenant(api_server, tenant_a, tenant_b):
+    """Identical weights and data in two tenants: each fits its own train state. A shared cache
+    entry would tell tenant B (by its cache hit, or its speed) that someone holds the same model."""
+
+    def run_exact(client, query_indices: list[int]) -> dict:
+        train = builtin(client, "sklearn:digits", "train")
+        model = register_model(client, {"name": "same", "architecture": LINEAR}, weights=_weights(5))
+        assert model.status_code == 201, model.text
+        body = {
+            "model_id": model.json()["id"],
+            "train_dataset_id": train["id"],
+            "query_indices": query_indices,
+            "method": {"name": "if_exact", "params": {"damping": 0.0017}},
+        }
+        job = wait(client, submit(client, body).headers["location"])
+        assert job["state"] == "succeeded", job
+        return client.get(f"/v1/influence-jobs/{job['id']}/results").json()["details"]["train_state"]
+
+    with api_server.client() as a:
+        first_a = run_exact(a, [0, 1])
+        first_b = run_exact(tenant_b, [0, 1])
+        again_a = run_exact(a, [2])
+    assert first_a["cache_hit"] is False and again_a["cache_hit"] is True
+    assert first_b["cache_hit"] is False and first_b["key"] != first_a["key"]

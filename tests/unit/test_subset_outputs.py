@@ -27,6 +27,7 @@ torch.set_num_threads(1)
 
 MODEL_RECIPE = {"optimizer": "lbfgs", "learning_rate": 1.0, "epochs": 100, "weight_decay": 0.01, "seed": 0}
 FINGERPRINT = dict(
+    tenant_id="t1",
     architecture="linear",
     architecture_params={"in_features": 2, "num_classes": 2},
     task="classification",
@@ -91,6 +92,7 @@ def test_method_and_method_only_parameters_do_not_change_the_key():
         {"query_rows": [0, 1]},
         {"measurement": "margin"},
         {"task": "regression", "loss": "mse"},
+        {"tenant_id": "t2"},
     ],
 )
 def test_every_determining_input_changes_the_key(change):

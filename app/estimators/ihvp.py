@@ -5,21 +5,27 @@ Everything here works on the Hessian of the *training objective*
 forming it:
 
 * :class:`TrainingHessian` multiplies a block of vectors ``V`` (``p x r``) by
-  ``H`` with the Pearlmutter trick (``grad`` of ``grad . v``),
-  vectorised over the ``r`` columns and accumulated over chunks of training
-  rows; optionally on a fixed random subsample of rows (``rows=``), or on any
-  set of rows (:meth:`TrainingHessian.rows_matmul`, LiSSA's mini-batches).
-* :func:`conjugate_gradient` solves ``(H + damping I) X = B`` column by column
-  (one shared Hessian product per iteration for all unconverged columns) and
-  fails loudly on negative curvature.
+  ``H`` with the Pearlmutter trick, accumulated over chunks of training rows:
+  in closed form for plain MLPs (:class:`~app.estimators.gradients.ChainHessian`,
+  all ``r`` columns as one batch of matrix products) and one-layer linear models
+  (:class:`~app.estimators.gradients.GLMHead`), by autodiff (``grad`` of
+  ``grad . v``, vectorised over the columns) for anything else; optionally on a
+  fixed random subsample of rows (``rows=``), or on any set of rows
+  (:meth:`TrainingHessian.rows_matmul`, LiSSA's mini-batches).
+* :func:`conjugate_gradient` solves ``(H + damping I) X = B`` by block CG: all
+  unconverged columns share one Krylov space and one Hessian product per
+  iteration, and it fails loudly on negative curvature.
 * :func:`lissa` is the stochastic Neumann series of Agarwal et al. (2017) as used
   by Koh & Liang, with divergence detection.
 * :func:`arnoldi` returns the top eigenpairs of ``H`` (Arnoldi, i.e. Lanczos with
   full re-orthogonalisation for a symmetric operator; Schioppa et al. 2022).
 
-All solver arithmetic is float64 (like ``if_exact``'s Hessian), whatever the
-runtime dtype. Per-sample gradients are not needed here: these functions only
-ever hold ``p x r`` blocks and a chunk of training rows.
+The methods run Hessian products in the runtime's precision (:func:`product_dtype`:
+float32 by default, float64 when the runtime asks for it), the precision their
+gradients and scores already have; CG's and Arnoldi's own vectors, inner
+products and recurrences stay float64, LiSSA's iterate follows the products.
+Per-sample gradients are not needed here: these functions only ever hold
+``p x r`` blocks and a chunk of training rows.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from .base import EstimatorError, InfluenceProblem, NumericalError, Runtime
-from .gradients import GLMHead, Ticker, all_finite, flatten, functional_state, unflatten
+from .gradients import ChainHessian, GLMHead, Ticker, all_finite, flatten, functional_state, unflatten
 from .objectives import per_example_loss
 
 HVP = Callable[[torch.Tensor], torch.Tensor]
@@ -47,13 +53,22 @@ _ROW_VECTOR_BUDGET = 2**18
 _VECTOR_PARAM_BUDGET = 2**24
 # Columns vectorised at once by a Hessian-vector product (see TrainingHessian._apply).
 _HVP_COLUMNS = 32
+# Closed-form products of linear_chain models (ChainHessian): rows x columns x the widest layer held by
+# one intermediate, and the total size of the per-row quantities cached across products of the operator.
+_CHAIN_ELEMENTS = 2**22  # (on CPU, intermediates that stay within the caches: ~1.5x faster than 2**24)
+_CHAIN_CACHE_ELEMENTS = 2**26
 # One-layer linear models: once the closed-form products have cost as much as forming the Hessian
 # would, the full-data operator forms it (p x p, float64) and multiplies by it; only up to this p.
 _DENSE_GLM_MAX_P = 4096
-# LiSSA: ||h_j|| may not exceed this many times (j + 1) ||v|| (the bound when every step contracts).
+# LiSSA: ||h_j|| may not exceed this many times (j + 1) ||v|| (the bound when every step contracts);
+# checked for the whole block every step and for every column every _LISSA_COLUMN_CHECK steps.
+_LISSA_COLUMN_CHECK = 10
 _LISSA_GROWTH_SLACK = 4.0
 # Lanczos breakdown: a new direction shorter than this (relative to ||H||) means an invariant subspace.
 _BREAKDOWN_RTOL = 1e-10
+# Block CG's Cholesky QR: the smallest diagonal entry of the Cholesky factor of the (column-normalised)
+# Gram matrix, relative to the largest, below which Householder QR is used instead (condition ~1e4).
+_CHOLQR_MIN = 1e-4
 # CG: a relative residual above this means the iteration diverged.
 _CG_DIVERGED = 1e8
 
@@ -68,6 +83,16 @@ def _check_finite(t: torch.Tensor, what: str, parameter: str | None) -> None:
             "badly conditioned (increase damping)",
             parameter=parameter,
         )
+
+
+def product_dtype(runtime: Runtime) -> torch.dtype:
+    """The dtype Hessian products run in for a runtime: float64 when it asks for float64, else float32.
+
+    The gradients the solvers are fed (and the scores they produce) carry the runtime's precision;
+    float32 products keep a solve as accurate as its float32 right-hand sides while running at twice
+    the matrix-product throughput of float64 on CPU. The solvers' own vectors stay float64 (CG,
+    Arnoldi)."""
+    return torch.float64 if runtime.dtype == torch.float64 else torch.float32
 
 
 def subsample_rows(n: int, k: int | None, seed: int = 0) -> torch.Tensor | None:
@@ -88,7 +113,13 @@ class TrainingHessian:
     (reverse-over-reverse), vmapped over the columns. Parameters are all
     trainable ones, in :func:`~app.estimators.gradients.trainable_names` order
     (the order of the per-sample gradients). Products are computed in ``dtype``
-    (default float64) on ``runtime.device``, ``runtime.chunk_size`` rows at a time.
+    (default float64) on ``runtime.device``, ``runtime.chunk_size`` rows at a time,
+    and returned in the dtype of ``V`` (float64 for other dtypes).
+    For a plain MLP (:class:`~app.estimators.gradients.ChainHessian`) the same
+    product is evaluated by Pearlmutter's R-operator written out as matrix products
+    over rows x columns, in chunks of ``chunk_size`` times a power of two rows; the
+    per-row forward/backward quantities of the operator's own rows are computed
+    once and reused by every product (within a memory budget).
     For a one-layer linear model (:class:`~app.estimators.gradients.GLMHead`) the
     same product is evaluated in closed form, ``sum_i (Lambda_i (x) a~_i a~_i^T) v``,
     and :meth:`matmul` switches to the explicit ``p x p`` matrix (``p <= 4096``) as
@@ -129,6 +160,17 @@ class TrainingHessian:
         self._glm = GLMHead.of(model, names)
         self._dense: torch.Tensor | None = None  # explicit H for a one-layer linear model (see matmul)
         self._glm_work = 0.0
+        self._chain = None if self._glm is not None else ChainHessian.of(model, names)
+        self._tensors = {**fixed, **params}
+        self._chain_cache: dict[int, list] = {}  # rows per chunk -> prepared chunks of the operator's rows
+        # the cache's bound: _CHAIN_CACHE_ELEMENTS, or half the runtime's memory budget when it is smaller
+        budget = getattr(runtime, "memory_budget_bytes", None)
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        self._cache_elements = (
+            _CHAIN_CACHE_ELEMENTS
+            if budget is None
+            else min(_CHAIN_CACHE_ELEMENTS, int(budget) // (2 * itemsize))
+        )
 
         def total(flat: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
             out = functional_call(model, (unflatten(flat, names, shapes), fixed), (xs,))
@@ -150,14 +192,65 @@ class TrainingHessian:
         ys = ys.to(self.device, self.dtype) if ys.is_floating_point() else ys.to(self.device)
         return xs, ys
 
-    def _apply(self, V: torch.Tensor, idx: torch.Tensor | None, n_rows: int) -> torch.Tensor:
+    def _chain_rows(self, r: int, n_rows: int) -> int:
+        """Rows per chunk of a closed-form chain product with ``r`` columns: ``chunk_size`` times a
+        power of two, as many as the element budget allows (few distinct values: prepared chunks are
+        reused)."""
+        limit = max(1, _CHAIN_ELEMENTS // max(1, r * self._chain.width))
+        rows = self.chunk_size
+        while rows < n_rows and 2 * rows <= limit:
+            rows *= 2
+        return max(1, min(rows, n_rows))
+
+    def _chain_chunks(self, idx: torch.Tensor | None, n_rows: int, rows: int, cache: bool, scale: float):
+        """``(sel, prepared or None)`` per chunk of ``rows`` rows, products scaled by ``scale``; the
+        operator's own rows are prepared once per chunk size and kept (within a memory budget)."""
+        if cache and rows in self._chain_cache:
+            return self._chain_cache[rows]
+        chunks = []
+        for start in range(0, n_rows, rows):
+            stop = min(start + rows, n_rows)
+            sel = torch.arange(start, stop) if idx is None else idx[start:stop]
+            xs, ys = self._inputs(sel)
+            chunks.append((sel, self._chain.prepare(xs, ys, self._params, self._fixed, self._task, scale)))
+        size = n_rows * sum(ly.inp + 3 * ly.out for ly in self._chain.layers)
+        if cache and size * (len(self._chain_cache) + 1) <= self._cache_elements:
+            self._chain_cache[rows] = chunks
+        return chunks
+
+    def _apply(
+        self,
+        V: torch.Tensor,
+        idx: torch.Tensor | None,
+        n_rows: int,
+        cache: bool = False,
+        alpha: float = 1.0,
+        beta: float = 0.0,
+    ) -> torch.Tensor:
+        """``alpha H_S V + beta V`` over the rows ``S`` (``idx``, or the first ``n_rows``)."""
         vector = V.dim() == 1
+        out_dtype = V.dtype if V.dtype in (torch.float32, torch.float64) else torch.float64
         V = (V[:, None] if vector else V).to(self.device, self.dtype)
         if V.shape[0] != self.p:
             raise ValueError(f"expected {self.p} rows, got {tuple(V.shape)}")
         r = V.shape[1]
-        out = torch.zeros_like(V)
-        if r and n_rows:
+        if r and n_rows and self._chain is not None:  # a plain MLP: exact products in closed form
+            fn, out = None, None
+            V = V.contiguous()
+            scale = alpha / n_rows  # folded into the prepared rows: no pass over the result
+            rows = self._chain_rows(r, n_rows)
+            for sel, ctx in self._chain_chunks(idx, n_rows, rows, cache and alpha == 1.0, scale):
+                if ctx is not None:
+                    part = self._chain.hvp_sum(ctx, V, self._tensors)
+                else:  # rows the closed form does not cover: autodiff
+                    if fn is None:
+                        fn = vmap(self._hvp_one, in_dims=(1, None, None), out_dims=1,
+                                  chunk_size=max(1, min(r, _HVP_COLUMNS)))  # fmt: skip
+                    part = fn(V, *self._inputs(sel)).mul_(scale)
+                out = part if out is None else out.add_(part)
+        else:
+            out = torch.zeros_like(V)
+        if r and n_rows and self._chain is None:
             # vectorise at most _HVP_COLUMNS columns at once, and give narrow blocks (e.g. Arnoldi's
             # single vectors) proportionally more rows: rows x columns stays within chunk_size x
             # _HVP_COLUMNS, and on CPU this runs 1.2-5x faster than one wide vmap over chunk_size rows
@@ -178,11 +271,13 @@ class TrainingHessian:
                         out += glm.from_blocks(glm.hvp_sum(feats[0], lam, Vb))
                         continue
                 out += fn(V, xs, ys)
-            out /= n_rows
-        if self.weight_decay:
-            out += self.weight_decay * V
+            out.mul_(alpha / n_rows)
+        coef = alpha * self.weight_decay + beta
+        if coef:
+            out.add_(V, alpha=coef)
         _check_finite(out, "Hessian-vector products", _DAMPING)
         self.products += 1
+        out = out.to(out_dtype)
         return out[:, 0] if vector else out
 
     def matmul(self, V: torch.Tensor) -> torch.Tensor:
@@ -201,8 +296,9 @@ class TrainingHessian:
             out = self._dense @ Vm
             _check_finite(out, "Hessian-vector products", _DAMPING)
             self.products += 1
+            out = out.to(V.dtype if V.dtype in (torch.float32, torch.float64) else torch.float64)
             return out[:, 0] if vector else out
-        return self._apply(V, self.rows, self.n_rows)
+        return self._apply(V, self.rows, self.n_rows, cache=True)
 
     def _glm_dense(self) -> torch.Tensor | None:
         """The explicit ``H`` (with weight decay) of a one-layer linear model on ``rows``; None when
@@ -229,10 +325,11 @@ class TrainingHessian:
 
     __call__ = matmul
 
-    def rows_matmul(self, rows: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-        """``H_rows V``: the objective's Hessian on the given training rows only (mean over them + wd)."""
+    def rows_matmul(self, rows: torch.Tensor, V: torch.Tensor, *, alpha: float = 1.0, beta: float = 0.0):
+        """``alpha H_rows V + beta V`` with ``H_rows`` the objective's Hessian on the given training rows
+        only (mean over them + wd); ``alpha`` and ``beta`` cost no extra pass (LiSSA's step)."""
         rows = torch.as_tensor(rows, dtype=torch.long).cpu()
-        return self._apply(V, rows, int(rows.numel()))
+        return self._apply(V, rows, int(rows.numel()), alpha=alpha, beta=beta)
 
 
 # ----------------------------------------------------------------------------- conjugate gradient
@@ -252,6 +349,32 @@ class CGResult:
     """Hessian products (blocks) used."""
 
 
+def _orthonormal_basis(Z: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis (``p x min(p, s)``) of the span of the columns of ``Z``.
+
+    Cholesky QR on the column-normalised block when it is well conditioned: ``Q = Z D^-1 L^-T`` with
+    ``L L^T`` the Gram matrix of the normalised columns (``D`` their norms), i.e. one Gram matrix and
+    one product with an ``s x s`` matrix, about 3x faster than Householder QR on CPU; orthonormal to
+    about ``cond^2 eps`` (below 1e-7 within the threshold). Householder QR otherwise (nearly dependent
+    columns), which returns orthonormal columns whatever the rank. Normalising first lets a column
+    much shorter than the others keep an accurate direction."""
+    p, s = Z.shape
+    if s <= p:
+        G = Z.T @ Z
+        dn = G.diagonal().clamp_min(torch.finfo(Z.dtype).tiny).sqrt()
+        L, info = torch.linalg.cholesky_ex(G / dn[:, None] / dn[None, :])
+        d = L.diagonal()
+        if (
+            int(info) == 0
+            and bool(torch.isfinite(d).all())
+            and float(d.min()) >= _CHOLQR_MIN * float(d.max())
+        ):
+            eye = torch.eye(s, dtype=Z.dtype, device=Z.device)
+            return Z @ (torch.linalg.solve_triangular(L, eye, upper=False).T / dn[:, None])  # Z D^-1 L^-T
+    Zn = Z / torch.linalg.vector_norm(Z, dim=0).clamp_min(torch.finfo(Z.dtype).tiny)
+    return torch.linalg.qr(Zn, mode="reduced").Q
+
+
 def conjugate_gradient(
     hvp: HVP,
     B: torch.Tensor,
@@ -261,49 +384,58 @@ def conjugate_gradient(
     *,
     ticker: Ticker | None = None,
 ) -> CGResult:
-    """Solve ``(H + damping I) X = B`` by conjugate gradients, each column independently.
+    """Solve ``(H + damping I) X = B`` by block conjugate gradients over the columns of ``B``.
 
-    The columns are iterated together (one ``hvp`` of the still-active columns per
-    iteration); a column stops when ``||r|| <= rtol ||b||``. Raises
-    :class:`NumericalError` naming ``damping`` when a search direction has
-    non-positive curvature ``p^T (H + damping I) p <= 0`` (the damped Hessian is
-    not positive definite), when the residual blows up or turns NaN, or when
-    after ``max_iter`` iterations some residual has not decreased at all. Not
-    reaching ``rtol`` within ``max_iter`` is *not* an error: ``converged`` is False
-    and ``relative_residual`` says how far it got. ``ticker`` ticks once per
-    iteration and is topped up to ``max_iter`` at the end.
+    All unconverged columns share one Krylov space (O'Leary's block CG, with the search block
+    orthonormalised every iteration, the breakdown-free variant of Ji & Li 2017): one ``hvp`` of
+    the search block per iteration, and a block of ``r`` right-hand sides typically needs far fewer
+    iterations than single-vector CG would for each. Every iteration is a Galerkin step: it
+    minimises the ``(H + damping I)``-norm of each column's error over the search space, so a column
+    converges to the same solution as with independent CG (to ``rtol``). A column stops (leaves the
+    block) when ``||r|| <= rtol ||b||``; a zero column is solved exactly at no cost; with one column this
+    is plain CG. Vectors and recurrences are float64 (``hvp`` may compute in float32).
+
+    Raises :class:`NumericalError` naming ``damping`` when the damped Hessian has non-positive
+    curvature on the search space (``P^T (H + damping I) P`` not positive definite), when the residual
+    blows up or turns NaN, or when after ``max_iter`` iterations some residual has not decreased at
+    all. Not reaching ``rtol`` within ``max_iter`` is *not* an error: ``converged`` is False and
+    ``relative_residual`` says how far it got. ``ticker`` ticks once per iteration and is topped up to
+    ``max_iter`` at the end.
     """
     vector = B.dim() == 1
     B = B[:, None] if vector else B
     B = B.to(torch.float64)
     p, r = B.shape
-    X = torch.zeros_like(B)
-    R = B.clone()
-    P = R.clone()
+    X = torch.zeros(p, r, dtype=torch.float64, device=B.device)
     bnorm = torch.linalg.vector_norm(B, dim=0)
-    rr = (R * R).sum(dim=0)
-    target = (rtol * bnorm) ** 2
+    rnorm = bnorm.clone()
+    target = rtol * bnorm
     iterations = products = 0
+    # the active columns, compacted: their residuals Ra and solutions Xa (written back to X when they stop)
+    ia = ((rnorm > target) & (bnorm > 0)).nonzero()[:, 0]
+    Ra = B[:, ia].contiguous()
+    Xa = torch.zeros_like(Ra)
+    P = _orthonormal_basis(Ra) if ia.numel() else None
     for it in range(max_iter):
-        active = (rr > target) & (bnorm > 0)
-        if not bool(active.any()):
+        if not ia.numel():
             break
-        ia = active.nonzero()[:, 0]
-        Pa = P[:, ia]
-        AP = hvp(Pa)
+        AP = hvp(P).to(torch.float64)
         products += 1
         if damping:
-            AP = AP + damping * Pa
-        pAp = (Pa * AP).sum(dim=0)
-        if not bool(torch.isfinite(pAp).all()):
+            AP.add_(P, alpha=damping)
+        PAP = P.T @ AP
+        PAP = 0.5 * (PAP + PAP.T)
+        if not bool(torch.isfinite(PAP).all()):
             raise NumericalError(
                 f"conjugate gradient produced NaN/inf at iteration {it + 1}; the Hessian is badly "
                 f"conditioned: increase damping (now {damping:g})",
                 parameter=_DAMPING,
             )
-        if bool((pAp <= 0).any()):
-            k = int(torch.argmin(pAp / (Pa * Pa).sum(dim=0)))
-            curvature = float(pAp[k] / (Pa[:, k] * Pa[:, k]).sum()) - damping
+        L, info = torch.linalg.cholesky_ex(PAP)
+        if int(info) != 0:
+            # P is orthonormal: the eigenvalues of P^T (H + damping I) P are Rayleigh quotients of the
+            # damped Hessian, so the smallest bounds its smallest eigenvalue from above
+            curvature = float(torch.linalg.eigvalsh(PAP)[0]) - damping
             raise NumericalError(
                 f"conjugate gradient met non-positive curvature at iteration {it + 1}: the Hessian of the "
                 f"training objective plus damping*I is not positive definite (the Hessian has an eigenvalue "
@@ -311,28 +443,36 @@ def conjugate_gradient(
                 f"minimum. Increase damping well above {max(-curvature, 0.0):.3g}",
                 parameter=_DAMPING,
             )
-        alpha = rr[ia] / pAp
-        X[:, ia] += alpha * Pa
-        R[:, ia] -= alpha * AP
-        rr_new = (R[:, ia] * R[:, ia]).sum(dim=0)
-        if not bool(torch.isfinite(rr_new).all()) or bool((rr_new > (_CG_DIVERGED * bnorm[ia]) ** 2).any()):
+        alpha = torch.cholesky_solve(P.T @ Ra, L)
+        Xa.addmm_(P, alpha)
+        Ra.addmm_(AP, alpha, alpha=-1.0)
+        new = torch.linalg.vector_norm(Ra, dim=0)
+        rnorm[ia] = new
+        iterations = it + 1
+        if ticker is not None:
+            ticker.tick()
+        if not bool(torch.isfinite(new).all()) or bool((new > _CG_DIVERGED * bnorm[ia]).any()):
             raise NumericalError(
                 f"conjugate gradient diverged at iteration {it + 1} (residual grew more than "
                 f"{_CG_DIVERGED:.0e}-fold): increase damping (now {damping:g})",
                 parameter=_DAMPING,
             )
-        beta = rr_new / rr[ia]
-        P[:, ia] = R[:, ia] + beta * Pa
-        rr[ia] = rr_new
-        iterations = it + 1
-        if ticker is not None:
-            ticker.tick()
+        keep = new > target[ia]
+        if not bool(keep.all()):
+            X[:, ia[~keep]] = Xa[:, ~keep]
+            if not bool(keep.any()):
+                ia = ia[:0]
+                break
+            ia, Ra, Xa = ia[keep], Ra[:, keep].contiguous(), Xa[:, keep].contiguous()
+        # next search block: the residuals made (H + damping I)-conjugate to the current block
+        beta = torch.cholesky_solve(AP.T @ Ra, L)
+        P = _orthonormal_basis(torch.addmm(Ra, P, beta, alpha=-1.0))
+    if ia.numel():
+        X[:, ia] = Xa
     if ticker is not None and iterations < max_iter:
         ticker.tick(max_iter - iterations)
-    rel = torch.where(
-        bnorm > 0, rr.sqrt() / bnorm.clamp_min(torch.finfo(B.dtype).tiny), torch.zeros_like(bnorm)
-    )
-    done = (rr <= target) | (bnorm == 0)
+    rel = torch.where(bnorm > 0, rnorm / bnorm.clamp_min(torch.finfo(B.dtype).tiny), torch.zeros_like(bnorm))
+    done = (rnorm <= target) | (bnorm == 0)
     if r and not bool(done.all()) and float(rel.max()) >= 1.0:
         raise NumericalError(
             f"conjugate gradient made no progress in {iterations} iterations (relative residual "
@@ -374,6 +514,8 @@ def lissa(
     batch_size: int = 32,
     seed: int = 0,
     ticker: Ticker | None = None,
+    dtype: torch.dtype = torch.float64,
+    affine: bool = False,
 ) -> LissaResult:
     """Stochastic Neumann-series estimate of ``(H + damping I)^-1 B`` (Agarwal et al. 2017).
 
@@ -390,27 +532,54 @@ def lissa(
     contracts): the series diverges because ``scale`` is below the largest
     eigenvalue, or the Hessian has negative curvature that ``damping`` does not
     cover. ``ticker`` ticks once per step.
+
+    The growth bound is checked every step for the block as a whole (``||h_j||_F <= 4 (j + 1)
+    ||V||_F``, which fails only if some column fails; NaN/inf anywhere fails it) and for every column
+    every 10 steps and at the last; ``max_growth`` is the largest of these figures.
+
+    The iterate is kept in ``dtype`` (``hvp_batch`` gets and returns that dtype): float32 suffices
+    for a stochastic estimate whose error is orders of magnitude above float32 rounding; the result
+    is float64. With ``affine=True``, ``hvp_batch(rows, V, alpha=, beta=)`` must return
+    ``alpha H_rows V + beta V`` (:meth:`TrainingHessian.rows_matmul`): the step then costs one pass
+    over the iterate instead of three.
     """
     if scale <= 0:
         raise EstimatorError("scale must be positive", parameter=_SCALE)
     vector = B.dim() == 1
-    V = (B[:, None] if vector else B).to(torch.float64)
+    V = (B[:, None] if vector else B).to(dtype).contiguous()
     g = torch.Generator().manual_seed(int(seed))
-    vnorm = torch.linalg.vector_norm(V, dim=0)
-    safe = vnorm.clamp_min(torch.finfo(V.dtype).tiny)
-    acc = torch.zeros_like(V)
+    vnorm = torch.linalg.vector_norm(V.to(torch.float64), dim=0)
+    vtotal = float(torch.linalg.vector_norm(vnorm))
+    safe = vnorm.clamp_min(torch.finfo(torch.float64).tiny)
+    acc = torch.zeros(V.shape, dtype=torch.float64, device=V.device)
+    keep = 1.0 - damping / scale
     max_growth, products = 0.0, 0
     for rep in range(repeats):
         h = V.clone()
         for j in range(1, depth + 1):
             idx = torch.randint(n_rows, (batch_size,), generator=g)
-            Hh = hvp_batch(idx, h)
+            # h <- v + h - (H_j h + damping h) / scale, in place
+            if affine:
+                torch.add(hvp_batch(idx, h, alpha=-1.0 / scale, beta=keep).to(dtype), V, out=h)
+            else:
+                Hh = hvp_batch(idx, h).to(dtype)
+                h.mul_(keep).add_(V).add_(Hh, alpha=-1.0 / scale)
             products += 1
-            h = V + h - (Hh + damping * h) / scale
-            norms = torch.linalg.vector_norm(h, dim=0)
-            growth = torch.where(vnorm > 0, norms / ((j + 1) * safe), torch.zeros_like(norms))
-            worst = float(growth.max()) if growth.numel() else 0.0
-            if not all_finite(h) or worst > _LISSA_GROWTH_SLACK:
+            # every step: the whole block's norm (one dot product; NaN/inf anywhere makes it NaN/inf, and
+            # it exceeds the block's bound only if some column exceeds its own); the norm of every column
+            # every _LISSA_COLUMN_CHECK steps and at the last one
+            flat = h.reshape(-1)
+            sq = float(torch.dot(flat, flat))
+            worst = math.sqrt(sq) / ((j + 1) * vtotal) if vtotal > 0 else sq  # sq = 0 unless NaN/inf
+            if (
+                math.isfinite(worst)
+                and worst <= _LISSA_GROWTH_SLACK
+                and (j % _LISSA_COLUMN_CHECK == 0 or j == depth)
+            ):
+                norms = torch.linalg.vector_norm(h, dim=0).to(torch.float64)
+                growth = torch.where(vnorm > 0, norms / ((j + 1) * safe), torch.zeros_like(norms))
+                worst = float(growth.max()) if growth.numel() else 0.0
+            if not math.isfinite(worst) or worst > _LISSA_GROWTH_SLACK:
                 raise NumericalError(
                     f"LiSSA diverged at step {j} of repeat {rep + 1} (the iterate grew to "
                     f"{'NaN/inf' if not math.isfinite(worst) else f'{worst * (j + 1):.3g} times'} the "
@@ -422,7 +591,7 @@ def lissa(
             max_growth = max(max_growth, worst)
             if ticker is not None:
                 ticker.tick()
-        acc += h / scale
+        acc.add_(h.to(torch.float64), alpha=1.0 / scale)
     X = acc / repeats
     return LissaResult(x=X[:, 0] if vector else X, max_growth=max_growth, products=products)
 
@@ -561,21 +730,24 @@ def solver_scores(
     lo, hi = column_range(problem, train_range)
     m, cols = problem.n_query, hi - lo
     dtype = numpy_dtype(runtime.dtype)
+    cdt = product_dtype(runtime)  # the final products g_i . s_j carry the gradients' precision
     S = None
     if Q is not None:
         Qd = Q.T.to(device, torch.float64)
         S = solve(Qd, solve_ticker) if m else Qd  # p x m: (H + damping I)^-1 g'_j
+        S = S.to(cdt)
     scores = np.zeros((m, cols), dtype=dtype) if Q is not None else None
     self_inf = np.zeros(cols, dtype=dtype) if want_self_influence else None
     if scores is not None or self_inf is not None:
         ticker = Ticker(runtime, "train_gradients", n_chunks(cols, runtime.chunk_size))
         for start, stop, G in train_gradients(problem, problem.weights, runtime, train_range):
-            Gd = G.to(device, torch.float64)
+            Gd = G.to(device, cdt)
             if scores is not None:
                 scores[:, start:stop] = ((Gd @ S).T / n).cpu().numpy()
             if self_inf is not None:
-                Z = solve(Gd.T, solve_ticker)
-                self_inf[start:stop] = ((Gd * Z.T).sum(dim=1) / n).cpu().numpy()
+                Gs = Gd.to(torch.float64)
+                Z = solve(Gs.T, solve_ticker)
+                self_inf[start:stop] = ((Gs * Z.T).sum(dim=1) / n).cpu().numpy()
             ticker.tick()
     for what, arr in (("scores", scores), ("self-influence", self_inf)):
         if arr is not None and not np.isfinite(arr).all():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from app.estimators import InfluenceProblem, NumericalError, Recipe, Runtime, TaskSpec, init_model, train
 from app.estimators.gradients import objective_hessian
@@ -133,10 +134,13 @@ def test_cg_matches_linalg_solve_within_p_iterations(mlp):
     assert max(errs) < 1e-6
     assert torch.equal(res.x[:, 3], torch.zeros(p, dtype=torch.float64))
     assert float(res.relative_residual.max()) <= 1e-10
-    # a single vector, and columns do not influence each other
+    # a single vector (plain CG): the same solution as its column of the block solve, to the tolerance
+    # (block CG shares one Krylov space between the columns, so they agree to rtol, not bit for bit)
     one = conjugate_gradient(op.matmul, B[:, 1], damping=damping, max_iter=p, rtol=1e-10)
-    assert one.x.shape == (p,)
-    torch.testing.assert_close(one.x, res.x[:, 1], rtol=1e-9, atol=1e-12)
+    assert one.x.shape == (p,) and one.converged
+    assert _rel(one.x, exact[:, 1]) < 1e-6 and _rel(one.x, res.x[:, 1]) < 1e-8
+    # the block shares its Krylov space: fewer iterations than single-vector CG needs for one column
+    assert res.iterations < one.iterations
 
 
 def test_cg_stops_at_max_iter_and_reports_residual(logreg):
@@ -199,6 +203,13 @@ def test_lissa_matches_solve_on_logistic_regression(logreg):
     )
     exact = torch.linalg.solve(H, B)
     errs = [_rel(res.x[:, j], exact[:, j]) for j in range(3)]
+    # the affine step (one pass per step, the methods' path) gives the same iterates (logistic regression:
+    # the closed-form one-layer products, scaled and shifted by rows_matmul)
+    aff = lissa(op.rows_matmul, B, n_rows=prob.n_train, damping=0.0, scale=1.5 * lam_max, depth=50,
+                batch_size=64, seed=0, affine=True)  # fmt: skip
+    ref = lissa(op.rows_matmul, B, n_rows=prob.n_train, damping=0.0, scale=1.5 * lam_max, depth=50,
+                batch_size=64, seed=0)  # fmt: skip
+    torch.testing.assert_close(aff.x, ref.x, rtol=1e-10, atol=1e-12)
     print(
         f"\nLiSSA vs solve (kappa={kappa:.2f}, depth={int(20 * kappa)}, 10 repeats, batch 64): errors {errs}"
     )
@@ -293,3 +304,95 @@ def test_arnoldi_residual_estimates_are_the_true_residuals(mlp):
     short = arnoldi(op.matmul, op.p, 10, 10, seed=0)
     long = arnoldi(op.matmul, op.p, 10, 40, seed=0)
     assert float(long.residuals.max()) < float(short.residuals.max())  # more iterations, closer pairs
+
+
+# ----------------------------------------------------------------------------- closed-form MLP products
+
+
+def _chain_model(acts, out, *, bias=True, frozen=()):
+    layers = [nn.Flatten(), nn.Linear(5, 7, bias=bias), *acts, nn.Linear(7, 6), nn.Tanh(), nn.Dropout(0.3)]
+    model = nn.Sequential(*layers, nn.Linear(6, out, bias=bias)).double()
+    for name, prm in model.named_parameters():
+        prm.requires_grad_(name not in frozen)
+    return model
+
+
+@pytest.mark.parametrize(
+    "acts,task,frozen,bias",
+    [
+        ([nn.ReLU()], "cls", (), True),
+        ([nn.GELU()], "cls", (), True),
+        ([nn.Sigmoid(), nn.Softplus()], "reg2", (), True),  # a run of activations, 2-output regression
+        ([nn.ELU()], "reg1", (), False),  # scalar regression, no biases
+        ([nn.SiLU()], "cls", ("1.weight",), True),  # first layer's bias only
+        ([nn.Tanh()], "cls", ("1.weight", "1.bias"), True),  # first layer frozen
+        ([nn.LeakyReLU(0.1)], "cls", ("3.weight",), True),  # a frozen weight in the middle
+    ],
+)
+def test_chain_hvp_equals_explicit_hessian(acts, task, frozen, bias):
+    """The closed-form R-operator products of a plain MLP (ChainHessian) are the exact Hessian: both
+    layouts (narrow and wide blocks), row subsets, weight decay; float32 products to float32 accuracy."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    if task == "cls":
+        y, t, k = torch.randint(0, 3, (40,), generator=g), CLS, 3
+    else:
+        k = 2 if task == "reg2" else 1
+        y = (
+            torch.randn(40, k, generator=g, dtype=torch.float64)
+            if k == 2
+            else torch.randn(40, dtype=torch.float64)
+        )
+        t = TaskSpec("regression", "mse")
+    model = _chain_model(acts, k, bias=bias, frozen=frozen)
+    prob = InfluenceProblem(
+        model=model, task=t, weights=model.state_dict(), train_x=x, train_y=y, query_x=x[:2], query_y=y[:2],
+        weight_decay=0.01,
+    )  # fmt: skip
+    H = objective_hessian(model, prob.weights, x, y, t, 0.01)
+    op = TrainingHessian(prob, Runtime(dtype=torch.float64, chunk_size=16))  # several row chunks
+    assert op._chain is not None and op.p == H.shape[0]
+    rows = torch.tensor([3, 7, 7, 20, 39])
+    H_rows = objective_hessian(model, prob.weights, x[rows], y[rows], t, 0.01)
+    for r in (1, 4, 20):  # 20: the (features, rows, columns) layout
+        V = torch.randn(op.p, r, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(op.matmul(V), H @ V, rtol=1e-10, atol=1e-12 * float((H @ V).abs().max()))
+        torch.testing.assert_close(op.rows_matmul(rows, V), H_rows @ V, rtol=1e-10, atol=1e-12)
+        # LiSSA's affine step alpha H_rows V + beta V, folded into the product
+        torch.testing.assert_close(
+            op.rows_matmul(rows, V, alpha=-0.3, beta=0.7), -0.3 * H_rows @ V + 0.7 * V, rtol=1e-10, atol=1e-12
+        )
+    f32 = TrainingHessian(prob, Runtime(chunk_size=16), dtype=torch.float32)
+    V = torch.randn(op.p, 20, generator=g, dtype=torch.float64)
+    HV = f32.matmul(V)
+    assert HV.dtype == torch.float64 and f32.matmul(V.float()).dtype == torch.float32
+    assert _rel(HV, H @ V) < 1e-5
+
+
+def test_block_cg_with_dependent_right_hand_sides(mlp):
+    """Duplicated and linearly dependent columns make the search block rank-deficient: the basis falls
+    back to Householder QR and every column still converges to its own solution."""
+    prob, H = mlp
+    p, damping = H.shape[0], 0.05
+    op = TrainingHessian(prob, F64)
+    g = torch.Generator().manual_seed(7)
+    B = torch.randn(p, 3, generator=g, dtype=torch.float64)
+    B = torch.cat([B, B[:, :1], B[:, 1:2] - 2 * B[:, 2:3], 1e-9 * B[:, 2:3]], dim=1)  # 6 columns, rank 3
+    res = conjugate_gradient(op.matmul, B, damping=damping, max_iter=p, rtol=1e-10)
+    exact = torch.linalg.solve(H + damping * torch.eye(p, dtype=H.dtype), B)
+    assert res.converged
+    assert max(_rel(res.x[:, j], exact[:, j]) for j in range(6)) < 1e-6
+
+
+def test_lissa_column_check_catches_one_diverging_column():
+    """One diverging column hidden in a block dominated by a large converging one: the per-column check
+    (every 10 steps) fails at step 20 (column 0 grows 1.5-fold per step and passes 4 (j + 1) ||v|| between
+    steps 10 and 20), long before the block's norm would exceed its bound (about step 50)."""
+    A = torch.diag(torch.tensor([4.0, 1.0, 0.5], dtype=torch.float64))
+    V = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1e6]], dtype=torch.float64)  # column 0 along lambda = 4
+    with pytest.raises(NumericalError) as e:
+        lissa(lambda r, X: A @ X, V, n_rows=10, damping=0.0, scale=1.6, depth=200, batch_size=4)
+    assert e.value.parameter == "/method/params/scale" and "at step 20 " in e.value.detail
+    ok = lissa(lambda r, X: A @ X, V, n_rows=10, damping=0.0, scale=6.0, depth=300, batch_size=4)
+    torch.testing.assert_close(ok.x, V / A.diagonal()[:, None], rtol=1e-6, atol=1e-9)
+    assert 0 < ok.max_growth <= 1.0

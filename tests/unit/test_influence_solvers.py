@@ -360,6 +360,40 @@ def test_datainf_equals_explicit_per_example_inverses(mlp):
     assert e.value.parameter == "/method/params/layers"
 
 
+def test_datainf_factored_path_equals_streamed_gradients(mlp, logreg, monkeypatch):
+    """A plain MLP is scored from its per-layer gradient factors (kernel or small-layer products, no
+    gradient matrix); any other model streams per-sample gradients. Both give the same numbers."""
+    import app.estimators.methods.datainf as datainf_module
+
+    est = get_estimator("datainf")
+    for prob in (mlp, logreg[0]):
+        for params, shard in (({}, None), ({"layers": ["last"]}, (13, 61))):
+            fast = est.attribute(prob, params, want_self_influence=True, runtime=F64, train_range=shard)
+            with monkeypatch.context() as mp:
+                mp.setattr(datainf_module, "_FACTOR_ELEMENTS", 0)  # no factors: the streamed path
+                slow = est.attribute(prob, params, want_self_influence=True, runtime=F64, train_range=shard)
+            np.testing.assert_allclose(
+                fast.scores, slow.scores, rtol=1e-9, atol=1e-12 * np.abs(slow.scores).max()
+            )
+            np.testing.assert_allclose(fast.self_influence, slow.self_influence, rtol=1e-9)
+            assert fast.metadata["layer_damping"] == pytest.approx(slow.metadata["layer_damping"], rel=1e-12)
+            assert set(slow.metadata["layer_route"].values()) == {"gradients"}
+            assert "gradients" not in fast.metadata["layer_route"].values()
+    # both routes of the factored path (kernel products for the wide first layer of a wider MLP,
+    # small-layer products for the output layer) against the streamed path, in float32
+    x, y = _blobs(60, 5)
+    model = init_model("mlp", {**MLP, "hidden": [100]}, 0)
+    wide = _problem(model, CLS, model.state_dict(), x.float(), y, mlp.query_x.float(), mlp.query_y, MLP_WD)
+    a = est.attribute(wide, {}, want_self_influence=True, runtime=Runtime())
+    assert a.metadata["layer_route"] == {"1": "kernel", "3": "layer_products"}
+    with monkeypatch.context() as mp:
+        mp.setattr(datainf_module, "_FACTOR_ELEMENTS", 0)
+        b = est.attribute(wide, {}, want_self_influence=True, runtime=Runtime())
+    assert a.scores.dtype == np.float32 and b.metadata["layer_route"] == {"1": "gradients", "3": "gradients"}
+    np.testing.assert_allclose(a.scores, b.scores, rtol=2e-4, atol=1e-5 * np.abs(b.scores).max())
+    np.testing.assert_allclose(a.self_influence, b.self_influence, rtol=2e-4)
+
+
 def _datainf_vs_exact_gn(prob, layers, damping_scale):
     """Mean and min over queries of Spearman(DataInf, exact per-layer damped GN influence, same lambda_l)."""
     n = prob.n_train

@@ -17,10 +17,20 @@ For layer ``l`` with per-example gradient blocks ``g_il`` (length ``d_l``):
 * ``self_influence[i] = (1/n) sum_l g_il^T G_l^-1 g_il
   = (1/n) sum_l (1/lambda_l) [||g_il||^2 - (1/n) sum_k (g_kl . g_il)^2 / (lambda_l + ||g_kl||^2)]``.
 
-Cost: scores need two passes over training gradients per job (all ``n`` rows for
+Cost, any model: scores need two passes over training gradients per job (all ``n`` rows for
 ``r``, then the shard's rows), O(n m sum_l d_l), no iterations, memory O(m sum_l d_l).
 Self-influence needs the pairwise terms: one pass over all ``n`` rows per chunk of
 the shard, i.e. ``ceil(n_shard / chunk)`` extra passes (O(n n_shard sum_l d_l)).
+
+Plain MLPs (:func:`~app.estimators.gradients.linear_chain`) skip the gradients: a
+layer's example gradient is ``g_il = D_i (x) A~_i`` (output gradient times input,
+:func:`~app.estimators.gradients.gradient_factors`), so every inner product above is
+``(D . D')(A~ . A~')`` and the sums over ``k`` become kernel products,
+O(n n_shard (c_l + d_out,l + m)) per layer, or, for a layer smaller than that, one
+pass that forms ``sum_k (g_k . g'_j / c_k) g_k`` (O((n + n_shard) m d_l)); the
+factors of all ``n`` rows are held (n sum_l (c_l + d_out,l) numbers, within a
+budget), self-influence costs no extra pass, and metadata ``layer_route`` says
+which way each layer went. Arithmetic in the runtime's precision (float32 by default).
 The approximation error grows with ``d_l``: DataInf is meant for LoRA-sized layers.
 """
 
@@ -39,14 +49,19 @@ from ..gradients import (
     as_params,
     check_state_finite,
     column_range,
+    concat_factors,
+    gradient_factors,
     metadata,
     n_chunks,
     numpy_dtype,
     query_gradients,
+    query_objective_fn,
     select_parameters,
     train_gradients,
+    train_objective,
     validate_problem,
 )
+from ..ihvp import product_dtype
 
 _LAYERS = "/method/params/layers"
 
@@ -105,6 +120,50 @@ def sherman_morrison_apply(G: torch.Tensor, lam: float, V: torch.Tensor) -> torc
     return (G.shape[0] * V - G.T @ ((G @ V) / c[:, None])) / lam
 
 
+# Training-row factors of a plain MLP are held for all rows at once up to this many elements (the
+# factored path); beyond, or for other models, the per-chunk gradient path runs.
+_FACTOR_ELEMENTS = 2**26
+
+
+def _factor_elements(runtime: Runtime, dtype: torch.dtype) -> int:
+    """The factor budget in elements: _FACTOR_ELEMENTS, or half the runtime's memory budget if smaller."""
+    budget = getattr(runtime, "memory_budget_bytes", None)
+    if budget is None:
+        return _FACTOR_ELEMENTS
+    return min(_FACTOR_ELEMENTS, int(budget) // (2 * torch.empty(0, dtype=dtype).element_size()))
+
+
+def _train_factors(problem, runtime: Runtime, names: list[str], dtype: torch.dtype, n_layers: int, sizes):
+    """Per layer ``(A~, D)`` over all training rows (:func:`gradient_factors`), or None when the model is
+    not a plain MLP, the layers do not match ``sizes`` or the factors would exceed the memory budget."""
+    n = problem.n_train
+    limit = _factor_elements(runtime, dtype)
+    it = gradient_factors(
+        problem.model, problem.weights, problem.train_x, problem.train_y, train_objective(problem.task),
+        chunk_size=max(runtime.chunk_size, 1024), device=runtime.device, dtype=dtype,
+        what="training examples", names=names,
+    )  # fmt: skip
+    if it is None:
+        return None
+    parts, size = [], None
+    for _, _, F in it:
+        if size is None:
+            size = n * sum(A.shape[1] + D.shape[1] for A, D in F)
+            if size > limit or len(F) != n_layers or [A.shape[1] * D.shape[1] for A, D in F] != sizes:
+                return None
+        parts.append(F)
+    return concat_factors(parts)
+
+
+def _query_factors(problem, runtime: Runtime, names: list[str], dtype: torch.dtype):
+    it = gradient_factors(
+        problem.model, problem.weights, problem.query_x, problem.query_y,
+        query_objective_fn(problem.task, problem.measurement), chunk_size=max(runtime.chunk_size, 1024),
+        device=runtime.device, dtype=dtype, what="queries", names=names,
+    )  # fmt: skip
+    return None if it is None else concat_factors([F for _, _, F in it])
+
+
 @register
 class DataInf(Estimator):
     name = "datainf"
@@ -117,8 +176,9 @@ class DataInf(Estimator):
 
     def fit(self, problem, params=None, runtime=None) -> TrainState:
         """The per-layer damping ``lambda_l`` (one pass over the training gradients)."""
-        p = as_params(self.Params, params)
-        runtime = runtime or Runtime()
+        return self._fit(problem, as_params(self.Params, params), runtime or Runtime(), None)
+
+    def _fit(self, problem, p, runtime, factors) -> TrainState:
         validate_problem(problem, need_queries=False)
         check_state_finite(problem.weights, what="the model weights", parameter="/model_id")
         n = problem.n_train
@@ -126,15 +186,25 @@ class DataInf(Estimator):
             raise EstimatorError("the training set is empty", parameter="/train_dataset_id")
         names = select_parameters(problem.model, p.layers)
         modules, idx = layer_groups(problem.model, names)
+        sizes = [len(ix) for ix in idx]
+        cdt = product_dtype(runtime)
         sumsq = torch.zeros(len(modules), dtype=torch.float64)
         tt = Ticker(runtime, "datainf_damping", n_chunks(n, runtime.chunk_size))
-        for _, _, G in train_gradients(problem, problem.weights, runtime, None, names):
-            Gd = G.to(torch.float64)
-            for j, ix in enumerate(idx):
-                sel = _indexer(ix)
-                sumsq[j] += float((Gd[:, sel if isinstance(sel, slice) else sel.to(Gd.device)] ** 2).sum())
-            tt.tick()
-        dims = torch.tensor([len(ix) for ix in idx], dtype=torch.float64)
+        if factors is None:
+            factors = _train_factors(problem, runtime, names, cdt, len(modules), sizes)
+        if factors is not None:  # ||g_il||^2 = ||D_i||^2 ||A~_i||^2, no gradient materialised
+            for j, (A, D) in enumerate(factors):
+                sumsq[j] = float(((D * D).sum(dim=1) * (A * A).sum(dim=1)).sum(dtype=torch.float64))
+            tt.tick(n_chunks(n, runtime.chunk_size))
+        else:
+            for _, _, G in train_gradients(problem, problem.weights, runtime, None, names):
+                Gd = G.to(cdt)
+                for j, ix in enumerate(idx):
+                    sel = _indexer(ix)
+                    Gl = Gd[:, sel if isinstance(sel, slice) else sel.to(Gd.device)]
+                    sumsq[j] += float((Gl * Gl).sum(dtype=torch.float64))
+                tt.tick()
+        dims = torch.tensor(sizes, dtype=torch.float64)
         lambdas = p.damping_scale * sumsq / (n * dims)
         zero = [mod for mod, lam in zip(modules, lambdas.tolist(), strict=True) if not lam > 0]
         if zero:
@@ -145,7 +215,7 @@ class DataInf(Estimator):
             )
         return TrainState(
             tensors={"lambdas": lambdas},
-            info={"layers": modules, "parameters": names, "layer_sizes": [len(ix) for ix in idx]},
+            info={"layers": modules, "parameters": names, "layer_sizes": sizes},
         )
 
     def attribute(
@@ -162,56 +232,48 @@ class DataInf(Estimator):
         p = as_params(self.Params, params)
         runtime = runtime or Runtime()
         validate_problem(problem, need_queries=want_scores)
-        state = state or self.fit(problem, p, runtime)
         names = select_parameters(problem.model, p.layers)
+        modules, idx = layer_groups(problem.model, names)
+        sizes = [len(ix) for ix in idx]
+        cdt = product_dtype(runtime)
+        factors = None
+        if want_scores or want_self_influence or state is None:
+            check_state_finite(problem.weights, what="the model weights", parameter="/model_id")
+            factors = (
+                _train_factors(problem, runtime, names, cdt, len(modules), sizes) if problem.n_train else None
+            )
+        state = state or self._fit(problem, p, runtime, factors)
         if list(state.info.get("parameters", [])) != names:
             raise EstimatorError("the cached DataInf state was computed for other layers", parameter=_LAYERS)
-        modules, idx = layer_groups(problem.model, names)
-        dev = torch.device(runtime.device)
-        idx = [ix.to(dev) for ix in idx]
-        sels = [_indexer(ix) for ix in idx]
         lambdas = state.tensors["lambdas"].to(torch.float64).tolist()
-        n = problem.n_train
         lo, hi = column_range(problem, train_range)
-        m, cols = problem.n_query, hi - lo
+        m = problem.n_query
         dtype = numpy_dtype(runtime.dtype)
-
-        R = None
-        if want_scores:
+        Fq = None
+        if factors is not None and want_scores:
             qt = Ticker(runtime, "query_gradients", n_chunks(m, runtime.chunk_size))
-            Qt = query_gradients(problem, problem.weights, runtime, qt, names).T.to(
-                dev, torch.float64
-            )  # P x m
-            acc = torch.zeros_like(Qt)
-            pt = Ticker(runtime, "datainf_preconditioning", n_chunks(n, runtime.chunk_size))
-            for _, _, G in train_gradients(problem, problem.weights, runtime, None, names):
-                Gd = G.to(dev, torch.float64)
-                for ix, lam in zip(sels, lambdas, strict=True):
-                    acc[ix] += sherman_morrison_apply(Gd[:, ix], lam, Qt[ix])
-                pt.tick()
-            R = acc / n  # (1/n) sum_k (g_kl g_kl^T + lambda_l I)^-1 g'_l, stacked over layers
-        scores = np.zeros((m, cols), dtype=dtype) if want_scores else None
-        self_inf = np.zeros(cols, dtype=dtype) if want_self_influence else None
-        if want_scores or want_self_influence:
-            tt = Ticker(runtime, "train_gradients", n_chunks(cols, runtime.chunk_size))
-            st = (
-                Ticker(
-                    runtime,
-                    "datainf_self_influence",
-                    n_chunks(cols, runtime.chunk_size) * n_chunks(n, runtime.chunk_size),
-                )
-                if want_self_influence
-                else None
+            Fq = _query_factors(problem, runtime, names, cdt)
+            qt.tick(n_chunks(m, runtime.chunk_size))
+        if factors is not None and (Fq is not None or not want_scores):
+            scores, self_inf, routes = self._factored(
+                problem, runtime, factors, Fq, lambdas, (lo, hi), want_self_influence, cdt
             )
-            for start, stop, G in train_gradients(problem, problem.weights, runtime, train_range, names):
-                Gi = G.to(dev, torch.float64)
-                if scores is not None:
-                    scores[:, start:stop] = ((Gi @ R).T / n).cpu().numpy()
-                if self_inf is not None:
-                    self_inf[start:stop] = self._self_influence(
-                        problem, runtime, names, sels, lambdas, Gi, st
-                    )
-                tt.tick()
+            scores = None if scores is None else scores.cpu().numpy().astype(dtype, copy=False)
+            self_inf = None if self_inf is None else self_inf.cpu().numpy().astype(dtype, copy=False)
+        else:
+            routes = ["gradients"] * len(modules)
+            scores, self_inf = self._streamed(
+                problem,
+                runtime,
+                names,
+                idx,
+                lambdas,
+                train_range,
+                want_scores,
+                want_self_influence,
+                cdt,
+                dtype,
+            )
         for what, arr in (("scores", scores), ("self-influence", self_inf)):
             if arr is not None and not np.isfinite(arr).all():
                 raise NumericalError(
@@ -228,20 +290,131 @@ class DataInf(Estimator):
                 "(G_l + lambda_l I)^-1 g'_l",
                 damping_scale=p.damping_scale,
                 layers=modules,
-                layer_sizes=[len(ix) for ix in idx],
+                layer_sizes=sizes,
                 layer_damping=dict(zip(modules, lambdas, strict=True)),
+                # how each layer was computed: from gradient factors as kernel products or via its
+                # gradient block ("layer_products"), or from streamed per-sample gradients ("gradients")
+                layer_route=dict(zip(modules, routes, strict=True)),
                 hessian="per-layer damped GN (1/n) sum_i g_il g_il^T + lambda_l I, approximate inverse",
             ),
         )
+
+    @staticmethod
+    def _factored(problem, runtime, factors, Fq, lambdas, shard, want_self, cdt):
+        """Scores and self-influence of a plain MLP from the per-layer gradient factors ``g_il = D_i (x)
+        A~_i``, without materialising a gradient where that is cheaper.
+
+        With ``K(x, y) = g_xl . g_yl = (D_x . D_y)(A~_x . A~_y)`` and ``c_k = lambda_l + ||g_kl||^2``:
+        ``score_l(j, i) = (1/lambda_l) [K(q_j, i) - (1/n) sum_k K(q_j, k) K(k, i) / c_k]`` and
+        ``self_l(i) = (1/lambda_l) [K(i, i) - (1/n) sum_k K(k, i)^2 / c_k]``: the same numbers as the
+        Sherman-Morrison form. The middle sum is either a product of kernels (``O(n n_shard (c + d_out
+        + m))``) or, when cheaper (small layers), ``M = sum_k (K(q, k) / c_k) g_k`` formed once and
+        applied to the shard's gradients (``O((n + n_shard) m d_l)``)."""
+        n = problem.n_train
+        lo, hi = shard
+        ns = hi - lo
+        chunk = max(1, min(max(runtime.chunk_size, 256), _factor_elements(runtime, cdt) // (8 * max(n, 1))))
+        dev = factors[0][0].device
+        m = int(Fq[0][0].shape[0]) if Fq else 0  # Fq == []: no queries
+        scores = None if Fq is None else torch.zeros(m, ns, dtype=cdt, device=dev)
+        self_inf = torch.zeros(ns, dtype=cdt, device=dev) if want_self else None
+        tt = Ticker(runtime, "datainf_preconditioning", len(factors))
+        routes = []
+        for j, ((A, D), lam) in enumerate(zip(factors, lambdas, strict=True)):
+            a, o = int(A.shape[1]), int(D.shape[1])
+            d = a * o
+            c = lam + (D * D).sum(dim=1) * (A * A).sum(dim=1)  # (n,)
+            As, Ds = A[lo:hi], D[lo:hi]
+            if scores is not None and m:
+                Aq, Dq = Fq[j]
+                Kq = (Dq @ D.T).mul_(Aq @ A.T)  # m x n: g'_j . g_k
+                W = Kq / c
+                corr = torch.empty(m, ns, dtype=cdt, device=dev)
+                kernel = n * ns * (a + o + m) < (n + ns) * d * (m + 1)
+                routes.append("kernel" if kernel else "layer_products")
+                if kernel:
+                    for s0 in range(0, ns, chunk):
+                        s1 = min(s0 + chunk, ns)
+                        Kt = (D @ Ds[s0:s1].T).mul_(A @ As[s0:s1].T)  # n x chunk: g_k . g_i
+                        corr[:, s0:s1] = W @ Kt
+                        if self_inf is not None:
+                            self_inf[s0:s1] += (_self_term(Kt, c, As[s0:s1], Ds[s0:s1], n)) / lam
+                else:
+                    M = torch.zeros(m, d, dtype=cdt, device=dev)
+                    for k0 in range(0, n, chunk):
+                        k1 = min(k0 + chunk, n)
+                        M.addmm_(W[:, k0:k1], (D[k0:k1, :, None] * A[k0:k1, None, :]).reshape(k1 - k0, d))
+                    for s0 in range(0, ns, chunk):
+                        s1 = min(s0 + chunk, ns)
+                        corr[:, s0:s1] = M @ (Ds[s0:s1, :, None] * As[s0:s1, None, :]).reshape(s1 - s0, d).T
+                scores.add_(Kq[:, lo:hi].sub_(corr, alpha=1.0 / n), alpha=1.0 / lam)
+                if self_inf is not None and kernel:
+                    tt.tick()
+                    continue
+            if self_inf is not None:
+                for s0 in range(0, ns, chunk):
+                    s1 = min(s0 + chunk, ns)
+                    Kt = (D @ Ds[s0:s1].T).mul_(A @ As[s0:s1].T)
+                    self_inf[s0:s1] += _self_term(Kt, c, As[s0:s1], Ds[s0:s1], n) / lam
+            tt.tick()
+        if len(routes) < len(factors):  # no scores: self-influence alone is always kernel products
+            routes = ["kernel"] * len(factors)
+        return (None if scores is None else scores / n), (None if self_inf is None else self_inf / n), routes
+
+    def _streamed(
+        self, problem, runtime, names, idx, lambdas, train_range, want_scores, want_self, cdt, dtype
+    ):
+        """Scores and self-influence from per-sample gradients streamed in chunks (any model)."""
+        dev = torch.device(runtime.device)
+        idx = [ix.to(dev) for ix in idx]
+        sels = [_indexer(ix) for ix in idx]
+        n = problem.n_train
+        lo, hi = column_range(problem, train_range)
+        m, cols = problem.n_query, hi - lo
+        R = None
+        if want_scores:
+            qt = Ticker(runtime, "query_gradients", n_chunks(m, runtime.chunk_size))
+            Qt = query_gradients(problem, problem.weights, runtime, qt, names).T.to(dev, cdt)  # P x m
+            acc = torch.zeros_like(Qt)
+            pt = Ticker(runtime, "datainf_preconditioning", n_chunks(n, runtime.chunk_size))
+            for _, _, G in train_gradients(problem, problem.weights, runtime, None, names):
+                Gd = G.to(dev, cdt)
+                for ix, lam in zip(sels, lambdas, strict=True):
+                    acc[ix] += sherman_morrison_apply(Gd[:, ix], lam, Qt[ix])
+                pt.tick()
+            R = acc / n  # (1/n) sum_k (g_kl g_kl^T + lambda_l I)^-1 g'_l, stacked over layers
+        scores = np.zeros((m, cols), dtype=dtype) if want_scores else None
+        self_inf = np.zeros(cols, dtype=dtype) if want_self else None
+        if want_scores or want_self:
+            tt = Ticker(runtime, "train_gradients", n_chunks(cols, runtime.chunk_size))
+            st = (
+                Ticker(
+                    runtime,
+                    "datainf_self_influence",
+                    n_chunks(cols, runtime.chunk_size) * n_chunks(n, runtime.chunk_size),
+                )
+                if want_self
+                else None
+            )
+            for start, stop, G in train_gradients(problem, problem.weights, runtime, train_range, names):
+                Gi = G.to(dev, cdt)
+                if scores is not None:
+                    scores[:, start:stop] = ((Gi @ R).T / n).cpu().numpy()
+                if self_inf is not None:
+                    self_inf[start:stop] = self._self_influence(
+                        problem, runtime, names, sels, lambdas, Gi, st
+                    )
+                tt.tick()
+        return scores, self_inf
 
     @staticmethod
     def _self_influence(problem, runtime, names, idx, lambdas, Gi, ticker) -> np.ndarray:
         """``(1/n) sum_l g_il^T G_l^-1 g_il`` for the rows of ``Gi``: one pass over every training row."""
         n = problem.n_train
         dev = Gi.device
-        pair = torch.zeros(len(idx), Gi.shape[0], dtype=torch.float64, device=dev)
+        pair = torch.zeros(len(idx), Gi.shape[0], dtype=Gi.dtype, device=dev)
         for _, _, G in train_gradients(problem, problem.weights, runtime, None, names):
-            Gk = G.to(dev, torch.float64)
+            Gk = G.to(dev, Gi.dtype)
             for j, (ix, lam) in enumerate(zip(idx, lambdas, strict=True)):
                 Gkl = Gk[:, ix]
                 c = lam + (Gkl * Gkl).sum(dim=1)
@@ -249,8 +422,14 @@ class DataInf(Estimator):
                 pair[j] += ((K * K) / c[:, None]).sum(dim=0)
             if ticker is not None:
                 ticker.tick()
-        out = torch.zeros(Gi.shape[0], dtype=torch.float64, device=dev)
+        out = torch.zeros(Gi.shape[0], dtype=Gi.dtype, device=dev)
         for j, (ix, lam) in enumerate(zip(idx, lambdas, strict=True)):
             sq = (Gi[:, ix] * Gi[:, ix]).sum(dim=1)
             out += (sq - pair[j] / n) / lam
         return (out / n).cpu().numpy()
+
+
+def _self_term(Kt: torch.Tensor, c: torch.Tensor, As: torch.Tensor, Ds: torch.Tensor, n: int) -> torch.Tensor:
+    """``K(i, i) - (1/n) sum_k K(k, i)^2 / c_k`` for the columns ``i`` of ``Kt`` (n x b)."""
+    diag = (Ds * Ds).sum(dim=1) * (As * As).sum(dim=1)
+    return diag - ((Kt * Kt) / c[:, None]).sum(dim=0) / n

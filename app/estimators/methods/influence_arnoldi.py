@@ -15,6 +15,8 @@ method's known weakness. A retained eigenvalue with ``lambda_k + damping <= 0``
 (negative curvature) is refused. ``rank`` and ``n_iter`` are capped at ``p``;
 with ``rank = p`` on a positive-definite Hessian the scores equal ``if_exact``'s.
 Cost: ``n_iter`` Hessian passes + O(n_iter^2 p) once; O((n + m) rank p) per job.
+The Hessian products run in the runtime's precision (float32 by default), the
+Lanczos basis and its re-orthogonalisation in float64.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from ..gradients import (
     train_gradients,
     validate_problem,
 )
-from ..ihvp import TrainingHessian, arnoldi, subsample_rows
+from ..ihvp import TrainingHessian, arnoldi, product_dtype, subsample_rows
 
 
 @dataclass
@@ -117,7 +119,9 @@ def fit_arnoldi(
         raise EstimatorError("the training set is empty", parameter="/train_dataset_id")
     p = n_parameters(problem.model)
     k, it = effective_rank(rank, n_iter, p)
-    hess = TrainingHessian(problem, runtime, rows=subsample_rows(n, hessian_rows, seed))
+    hess = TrainingHessian(
+        problem, runtime, rows=subsample_rows(n, hessian_rows, seed), dtype=product_dtype(runtime)
+    )
     ticker = Ticker(runtime, "arnoldi", it)
     res = arnoldi(hess.matmul, hess.p, k, it, seed, device=hess.device, ticker=ticker)
     if not bool(torch.isfinite(res.eigenvalues).all()) or not bool(torch.isfinite(res.eigenvectors).all()):

@@ -3,7 +3,9 @@
 Same quantity as ``if_exact`` without forming the Hessian:
 
 * ``scores[j, i] = (1/n) g'_j^T (H + damping I)^-1 g_i``: one block CG solve
-  ``(H + damping I) S = Q^T`` for all queries (Hessian-vector products by the
+  ``(H + damping I) S = Q^T`` for all queries at once (the ``m`` right-hand sides
+  share one Krylov space: one Hessian product of the search block per iteration,
+  and far fewer iterations than one CG per query; Hessian-vector products by the
   Pearlmutter trick, :mod:`app.estimators.ihvp`), then a stream over the
   training gradients;
 * ``self_influence[i] = (1/n) g_i^T (H + damping I)^-1 g_i``: one further CG solve
@@ -13,8 +15,10 @@ Same quantity as ``if_exact`` without forming the Hessian:
 
 ``H`` is the Hessian of ``mean_i L(z_i) + weight_decay/2 ||theta||^2``, on all
 training rows or on a fixed random subsample of ``hessian_rows`` of them (seed 0).
-Solves run in float64. Cost per CG iteration: one Hessian-vector product over
-the rows for every unconverged column; memory O(p x (m + chunk)).
+Hessian products run in the runtime's precision (float32 by default), the CG
+recurrences in float64; ``rtol`` bounds CG's recursive residual. Cost per CG
+iteration: one Hessian-vector product over the rows for every unconverged
+column; memory O(p x (m + chunk)).
 Nothing is cached (``fit`` returns None): the solve depends on the queries.
 """
 
@@ -37,7 +41,7 @@ from ..gradients import (
     query_gradients,
     validate_problem,
 )
-from ..ihvp import TrainingHessian, conjugate_gradient, solver_scores, subsample_rows
+from ..ihvp import TrainingHessian, conjugate_gradient, product_dtype, solver_scores, subsample_rows
 
 HESSIAN_ROWS_SEED = 0
 
@@ -100,7 +104,7 @@ class IFCG(Estimator):
         lo, hi = column_range(problem, train_range)
         m, cols = problem.n_query, hi - lo
         rows = subsample_rows(n, p.hessian_rows, HESSIAN_ROWS_SEED)
-        hess = TrainingHessian(problem, runtime, rows=rows)
+        hess = TrainingHessian(problem, runtime, rows=rows, dtype=product_dtype(runtime))
 
         solves = (1 if want_scores and m else 0) + (
             n_chunks(cols, runtime.chunk_size) if want_self_influence else 0

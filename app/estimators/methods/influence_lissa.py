@@ -15,8 +15,11 @@ are estimated with 20 Lanczos steps on a random subsample of at most 1024 rows;
 a ``scale`` below the largest, or a negative smallest (negative curvature that
 ``damping`` does not cover), is refused with a :class:`NumericalError` instead of
 returning a diverged series. During the recursion, NaN/inf or norm growth beyond
-the bound of a contracting series also fails (naming ``scale``).
-Cost O(repeats x depth x batch_size x p) per solve; solves in float64.
+the bound of a contracting series also fails (naming ``scale``; the bound is checked
+for the whole block every step and per query every 10 steps).
+Cost O(repeats x depth x batch_size x p) per solve; the recursion runs in the
+runtime's precision (float32 by default: its rounding is orders of magnitude
+below the method's sampling error).
 """
 
 from __future__ import annotations
@@ -38,7 +41,14 @@ from ..gradients import (
     query_gradients,
     validate_problem,
 )
-from ..ihvp import TrainingHessian, extreme_eigenvalues, lissa, solver_scores, subsample_rows
+from ..ihvp import (
+    TrainingHessian,
+    extreme_eigenvalues,
+    lissa,
+    product_dtype,
+    solver_scores,
+    subsample_rows,
+)
 
 SCALE_CHECK_ROWS = 1024
 SCALE_CHECK_STEPS = 20
@@ -102,7 +112,7 @@ class IFLissa(Estimator):
             raise EstimatorError("the training set is empty", parameter="/train_dataset_id")
         lo, hi = column_range(problem, train_range)
         m, cols = problem.n_query, hi - lo
-        hess = TrainingHessian(problem, runtime)
+        hess = TrainingHessian(problem, runtime, dtype=product_dtype(runtime))
 
         # the scale / curvature check (ESTIMATORS.md 2.12 pitfalls): fail before a diverging recursion
         sub = subsample_rows(n, SCALE_CHECK_ROWS, p.seed)
@@ -148,6 +158,8 @@ class IFLissa(Estimator):
                 batch_size=p.batch_size,
                 seed=p.seed,
                 ticker=ticker,
+                dtype=hess.dtype,
+                affine=True,
             )
             growth = max(growth, res.max_growth)
             return res.x

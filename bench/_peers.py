@@ -31,7 +31,9 @@ Translations (ESTIMATORS.md section 9, and the libraries' sources):
   dattri's CG has no stopping test and always runs ``max_iter`` iterations;
 * kronfluence scores are unnormalised by n; its damping is absolute (pyDVL, dattri and kronfluence
   get one number: the mean of our per-layer EK-FAC shifts, exact for a one-layer model); its
-  Fisher follows ours (``use_empirical_fisher`` iff ``fisher="empirical"``).
+  Fisher follows ours (``use_empirical_fisher`` iff ``fisher="empirical"``; our ``"expected"``, the exact
+  expectation over the predictive distribution, has no kronfluence counterpart: it gets the sampled true
+  Fisher, the unbiased estimate of the same matrix).
 """
 
 from __future__ import annotations
@@ -191,8 +193,10 @@ def pydvl_if_arnoldi(w, hp):
 def pydvl_ekfac(w, hp, shift: float):
     from pydvl.influence.torch import EkfacInfluence
 
-    # pyDVL's K-FAC blocks weight the log-probabilities by the model's predictive distribution (a
-    # true-Fisher-like curvature without sampling); one regularisation for all layers
+    # pyDVL backpropagates one pseudo-loss sum_c sqrt(p_c) log p_c per example, i.e. the output gradient
+    # sum_c sqrt(p_c) (e_c - p) = L 1 with L L^T = diag(p) - p p^T: its curvature is E[J^T L 1 1^T L^T J],
+    # a rank-one-per-example stand-in for the Gauss-Newton E[J^T L L^T J] (our fisher="expected"), not
+    # an unbiased estimate of it; no fisher option. One regularisation for all layers
     return _pydvl(w, lambda m: EkfacInfluence(m, update_diagonal=True, hessian_regularization=shift), CHUNK)
 
 
@@ -413,10 +417,14 @@ def dattri_representer(w, hp):
 def dattri_logra(w, hp):
     from dattri.algorithm import LoGraAttributor
 
-    def loss(_model):  # BlockProjectedIF calls loss(model, batch, device) and hooks per-example grads
+    # BlockProjectedIF calls loss(model, batch, device) and hooks per-example grads. Its compressor
+    # multiplies each hooked output gradient by the batch size (undoing a *mean* reduction; its own query
+    # path uses F.cross_entropy's mean), so the loss must be the batch mean: with a sum, every training
+    # gradient came out scaled by its batch's size (256, but 120 for the last 120 of the 1,400 rows)
+    def loss(_model):
         def f(model, batch, device):
             xb, yb = batch
-            return F.cross_entropy(model(xb.to(device)), yb.to(device), reduction="sum")
+            return F.cross_entropy(model(xb.to(device)), yb.to(device))
 
         return f
 

@@ -50,7 +50,13 @@ seeded): a categorical draw from the softmax for classification; for the
 distribution whose negative log-likelihood that loss is, so the expected true
 Fisher is exactly the Gauss-Newton matrix. Samples depend on the seed and the
 example index only, not on the chunk size. The same labels are used by both
-passes.
+passes. ``"expected"`` takes that expectation exactly instead of sampling one label:
+the Gauss-Newton matrix of an example is ``J^T L L^T J`` with ``L`` the square root of
+the loss's output Hessian (``L[:, c] = sqrt(p_c) (e_c - p)`` for the softmax cross-entropy,
+``sqrt(2/k) I`` for the mse loss), so every example contributes ``k`` pseudo-examples whose
+output gradients are the columns of ``L`` (the objective ``<out, L[:, c]>``), each with the
+example's layer inputs; ``S`` and ``Lambda`` sum over them. No sampling noise, ``k`` times the
+backward work (meant for a moderate number of outputs ``k``).
 
 Everything else (BatchNorm affine parameters, embeddings, grouped
 convolutions, modules whose forward never runs) is ignored; see
@@ -83,11 +89,14 @@ from .gradients import (
 )
 from .objectives import per_example_loss
 
-FisherType = Literal["empirical", "true"]
+FisherType = Literal["empirical", "true", "expected"]
 DAMPING_POINTER = "/method/params/damping"
 LAYERS_POINTER = "/method/params/layers"
 HEURISTIC_FRACTION = 0.1
 """``damping=None`` uses ``HEURISTIC_FRACTION * mean(Lambda_l)`` per layer (kronfluence's heuristic)."""
+EXPECTED_ROWS_FACTOR = 16
+"""``fisher="expected"`` runs up to this many times ``chunk_size`` pseudo-example rows at once (fewer,
+larger steps: the per-step overhead dominates small models)."""
 
 
 # ----------------------------------------------------------------------------- layers
@@ -283,7 +292,7 @@ class FisherLabels:
     """
 
     def __init__(self, task: TaskSpec, fisher: FisherType, seed: int, n: int) -> None:
-        if fisher not in ("empirical", "true"):
+        if fisher not in ("empirical", "true", "expected"):
             raise EstimatorError(f"unknown fisher {fisher!r}", parameter="/method/params/fisher")
         self.task, self.fisher, self.seed, self.n = task, fisher, int(seed), n
         self._noise: torch.Tensor | None = None
@@ -311,6 +320,34 @@ class FisherLabels:
             self.labels = torch.zeros(self.n, *sample.shape[1:], dtype=sample.dtype)
         self.labels[start:stop] = sample.reshape(b, *sample.shape[1:]).cpu()
         return sample
+
+
+def output_hessian_roots(out: torch.Tensor, task: TaskSpec) -> torch.Tensor:
+    """``(b, k, k)``: per example the columns ``L[:, c]`` of a square root of the loss's Hessian with
+    respect to the (flattened) output, ``L L^T = d^2 loss / d out^2`` (the expected Fisher's factor).
+
+    Softmax cross-entropy: ``L[:, c] = sqrt(p_c) (e_c - p)`` (``L L^T = diag(p) - p p^T`` since
+    ``sum_c p_c = 1``); mse ``(1/k) sum_j (f_j - y_j)^2``: ``sqrt(2/k) I``. Float64.
+    """
+    out = out.detach().to(torch.float64).reshape(out.shape[0], -1)
+    b, k = out.shape
+    if task.kind == "classification":
+        p = torch.softmax(out, dim=-1)
+        eye = torch.eye(k, dtype=out.dtype, device=out.device)
+        # row c of the result is column c of L: sqrt(p_c) (e_c - p)
+        return p.sqrt().unsqueeze(-1) * (eye.unsqueeze(0) - p.unsqueeze(1))
+    return math.sqrt(2.0 / k) * torch.eye(k, dtype=out.dtype, device=out.device).expand(b, k, k)
+
+
+def linear_output_objective(out: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``<out_i, v_i>`` per row: its output gradient is ``v_i`` (the pseudo-examples of ``"expected"``)."""
+    return (out.reshape(out.shape[0], -1) * v.reshape(v.shape[0], -1).to(out.dtype)).sum(dim=-1)
+
+
+def _example_step(chunk_size: int, k: int) -> int:
+    """Examples per step of the ``"expected"`` Fisher, whose ``k`` pseudo-examples each make ``k``
+    rows: at most ``chunk_size`` examples and about ``EXPECTED_ROWS_FACTOR * chunk_size`` rows."""
+    return max(1, min(chunk_size, EXPECTED_ROWS_FACTOR * chunk_size // max(k, 1)))
 
 
 # ----------------------------------------------------------------------------- pass 1: covariances
@@ -386,19 +423,44 @@ def covariance_factors(
 
         return hook
 
+    expected = fisher == "expected"
+    k_out = 1
+    if expected and n:
+        with torch.no_grad():  # before the hooks: the number of outputs k
+            probe = functional_call(model, (params, fixed), (_to(problem.train_x[:1], dev, dt),))
+        k_out = max(1, probe[0].numel())
+    step = _example_step(runtime.chunk_size, k_out) if expected else runtime.chunk_size
+    steps = [  # (start, stop, ends a chunk): chunks of chunk_size examples, cut into steps
+        (s0, min(s0 + step, start + runtime.chunk_size, n), s0 + step >= min(start + runtime.chunk_size, n))
+        for start in range(0, n, runtime.chunk_size)
+        for s0 in range(start, min(start + runtime.chunk_size, n), step)
+    ]
+
+    def reset() -> None:
+        for layer in layers:
+            inputs[layer.module], grads[layer.module] = [], {}
+
     try:
         for layer in layers:
             handles.append(modules[layer.module].register_forward_hook(forward_hook(layer)))
         with torch.enable_grad():
-            for start in range(0, n, runtime.chunk_size):
-                stop = min(start + runtime.chunk_size, n)
-                for layer in layers:
-                    inputs[layer.module], grads[layer.module] = [], {}
-                xs = _to(problem.train_x[start:stop], dev, dt)
-                ys = _to(problem.train_y[start:stop], dev, dt)
-                out = functional_call(model, (params, fixed), (xs,))
-                ys = sampler(out, ys, start, stop)
-                loss = per_example_loss(out, ys, problem.task).sum()
+            for s0, s1, last in steps:
+                reset()
+                xs = _to(problem.train_x[s0:s1], dev, dt)
+                reps = 1
+                if expected:  # k pseudo-examples per example, output gradients = the columns of L
+                    with torch.no_grad():
+                        V = output_hessian_roots(functional_call(model, (params, fixed), (xs,)), problem.task)
+                    reset()
+                    reps = V.shape[1]
+                    xs = xs.repeat_interleave(reps, dim=0)
+                    out = functional_call(model, (params, fixed), (xs,))
+                    loss = linear_output_objective(out, V.reshape(-1, V.shape[2])).sum()
+                else:
+                    ys = _to(problem.train_y[s0:s1], dev, dt)
+                    out = functional_call(model, (params, fixed), (xs,))
+                    ys = sampler(out, ys, s0, s1)
+                    loss = per_example_loss(out, ys, problem.task).sum()
                 if loss.requires_grad:  # False only when no tracked module ran
                     torch.autograd.grad(loss, weights, allow_unused=True)
                 for layer in layers:
@@ -422,10 +484,11 @@ def covariance_factors(
                         a = _with_one(a)
                     T = a.shape[1]
                     positions[layer.module] = T
-                    a2, d2 = a.reshape(-1, layer.d_in), d.reshape(-1, layer.d_out)
+                    # the pseudo-examples of one example share its inputs: count them once
+                    a2, d2 = a[::reps].reshape(-1, layer.d_in), d.reshape(-1, layer.d_out)
                     A[layer.module] += (a2.T @ a2).to(torch.float64) / T
                     S[layer.module] += (d2.T @ d2).to(torch.float64)
-                if ticker is not None:
+                if ticker is not None and last:
                     ticker.tick()
     finally:
         for h in handles:
@@ -580,21 +643,30 @@ class KFACFactors:
 # ----------------------------------------------------------------------------- pass 2 and the pipeline
 
 
-def _gradient_chunks(
-    problem: InfluenceProblem, layers: list[KFACLayer], runtime: Runtime, labels: torch.Tensor | None
-) -> Iterator[tuple[int, int, torch.Tensor]]:
-    return per_sample_gradients(
-        problem.model,
-        problem.weights,
-        problem.train_x,
-        problem.train_y if labels is None else labels,
-        train_objective(problem.task),
-        chunk_size=runtime.chunk_size,
-        device=runtime.device,
-        dtype=runtime.dtype,
-        what="training examples",
-        names=parameter_names(layers),
-    )
+def _lambda_sources(
+    problem: InfluenceProblem, runtime: Runtime, labels: torch.Tensor | None, expected: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, Any, int]]:
+    """``(x, y, objective, rows per chunk)`` blocks whose per-example gradients make the Fisher of
+    pass 2: the whole training set with its (or the sampled) labels, or (``expected``) blocks of
+    ``chunk_size`` examples expanded into their ``k`` pseudo-examples each (inputs repeated, targets
+    the columns of ``L``)."""
+    if not expected:
+        y = problem.train_y if labels is None else labels
+        yield problem.train_x, y, train_objective(problem.task), runtime.chunk_size
+        return
+    dev = torch.device(runtime.device)
+    model = copy.deepcopy(problem.model).eval()
+    _, params, fixed = functional_state(model, problem.weights, device=dev, dtype=runtime.dtype)
+    dt = next(iter(params.values())).dtype
+    for start in range(0, problem.n_train, runtime.chunk_size):
+        x = problem.train_x[start : start + runtime.chunk_size]
+        with torch.no_grad():
+            V = output_hessian_roots(
+                functional_call(model, (params, fixed), (_to(x, dev, dt),)), problem.task
+            )
+        k = V.shape[1]
+        rows = EXPECTED_ROWS_FACTOR * runtime.chunk_size
+        yield x.repeat_interleave(k, dim=0), V.reshape(-1, V.shape[2]).cpu(), linear_output_objective, rows
 
 
 def fit_lambda(
@@ -604,44 +676,60 @@ def fit_lambda(
     runtime: Runtime,
     *,
     labels: torch.Tensor | None = None,
+    expected: bool = False,
     ticker: Ticker | None = None,
 ) -> dict[str, torch.Tensor]:
     """Pass 2 (EK-FAC): ``Lambda_l = (1/n) sum_i (Q_S^T Gm_i Q_A)^2`` with per-example layer gradients
-    from the shared core (with the sampled ``labels`` for the true Fisher). float64 result."""
+    from the shared core (with the sampled ``labels`` for the true Fisher; summed over each example's
+    pseudo-examples for the ``expected`` one). float64 result."""
     dev = torch.device(runtime.device)
     cdt = _cdt(runtime.dtype)
-    lam = {la.module: torch.zeros(la.d_out, la.d_in, dtype=torch.float64, device=dev) for la in layers}
+    names = parameter_names(layers)
     Qs = {m: (QA.to(cdt), QS.to(cdt)) for m, (_, QA, _, QS) in eig.items()}
-    factored = gradient_factors(
-        problem.model, problem.weights, problem.train_x, problem.train_y if labels is None else labels,
-        train_objective(problem.task), chunk_size=runtime.chunk_size, device=runtime.device,
-        dtype=runtime.dtype, what="training examples", names=parameter_names(layers),
-    )  # fmt: skip
-    if factored is not None:
+
+    def zeros() -> dict[str, torch.Tensor]:
+        return {la.module: torch.zeros(la.d_out, la.d_in, dtype=torch.float64, device=dev) for la in layers}
+
+    def factored_pass(x, y, objective, rows, lam) -> bool:
+        """The rank-one route; False (nothing added) when the model does not allow it."""
         # a linear layer on (b, d) rows has rank-one per-example gradients Gm_i = delta_i a~_i^T, so
         # Q_S^T Gm_i Q_A = (Q_S^T delta_i)(Q_A^T a~_i)^T and Lambda_l = (1/n) (D Q_S)^2^T (A~ Q_A)^2
+        factored = gradient_factors(
+            problem.model, problem.weights, x, y, objective, chunk_size=rows,
+            device=runtime.device, dtype=runtime.dtype, what="training examples", names=names,
+        )  # fmt: skip
+        if factored is None:
+            return False
+        part = zeros()
         for _, _, factors in factored:
             if len(factors) != len(layers) or any(
                 A.shape[1] != la.d_in or D.shape[1] != la.d_out
                 for la, (A, D) in zip(layers, factors, strict=True)
             ):
-                break
+                return False
             for layer, (A, D) in zip(layers, factors, strict=True):
                 QA, QS = Qs[layer.module]
                 Dr, Ar = D.to(cdt) @ QS, A.to(cdt) @ QA
-                lam[layer.module] += ((Dr * Dr).T @ (Ar * Ar)).to(torch.float64)
-            if ticker is not None:
-                ticker.tick()
-        else:
-            n = max(problem.n_train, 1)
-            return {k: v / n for k, v in lam.items()}
-        lam = {la.module: torch.zeros(la.d_out, la.d_in, dtype=torch.float64, device=dev) for la in layers}
-    for _, _, G in _gradient_chunks(problem, layers, runtime, labels):
-        for layer, M in zip(layers, layer_matrices(G.to(cdt), layers), strict=True):
-            QA, QS = Qs[layer.module]
-            lam[layer.module] += ((QS.T @ M @ QA) ** 2).sum(dim=0).to(torch.float64)
+                part[layer.module] += ((Dr * Dr).T @ (Ar * Ar)).to(torch.float64)
+        for k, v in part.items():
+            lam[k] += v
+        return True
+
+    lam = zeros()
+    factored_ok = True
+    for x, y, objective, rows in _lambda_sources(problem, runtime, labels, expected):
+        if factored_ok:
+            factored_ok = factored_pass(x, y, objective, rows, lam)
+        if not factored_ok:
+            for _, _, G in per_sample_gradients(
+                problem.model, problem.weights, x, y, objective, chunk_size=rows,
+                device=runtime.device, dtype=runtime.dtype, what="training examples", names=names,
+            ):  # fmt: skip
+                for layer, M in zip(layers, layer_matrices(G.to(cdt), layers), strict=True):
+                    QA, QS = Qs[layer.module]
+                    lam[layer.module] += ((QS.T @ M @ QA) ** 2).sum(dim=0).to(torch.float64)
         if ticker is not None:
-            ticker.tick()
+            ticker.tick(n_chunks(int(x.shape[0]), runtime.chunk_size) if not expected else 1)
     n = max(problem.n_train, 1)
     return {k: v / n for k, v in lam.items()}
 
@@ -683,7 +771,9 @@ def fit_factors(
         tensors.update({f"{m}/eA": eA, f"{m}/QA": QA, f"{m}/eS": eS, f"{m}/QS": QS})
     if ekfac:
         lt = Ticker(runtime, "lambda", n_chunks(n, runtime.chunk_size))
-        lam = fit_lambda(problem, cov.layers, eig, runtime, labels=cov.labels, ticker=lt)
+        lam = fit_lambda(
+            problem, cov.layers, eig, runtime, labels=cov.labels, expected=fisher == "expected", ticker=lt
+        )
         for m, v in lam.items():
             _check_finite(v, f"the EK-FAC eigenvalues of layer {m!r}")
             tensors[f"{m}/lambda"] = v
@@ -721,6 +811,8 @@ __all__ = [
     "flatten_layer_matrices",
     "ignored_parameters",
     "layer_matrices",
+    "linear_output_objective",
+    "output_hessian_roots",
     "parameter_names",
     "tracked_layers",
 ]

@@ -121,6 +121,11 @@ class DenseProjector(Projector):
         self._cached = p * k <= max_cached
         self._matrix: torch.Tensor | None = None
 
+    @property
+    def cached(self) -> bool:
+        """Whether ``P`` is kept in memory (:meth:`matrix` is then cheap after the first call)."""
+        return self._cached
+
     def _block(self, j: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         r0, r1 = j * ROW_BLOCK, min((j + 1) * ROW_BLOCK, self.p)
         gen = _generator(self.seed, _KIND_CODE[self.kind], j)

@@ -45,6 +45,7 @@ from app.estimators.kfac import (
     covariance_factors,
     flatten_layer_matrices,
     layer_matrices,
+    output_hessian_roots,
     parameter_names,
     tracked_layers,
 )
@@ -613,6 +614,86 @@ def test_true_fisher_is_the_gauss_newton_in_expectation():
         err = float(torch.linalg.norm(S - expected) / torch.linalg.norm(expected))
         print(f"true Fisher S vs its expectation ({task.loss}, n={n}): relative error {err:.3f}")
         assert err < 0.1
+
+
+def test_output_hessian_roots_square_to_the_loss_output_hessian():
+    g = torch.Generator().manual_seed(3)
+    out = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    L = output_hessian_roots(out, CLS)  # row c = column c of L
+    p = torch.softmax(out, -1)
+    hess = torch.func.vmap(torch.func.hessian(lambda z: torch.logsumexp(z, -1)))(out)  # CE's, any label
+    torch.testing.assert_close(L.transpose(1, 2) @ L, hess)
+    torch.testing.assert_close(L.transpose(1, 2) @ L, torch.diag_embed(p) - p[:, :, None] * p[:, None, :])
+    Lr = output_hessian_roots(out, REG)  # (1/k) sum_j (f_j - y_j)^2 has Hessian (2/k) I
+    torch.testing.assert_close(Lr.transpose(1, 2) @ Lr, torch.eye(4, dtype=torch.float64).expand(6, 4, 4) / 2)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 7, 1000])
+def test_expected_fisher_is_the_exact_gauss_newton(chunk_size):
+    """fisher='expected' is the sampled true Fisher's expectation taken exactly: for one Linear layer
+    with cross-entropy, S = E[diag(p) - p p^T], A = E[a~ a~^T] and the refit eigenvalues are the exact
+    diagonal of the layer's Gauss-Newton matrix E[(diag(p) - p p^T) (x) a~ a~^T] in the Kronecker
+    eigenbasis (whatever the chunking; the generic per-example route agrees with the factored one)."""
+    g = torch.Generator().manual_seed(12)
+    n, d, k = 23, 3, 4
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.randint(0, k, (n,), generator=g)
+    model = init_model("linear", {"in_features": d, "num_classes": k}, 0).double()
+    prob = InfluenceProblem(
+        model=model, task=CLS, weights=model.state_dict(), train_x=x, train_y=y, query_x=x[:2], query_y=y[:2]
+    )
+    rt = Runtime(dtype=torch.float64, chunk_size=chunk_size)
+    layers, _ = tracked_layers(model)
+    cov = covariance_factors(prob, layers, rt, fisher="expected")
+    with torch.no_grad():
+        p = torch.softmax(model(x), -1)
+    H = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    a = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], 1)
+    torch.testing.assert_close(cov.S["1"], H.mean(0))
+    torch.testing.assert_close(cov.A["1"], a.T @ a / n)
+    state = get_estimator("ekfac").fit(prob, {"fisher": "expected"}, rt)
+    f = KFACFactors(state)
+    Q = torch.kron(f["1/QS"], f["1/QA"])
+    GN = torch.einsum("nij,nk,nl->ikjl", H, a, a).reshape(k * (d + 1), k * (d + 1)) / n
+    torch.testing.assert_close(f.eigenvalues(layers[0]).reshape(-1), torch.diagonal(Q.T @ GN @ Q))
+    # the same through the generic (vmap) per-example route
+    import app.estimators.kfac as kfac_module
+
+    orig = kfac_module.gradient_factors
+    kfac_module.gradient_factors = lambda *a, **kw: None
+    try:
+        generic = KFACFactors(get_estimator("ekfac").fit(prob, {"fisher": "expected"}, rt))
+    finally:
+        kfac_module.gradient_factors = orig
+    torch.testing.assert_close(generic.eigenvalues(generic.layers[0]), f.eigenvalues(layers[0]))
+
+
+def test_expected_fisher_for_mse_makes_kfac_and_ekfac_the_exact_influence():
+    """For one Linear layer with the mse loss the Gauss-Newton matrix is (2/k) I (x) E[a~ a~^T], a
+    Kronecker product: with fisher='expected' both K-FAC and EK-FAC influence equal the exact
+    (damped) Gauss-Newton influence, deterministically (the sampled 'true' Fisher only on average)."""
+    g = torch.Generator().manual_seed(4)
+    n, d, k = 19, 3, 2
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.randn(n, k, generator=g, dtype=torch.float64)
+    qx, qy = x[:3] + 0.1, y[:3] - 0.2
+    model = init_model("linear", {"in_features": d, "num_classes": k}, 0).double()
+    prob = InfluenceProblem(model=model, task=REG, weights=model.state_dict(), train_x=x, train_y=y,
+                            query_x=qx, query_y=qy)  # fmt: skip
+    a = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], 1)
+    GN = torch.kron(torch.eye(k, dtype=x.dtype) * (2.0 / k), a.T @ a / n)
+    w = model.state_dict()
+    G = torch.cat([gg for _, _, gg in per_sample_gradients(model, w, x, y, train_objective(REG))])
+    qobj = query_objective_fn(REG, "loss")
+    Gq = torch.cat([gg for _, _, gg in per_sample_gradients(model, w, qx, qy, qobj)])
+    # the flat layout is (weight row-major, bias); reorder GN's (row, [x, 1]) layout to it
+    layers, _ = tracked_layers(model)
+    perm = flatten_layer_matrices([torch.arange(k * (d + 1)).reshape(1, k, d + 1)], layers)[0]
+    GNf = GN[perm][:, perm]
+    exact = (Gq @ torch.linalg.solve(GNf + 0.05 * torch.eye(len(perm), dtype=x.dtype), G.T) / n).numpy()
+    for name in METHODS:
+        got = get_estimator(name).attribute(prob, {"fisher": "expected", "damping": 0.05}, runtime=F64)
+        np.testing.assert_allclose(got.scores, exact, rtol=1e-9, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- failures and parameters

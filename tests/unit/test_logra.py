@@ -116,13 +116,23 @@ def test_token_sum_and_bias_free_layers():
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-12)
 
 
-@pytest.mark.parametrize("layers", [None, ["last"], ["1", "5"]])
-def test_identity_projection_is_fisher_influence(trained, layers):
+@pytest.mark.parametrize(
+    ("layers", "wd", "blocks"),
+    [
+        (None, 0.0, "full"),
+        (["last"], 0.0, "full"),
+        (["1", "5"], 0.0, "full"),
+        (None, 0.05, "full"),
+        (None, 0.0, "layer"),
+        (["1", "5"], 0.05, "layer"),
+    ],
+)
+def test_identity_projection_is_fisher_influence(trained, layers, wd, blocks):
     model, w, x, y, qx, qy = trained
     damping = 1e-2
     out = get_estimator("logra").attribute(
-        _problem(trained),
-        {"projection": "identity", "damping": damping, "layers": layers},
+        _problem(trained, weight_decay=wd),
+        {"projection": "identity", "damping": damping, "layers": layers, "blocks": blocks},
         want_self_influence=True,
         runtime=F64,
     )
@@ -138,12 +148,58 @@ def test_identity_projection_is_fisher_influence(trained, layers):
     )
     n = len(x)
     Fisher = G.T @ G / n
-    A = Fisher + damping * Fisher.diagonal().mean() * torch.eye(len(Fisher), dtype=torch.float64)
+    A = Fisher + (wd + damping * Fisher.diagonal().mean()) * torch.eye(len(Fisher), dtype=torch.float64)
+    if blocks == "layer":  # the layers' parameters are contiguous: keep only each layer's diagonal block
+        sizes = [m.weight.numel() + m.bias.numel() for _, m in linear_layers(model, layers)]
+        A = torch.block_diag(*_diag_blocks(A, sizes))
     Ainv = torch.linalg.inv(A)
     np.testing.assert_allclose(out.scores, (Q @ Ainv @ G.T / n).numpy(), rtol=1e-7, atol=1e-12)
     np.testing.assert_allclose(out.self_influence, (((G @ Ainv) * G).sum(1) / n).numpy(), rtol=1e-7)
     assert out.metadata["projected_dim"] == G.shape[1]
     assert out.metadata["damping_absolute"] == pytest.approx(damping * float(Fisher.diagonal().mean()))
+
+
+def _diag_blocks(A, sizes):
+    out, o = [], 0
+    for k in sizes:
+        out.append(A[o : o + k, o : o + k])
+        o += k
+    return out
+
+
+@pytest.mark.parametrize("blocks", ["full", "layer"])
+def test_weight_decay_is_projected_identity(trained, blocks):
+    """Projected curvature = P (F + weight_decay I) P^T + lambda I with P the explicit projection matrix
+    (``blocks="layer"``: its diagonal blocks per layer)."""
+    model, w, x, y, qx, qy = trained
+    wd, damping = 0.03, 1e-2
+    p = LoGraParams(
+        k_in=4, k_out=3, projection="gaussian", damping=damping, seed=3, layers=["1", "5"], blocks=blocks
+    )
+    out = get_estimator("logra").attribute(_problem(trained, weight_decay=wd), p, runtime=F64)
+    layers = layer_projectors(model, p, "cpu", torch.float64)
+    parts = []
+    for _, _, kron in layers:  # P: (k_out k_in) x (d_out d_in), projecting each unit gradient
+        d_out, d_in = kron.d_out, kron.d_in
+        E = torch.eye(d_out * d_in, dtype=torch.float64).reshape(-1, d_out, d_in)
+        parts.append(kron.project_gradient(E).reshape(d_out * d_in, -1).T)
+    P = torch.block_diag(*parts)
+    G = torch.cat([g for _, _, g in projected_gradients(model, w, x, y, train_objective(CLS), layers)])
+    Q = torch.cat(
+        [g for _, _, g in projected_gradients(model, w, qx, qy, query_objective_fn(CLS, "loss"), layers)]
+    )
+    n = len(x)
+    Fisher = G.T @ G / n
+    A = (
+        Fisher
+        + wd * P @ P.T
+        + damping * Fisher.diagonal().mean() * torch.eye(len(Fisher), dtype=torch.float64)
+    )
+    if blocks == "layer":
+        A = torch.block_diag(*_diag_blocks(A, [k.dim for _, _, k in layers]))
+    np.testing.assert_allclose(
+        out.scores, (Q @ torch.linalg.solve(A, G.T) / n).numpy(), rtol=1e-7, atol=1e-12
+    )
 
 
 def test_state_reuse_shards_and_default_projection(trained):

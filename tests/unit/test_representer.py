@@ -52,11 +52,11 @@ def _problem(trained, **kw):
     return InfluenceProblem(**base)
 
 
-@pytest.mark.parametrize("l2", [1e-3, 1e-2])
-def test_decomposition_reproduces_refitted_logits(trained, l2):
+@pytest.mark.parametrize(("l2", "targets"), [(1e-3, "model"), (1e-2, "model"), (1e-3, "labels")])
+def test_decomposition_reproduces_refitted_logits(trained, l2, targets):
     model, w, x, y, qx, qy = trained
     est = get_estimator("representer")
-    state = est.fit(_problem(trained), {"l2": l2}, F64)
+    state = est.fit(_problem(trained), {"l2": l2, "targets": targets}, F64)
     Fx, alpha, theta = state.tensors["features"], state.tensors["alpha"], state.tensors["theta"]
     assert Fx.shape == (120, 17) and alpha.shape == (120, 3) and theta.shape == (3, 17)
     torch.testing.assert_close(Fx[:, -1], torch.ones(120, dtype=torch.float64))  # bias column
@@ -71,14 +71,19 @@ def test_decomposition_reproduces_refitted_logits(trained, l2):
         rel = float((decomposed - logits).abs().max() / logits.abs().max())
         assert rel < 1e-5, rel
     print(f"representer l2={l2}: relative residual {state.info['refit_relative_residual']:.2e}")
-    # stationarity of (1/n) sum CE + l2 ||theta||^2
+    # stationarity of (1/n) sum CE(., t_i) + l2 ||theta||^2, t_i = the model's probabilities or one-hot labels
+    with torch.no_grad():
+        target = torch.softmax(model(x), 1) if targets == "model" else nn.functional.one_hot(y, 3).double()
     t = theta.clone().requires_grad_(True)
-    obj = nn.functional.cross_entropy(Fx @ t.T, y) + l2 * (t * t).sum()
+    obj = nn.functional.cross_entropy(Fx @ t.T, target) + l2 * (t * t).sum()
     (g,) = torch.autograd.grad(obj, t)
     assert float(g.norm()) < 1e-6 * float(theta.norm())
-    # alpha = -(1/(2 l2 n)) (softmax - onehot): rows sum to zero, own-class entry >= 0
+    # alpha = -(1/(2 l2 n)) (softmax - t): rows sum to zero (own-class entry >= 0 for labels)
     torch.testing.assert_close(alpha.sum(1), torch.zeros(120, dtype=torch.float64), atol=1e-12, rtol=0)
-    assert bool((alpha[torch.arange(120), y] >= 0).all())
+    expected = -(torch.softmax(Fx @ theta.T, 1) - target) / (2 * l2 * 120)
+    torch.testing.assert_close(alpha, expected, rtol=1e-8, atol=1e-12)
+    if targets == "labels":
+        assert bool((alpha[torch.arange(120), y] >= 0).all())
 
 
 def test_scores_and_self_influence_formula(trained):
@@ -90,8 +95,15 @@ def test_scores_and_self_influence_formula(trained):
     out = est.attribute(_problem(trained), None, want_self_influence=True, runtime=F64, state=state)
     expected = np.array([[float(alpha[i, qy[j]] * (Fx[i] @ Fq[j])) for i in range(120)] for j in range(7)])
     np.testing.assert_allclose(out.scores, expected, rtol=1e-10, atol=1e-14)
+    # own-label weight against the training label at the refitted head (= alpha_{i, y_i} for labels)
+    p_own = torch.softmax(Fx @ state.tensors["theta"].T, 1)[torch.arange(120), y]
     np.testing.assert_allclose(
-        out.self_influence, (alpha[torch.arange(120), y] * (Fx * Fx).sum(1)).numpy(), rtol=1e-10
+        out.self_influence, ((1 - p_own) / (2 * 1e-3 * 120) * (Fx * Fx).sum(1)).numpy(), rtol=1e-10
+    )
+    lab = est.attribute(_problem(trained), {"targets": "labels"}, want_self_influence=True, runtime=F64)
+    a_lab = est.fit(_problem(trained), {"targets": "labels"}, F64).tensors["alpha"]
+    np.testing.assert_allclose(
+        lab.self_influence, (a_lab[torch.arange(120), y] * (Fx * Fx).sum(1)).numpy(), rtol=1e-10
     )
     assert bool((out.self_influence >= 0).all())
     # a query's refitted true-class logit is the row sum of its scores

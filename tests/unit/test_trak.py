@@ -18,8 +18,9 @@ from app.estimators import (
     train,
 )
 from app.estimators.gradients import n_parameters, per_sample_gradients, query_objective_fn
+from app.estimators.methods.trak import _factor_layout, _projected_margin_gradients, _psd_pinv
 from app.estimators.objectives import margin
-from app.estimators.projection import derive_seed
+from app.estimators.projection import derive_seed, make_projector
 
 torch.set_num_threads(1)
 
@@ -105,6 +106,63 @@ def test_loss_measurement_is_the_margin_score_times_one_minus_p(logreg):
         pq = torch.sigmoid(margin(torch.func.functional_call(model, w, (qx,)), qy))
     np.testing.assert_allclose(b.scores, a.scores * (1 - pq.numpy())[:, None], rtol=1e-9, atol=1e-15)
     assert b.metadata["query_function"] == "minus loss"
+
+
+def test_loss_measurement_averages_one_minus_p_over_members_separately(mlp):
+    """For an ensemble, measurement='loss' is the margin score times mean_m (1 - p'_{j,m}) (per query,
+    averaged like Q), not the mean of the members' own (1 - p') weighted kernel terms."""
+    model, res, x, y, qx, qy = mlp
+    x, y, qx, qy = x[:60], y[:60], qx[:5], qy[:5]
+    est = get_estimator("trak")
+    params = {"projection_dim": 32, "projection": "rademacher"}
+    kw = {"checkpoints": res.checkpoints}
+    a = est.attribute(
+        _problem(model, res.weights, x, y, qx, qy, measurement="margin", **kw), params, runtime=F64
+    )
+    b = est.attribute(
+        _problem(model, res.weights, x, y, qx, qy, measurement="loss", **kw), params, runtime=F64
+    )
+    pq = []
+    for ck in res.checkpoints:
+        with torch.no_grad():
+            pq.append(torch.sigmoid(margin(torch.func.functional_call(model, ck.state, (qx,)), qy)).numpy())
+    factor = 1.0 - np.mean(pq, 0)
+    np.testing.assert_allclose(b.scores, a.scores * factor[:, None], rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("frozen", [None, "1.bias", "3.weight"])
+def test_factored_projection_equals_projecting_the_gradient_rows(mlp, frozen):
+    """The linear-chain route (rank-one factors times P's rows, layer by layer) gives G P."""
+    model, res, x, y, qx, qy = mlp
+    import copy
+
+    model = copy.deepcopy(model)
+    if frozen is not None:
+        dict(model.named_parameters())[frozen].requires_grad_(False)
+    prob = _problem(model, res.weights, x[:40], y[:40], qx, qy)
+    p = n_parameters(model)
+    proj = make_projector("rademacher", p, 16, 3, "cpu", torch.float64)
+    assert _factor_layout(model) is not None
+    rt = Runtime(dtype=torch.float64, chunk_size=7)
+    rows = torch.cat(list(_projected_margin_gradients(prob, res.weights, proj, rt)))
+    G = torch.cat([g for _, _, g in per_sample_gradients(model, res.weights, x[:40], y[:40], margin)])
+    torch.testing.assert_close(rows, proj.project(G), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.5])
+def test_kernel_pseudo_inverse_fast_path_matches_the_eigendecomposition(damping):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 12, generator=g, dtype=torch.float64)
+    full = X.T @ X  # well conditioned: the Cholesky path
+    low = X[:, :5] @ X[:, :5].T  # rank 5 of 40: the eigendecomposition path (drops the null space)
+    rtol = 40 * torch.finfo(torch.float64).eps
+    for A, rank in ((full, 12), (low, 5 if damping == 0 else 40)):
+        inv, r = _psd_pinv(A, damping, rtol)
+        assert r == rank
+        B = A + damping * torch.eye(A.shape[0], dtype=A.dtype)
+        torch.testing.assert_close(
+            inv, torch.linalg.pinv(B, hermitian=True, rtol=1e-10), rtol=1e-8, atol=1e-10
+        )
 
 
 @pytest.fixture(scope="module")

@@ -53,11 +53,13 @@ class KFACParams:
             "null: 0.1 x the mean eigenvalue of each block (kronfluence's heuristic)"
         },
     )
-    fisher: Literal["empirical", "true"] = field(
+    fisher: Literal["empirical", "true", "expected"] = field(
         default="empirical",
         metadata={
-            "description": "empirical: Fisher with the training labels; true: labels sampled from the "
-            "model's predictive distribution (expected value = Gauss-Newton)"
+            "description": "empirical: Fisher with the training labels; true: one label per example "
+            "sampled from the model's predictive distribution (expected value = Gauss-Newton); expected: "
+            "that expectation taken exactly (the Gauss-Newton matrix; k backward rows per example for "
+            "k outputs, no sampling noise)"
         },
     )
     layers: list[str] | None = field(
@@ -68,7 +70,7 @@ class KFACParams:
         },
     )
     seed: Annotated[int, Ge(0)] = field(
-        default=0, metadata={"description": "seed for the labels sampled by fisher='true'"}
+        default=0, metadata={"description": "seed for the labels sampled by fisher='true' (unused otherwise)"}
     )
 
 

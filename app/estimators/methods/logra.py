@@ -16,15 +16,24 @@ output (``delta``, one batched backward pass per chunk) without ever forming the
 per-example ``d_out x d_in`` gradient. The projected gradients of all selected
 layers are concatenated (``D = sum_l k_in,l k_out,l``; stored row-major per layer).
 
-With ``F~ = (1/n) sum_i g~_i g~_i^T`` the empirical Fisher in the projected space,
+With ``F~ = (1/n) sum_i g~_i g~_i^T`` the empirical Fisher in the projected space (block-diagonal
+over the selected layers by default, ``blocks="layer"``, as in LoGra/logix and dattri; ``blocks="full"``
+keeps the cross-layer blocks) and
+``C~ = F~ + weight_decay P P^T`` the projected curvature of the training objective
+``mean_i L(z_i) + weight_decay/2 ||theta||^2`` (``P P^T`` is block-diagonal over layers,
+``(P_out P_out^T) (x) (P_in P_in^T)``; it is the identity for unprojected factors),
 
-    scores[j, i] = (1/n) g~'_j^T (F~ + lambda I)^-1 g~_i,
-    self_influence[i] = (1/n) g~_i^T (F~ + lambda I)^-1 g~_i,
+    scores[j, i] = (1/n) g~'_j^T (C~ + lambda I)^-1 g~_i,
+    self_influence[i] = (1/n) g~_i^T (C~ + lambda I)^-1 g~_i,
 
 where ``g~'`` is the projected gradient of the query objective (loss, or minus
-the margin), and ``lambda = damping * mean(diag F~)`` (relative damping; absolute
-``damping`` if ``F~`` is zero). With identity projections this is the
-Fisher-preconditioned influence function restricted to the selected layers.
+the margin), and ``lambda = damping * mean(diag F~)`` (relative damping, one value for all
+layers; absolute ``damping`` if ``F~`` is zero). With identity projections and ``blocks="full"``
+this is the Fisher-preconditioned influence function (Fisher + weight decay) restricted to the
+selected layers.
+The weight-decay term matters: without it (dattri's LoGra, eFIM with relative damping only) the
+projected empirical Fisher is a poor curvature (bench/estimators.py: LOO Pearson 0.47 -> 0.61 on
+the L2 logistic regression, LDS 0.21 -> 0.44 on the MLP).
 
 Only ``nn.Linear`` modules are supported; ``layers`` selects module-name
 prefixes (``"last"`` = the last linear layer), default all trainable linear
@@ -33,7 +42,8 @@ layers. A factor's ``k`` at least the layer dimension, or ``projection =
 independently along the leading dimension (eval mode: BatchNorm uses running
 statistics). Train-side state (:meth:`fit`): the projected training gradients
 (``n x D``, written chunk by chunk and memory-mapped beyond the runtime's memory budget, see
-:mod:`..features`; scoring reads them in float64 row blocks) and the Cholesky factor of ``F~ + lambda I``.
+:mod:`..features`; scoring reads them in row blocks, in float32 unless the runtime is float64) and the
+(block-diagonal) Cholesky factor of ``C~ + lambda I``.
 """
 
 from __future__ import annotations
@@ -90,6 +100,13 @@ class LoGraParams:
         default=1e-3,
         metadata={
             "description": "relative damping: lambda = damping * mean diagonal of the projected Fisher"
+        },
+    )
+    blocks: Literal["layer", "full"] = field(
+        default="layer",
+        metadata={
+            "description": "'layer': the projected curvature is block-diagonal over the selected layers "
+            "(as in LoGra/logix and dattri; sum_l (k_in k_out)^2 work); 'full': one dense D x D matrix"
         },
     )
     layers: list[str] | None = field(
@@ -168,6 +185,7 @@ def projected_gradients(
     names, params, fixed = functional_state(model, state, device=dev, dtype=dtype)
     dt = params[names[0]].dtype
     module_names = {id(mod): name for name, mod, _ in layers}
+    D = sum(k.dim for _, _, k in layers)
     for name, _, _ in layers:  # the selected layers' outputs must be part of the graph
         params[f"{name}.weight" if name else "weight"].requires_grad_(True)
     records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name, _, _ in layers}
@@ -192,9 +210,12 @@ def projected_gradients(
                 outs = [o for name, _, _ in layers for _, o in records[name]]
                 deltas = torch.autograd.grad(total, outs, allow_unused=True) if outs else ()
             di = iter(deltas)
-            parts = []
+            G = torch.empty(b, D, device=dev, dtype=dt)  # each layer's block is written in place
+            col = 0
             for name, mod, kron in layers:
-                g = torch.zeros(b, kron.k_out, kron.k_in, device=dev, dtype=dt)
+                g = G[:, col : col + kron.dim].view(b, kron.k_out, kron.k_in)
+                col += kron.dim
+                written = False
                 for a, _ in records[name]:
                     d = next(di)
                     if d is None:
@@ -202,10 +223,16 @@ def projected_gradients(
                     a = a.reshape(b, -1, mod.in_features)
                     if mod.bias is not None:
                         a = torch.cat([a, torch.ones(*a.shape[:2], 1, device=dev, dtype=a.dtype)], dim=2)
-                    g = g + kron.project_factors(a, d.reshape(b, -1, mod.out_features))
-                parts.append(g.reshape(b, -1))
-            G = torch.cat(parts, dim=1)
-            if not bool(torch.isfinite(G).all()):
+                    part = kron.project_factors(a, d.reshape(b, -1, mod.out_features))
+                    if written:  # the layer ran more than once in the forward pass: sum the calls
+                        g += part
+                    else:
+                        g.copy_(part)
+                        written = True
+                if not written:  # the layer did not reach the objective
+                    g.zero_()
+            # NaN/inf propagate into the sum: one reduction instead of an elementwise test per chunk
+            if not bool(torch.isfinite(G.sum())) and not bool(torch.isfinite(G).all()):
                 raise NumericalError(
                     f"projected gradients of examples {start}..{stop - 1} contain NaN/inf; the weights may "
                     "have diverged or the inputs hold very large values"
@@ -214,6 +241,19 @@ def projected_gradients(
     finally:
         for h in handles:
             h.remove()
+
+
+def projected_identity(projectors: list[KroneckerProjector], device) -> torch.Tensor:
+    """``P P^T`` (``D x D``, float64): the identity of parameter space seen through the projections,
+    block-diagonal over layers with blocks ``(P_out P_out^T) (x) (P_in P_in^T)`` (row-major ``(k_out, k_in)``
+    layout of the projected gradients). The weight-decay term ``weight_decay * I`` of the objective's
+    curvature becomes ``weight_decay * P P^T`` in the projected space."""
+    blocks = []
+    for k in projectors:
+        Pi = k.in_matrix().to(device, torch.float64)
+        Po = k.out_matrix().to(device, torch.float64)
+        blocks.append(torch.kron(Po @ Po.T, Pi @ Pi.T))
+    return blocks[0] if len(blocks) == 1 else torch.block_diag(*blocks)
 
 
 @register
@@ -251,15 +291,24 @@ class LoGra(Estimator):
         p = as_params(self.Params, params)
         runtime = runtime or Runtime()
         validate_problem(problem, need_queries=False)
+        return self._fit(problem, p, runtime, *self._layers(problem, p, runtime))
+
+    def _fit(self, problem, p: LoGraParams, runtime: Runtime, layers, D: int) -> TrainState:
         check_state_finite(problem.weights, what="the model weights", parameter="/model_id")
         n = problem.n_train
         if n == 0:
             raise EstimatorError("the training set is empty", parameter="/train_dataset_id")
-        layers, D = self._layers(problem, p, runtime)
         dev = torch.device(runtime.device)
         tt = Ticker(runtime, "train_gradients", n_chunks(n, runtime.chunk_size))
         writer = FeatureWriter.for_runtime(runtime, n, D)
-        Fsum = torch.zeros(D, D, dtype=torch.float64, device=dev)
+        # column ranges of the curvature's diagonal blocks: one per layer, or one for all of them
+        spans, col = [], 0
+        for _, _, k in layers:
+            spans.append((col, col + k.dim))
+            col += k.dim
+        if p.blocks == "full":
+            spans = [(0, D)]
+        Fsum = [torch.zeros(e - s, e - s, dtype=torch.float64, device=dev) for s, e in spans]
         for _, _, G in self._stream(
             problem,
             problem.weights,
@@ -270,15 +319,31 @@ class LoGra(Estimator):
             runtime,
         ):
             writer.write(G)
-            G64 = G.to(torch.float64)
-            Fsum += G64.T @ G64
             tt.tick()
-        Fisher = Fsum / n
-        scale = float(Fisher.diagonal().mean())
+        features = writer.finish()
+        # the Gram over row blocks of the written features (one block when they fit 64 MiB): few large
+        # products in the features' dtype (float32: half the float64 time), each summed in float64
+        wdt = features.dtype if features.dtype in (torch.float32, torch.float64) else torch.float32
+        for _, _, Gc in row_chunks(features, budget=runtime.memory_budget_bytes, device=dev, dtype=wdt):
+            for F_b, (s, e) in zip(Fsum, spans, strict=True):
+                F_b += (Gc[:, s:e].T @ Gc[:, s:e]).to(torch.float64)
+        curv = [F_b.div_(n) for F_b in Fsum]
+        scale = float(sum(float(B.diagonal().sum()) for B in curv)) / D
         lam = p.damping * scale if scale > 0 else p.damping
-        A = Fisher.clone()
-        A.diagonal().add_(lam)
-        L, info = torch.linalg.cholesky_ex(A)
+        if problem.weight_decay:
+            wd = float(problem.weight_decay)
+            if p.blocks == "full":
+                curv[0] += wd * projected_identity([k for _, _, k in layers], dev)
+            else:
+                for B, (_, _, k) in zip(curv, layers, strict=True):
+                    B += wd * projected_identity([k], dev)
+        factors, info = [], 0
+        for B in curv:
+            B.diagonal().add_(lam)
+            Lb, ib = torch.linalg.cholesky_ex(B)
+            factors.append(Lb)
+            info = max(info, int(ib))
+        L = factors[0] if len(factors) == 1 else torch.block_diag(*factors)  # solves work block by block
         if int(info) != 0:
             raise NumericalError(
                 f"the projected Fisher plus damping is not positive definite (damping={p.damping:g}, "
@@ -286,11 +351,14 @@ class LoGra(Estimator):
                 parameter="/method/params/damping",
             )
         return TrainState(
-            tensors={"train_features": writer.finish(), "fisher_cholesky": L.cpu()},
+            tensors={"train_features": features, "fisher_cholesky": L.cpu()},
             info={
                 "n_train": n,
                 "dim": D,
+                "blocks": p.blocks,
+                "block_spans": [list(sp) for sp in spans],
                 "lambda": lam,
+                "weight_decay": float(problem.weight_decay),
                 "layers": [
                     {"name": name, "k_in": k.k_in, "k_out": k.k_out, "d_in": k.d_in, "d_out": k.d_out}
                     for name, _, k in layers
@@ -314,8 +382,12 @@ class LoGra(Estimator):
         validate_problem(problem, need_queries=want_scores)
         layers, D = self._layers(problem, p, runtime)
         if state is None:
-            state = self.fit(problem, p, runtime)
-        if state.info.get("n_train") != problem.n_train or state.info.get("dim") != D:
+            state = self._fit(problem, p, runtime, layers, D)
+        if (
+            state.info.get("n_train") != problem.n_train
+            or state.info.get("dim") != D
+            or state.info.get("blocks", "full") != p.blocks
+        ):
             raise EstimatorError(
                 "the cached LoGra state does not match this problem's training set or layers",
                 parameter="/method/params",
@@ -326,10 +398,11 @@ class LoGra(Estimator):
         m = problem.n_query
         dtype = numpy_dtype(runtime.dtype)
         L = state.tensors["fisher_cholesky"].to(dev, torch.float64)
+        spans = [tuple(sp) for sp in state.info.get("block_spans", [(0, D)])]
         features = state.tensors["train_features"]
 
-        def blocks():  # float64 row blocks of the shard's (possibly memory-mapped) training features
-            return row_chunks(features, lo, hi, budget=runtime.memory_budget_bytes, device=dev)
+        def blocks(dt=torch.float64):  # row blocks of the shard's (possibly memory-mapped) training features
+            return row_chunks(features, lo, hi, budget=runtime.memory_budget_bytes, device=dev, dtype=dt)
 
         scores = self_inf = None
         if want_scores:
@@ -347,15 +420,23 @@ class LoGra(Estimator):
                 rows.append(G.to(torch.float64))
                 qt.tick()
             Qg = torch.cat(rows) if rows else torch.zeros(0, D, dtype=torch.float64, device=dev)
-            S = torch.cholesky_solve(Qg.T, L)  # D x m
+            # D x m, float64; the product with the features runs in the features' dtype (the scores' dtype)
+            wdt = features.dtype if features.dtype in (torch.float32, torch.float64) else torch.float32
+            S = torch.empty(D, Qg.shape[0], dtype=torch.float64, device=dev)
+            for s, e in spans:  # L is block-diagonal: solve block by block
+                S[s:e] = torch.cholesky_solve(Qg.T[s:e], L[s:e, s:e])
+            S = (S / n).to(wdt)
             scores = np.empty((m, hi - lo), dtype=dtype)
-            for s, e, Gs in blocks():
-                scores[:, s - lo : e - lo] = ((Gs @ S).T / n).cpu().numpy()
+            for s, e, Gs in blocks(wdt):
+                scores[:, s - lo : e - lo] = (S.T @ Gs.T).cpu().numpy()
         if want_self_influence:
             self_inf = np.empty(hi - lo, dtype=dtype)
             for s, e, Gs in blocks():
-                Z = torch.linalg.solve_triangular(L, Gs.T, upper=False)
-                self_inf[s - lo : e - lo] = ((Z * Z).sum(dim=0) / n).cpu().numpy()
+                acc = torch.zeros(e - s, dtype=torch.float64, device=dev)
+                for a, b in spans:
+                    Z = torch.linalg.solve_triangular(L[a:b, a:b], Gs.T[a:b], upper=False)
+                    acc += (Z * Z).sum(dim=0)
+                self_inf[s - lo : e - lo] = (acc / n).cpu().numpy()
         return Attribution(
             scores=scores,
             self_influence=self_inf,
@@ -366,6 +447,8 @@ class LoGra(Estimator):
                 damping=p.damping,
                 damping_absolute=state.info["lambda"],
                 projected_dim=D,
+                curvature_blocks=p.blocks,
+                weight_decay=state.info.get("weight_decay", 0.0),
                 layers=state.info["layers"],
             ),
         )

@@ -6,16 +6,21 @@ eval mode, with a 1 appended so the bias is part of the head: ``f~ = [f; 1]``.
 The head ``Theta`` (``c x (d + 1)``, weight and bias) is refitted on the frozen
 features to stationarity of
 
-    J(Theta) = (1/n) sum_i L(Theta f~_i, y_i) + l2 * ||Theta||_F^2
+    J(Theta) = (1/n) sum_i L(Theta f~_i, t_i) + l2 * ||Theta||_F^2
 
-(cross-entropy; float64 full-batch L-BFGS with strong-Wolfe line search from
-the current head, then Newton-CG polishing until the relative residual
+(cross-entropy against targets ``t_i``: by default, ``targets="model"``, the trained model's own
+class probabilities ``softmax(Theta_0 f~_i)``, as in Yeh et al.'s reference code and dattri's
+RPS, so that the refitted head explains the model's predictions; ``targets="labels"``: one-hot
+training labels. On the bench MLP the model targets raise LDS 0.281 -> 0.304; on the L2 logistic
+regression, whose head is already the labelled optimum, labels do better: LOO Pearson 0.624 vs
+0.547. Float64 inexact Newton (conjugate gradients on analytic Hessian-vector products) from
+the current head until the relative residual
 ``||grad J|| / (2 l2 ||Theta||)`` is at most ``tol``; that residual bounds the
 relative error of the decomposition below, and a refit that cannot reach it
 raises :class:`NumericalError`). Stationarity gives the
 representer theorem
 
-    Theta = sum_i alpha_i f~_i^T,   alpha_i = -(1/(2 l2 n)) dL(z_i)/dPhi_i   (c-vector),
+    Theta = sum_i alpha_i f~_i^T,   alpha_i = -(1/(2 l2 n)) dL(z_i)/dPhi_i = -(softmax(Phi_i) - t_i)/(2 l2 n),
 
 so the refitted logits of any input decompose exactly over the training set:
 ``Phi(z') = Theta f~' = sum_i alpha_i (f~_i^T f~')``.
@@ -25,8 +30,11 @@ training example ``i``'s contribution to the refitted logit of the query's true
 class. Positive = the example pushes the query towards its label (a proponent;
 removing its contribution lowers that logit), for either ``measurement`` (the
 logit decomposition does not depend on it; the metadata records this).
-Self-influence: ``alpha_{i, y_i} f~_i^T f~_i >= 0`` (large for mislabelled
-points). Note that this explains the refitted head, not the trained network.
+Self-influence: ``a_i f~_i^T f~_i >= 0`` with ``a_i = (1 - softmax(Theta f~_i)_{y_i}) / (2 l2 n)``,
+the own-label representer weight against the training *label* at the refitted head (equal to
+``alpha_{i, y_i}`` when ``targets="labels"``; with model targets ``alpha_{i, y_i}`` is near zero for a
+mislabelled point the model has memorised, so it would not flag it). Large for mislabelled points.
+Note that this explains the refitted head, not the trained network.
 Classification only. Train-side state (:meth:`fit`): features ``F~`` (``n x (d+1)``),
 ``alpha`` (``n x c``) and ``Theta``.
 """
@@ -34,7 +42,7 @@ Classification only. Train-side state (:meth:`fit`): features ``F~`` (``n x (d+1
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -64,8 +72,16 @@ class RepresenterParams:
         default=1e-3,
         metadata={"description": "L2 coefficient lambda of the refit: (1/n) sum L + lambda ||Theta||^2"},
     )
+    targets: Literal["model", "labels"] = field(
+        default="model",
+        metadata={
+            "description": "refit targets: 'model' = the trained model's predicted class probabilities "
+            "(Yeh et al.'s reference code and dattri: the head explains the model's predictions); "
+            "'labels' = the training labels"
+        },
+    )
     max_iter: Annotated[int, Ge(1)] = field(
-        default=2000, metadata={"description": "maximum L-BFGS iterations of the last-layer refit"}
+        default=2000, metadata={"description": "maximum Newton iterations of the last-layer refit"}
     )
     tol: Annotated[float, Gt(0)] = field(
         default=1e-8,
@@ -123,10 +139,6 @@ def head_features(
     return torch.cat(rows)
 
 
-def _objective(theta: torch.Tensor, Fx: torch.Tensor, y: torch.Tensor, l2: float) -> torch.Tensor:
-    return F.cross_entropy(Fx @ theta.T, y) + l2 * (theta * theta).sum()
-
-
 def _relative_residual(theta: torch.Tensor, g: torch.Tensor, l2: float) -> float:
     """``||grad J|| / (2 l2 ||Theta||)``: the relative error of ``Theta = sum_i alpha_i f~_i^T``."""
     return float(torch.linalg.vector_norm(g)) / max(2.0 * l2 * float(torch.linalg.vector_norm(theta)), 1e-300)
@@ -154,48 +166,55 @@ def _conjugate_gradient(hvp, b: torch.Tensor, max_iter: int, rtol: float = 1e-13
 def refit_head(
     Fx: torch.Tensor, y: torch.Tensor, theta0: torch.Tensor, l2: float, max_iter: int, tol: float
 ) -> tuple[torch.Tensor, float, int]:
-    """Minimise ``mean CE(Theta f~_i, y_i) + l2 ||Theta||^2`` in float64.
+    """Minimise ``J = mean CE(Theta f~_i, t_i) + l2 ||Theta||^2`` in float64 (``y``: class indices, or
+    ``n x c`` target probabilities ``t``).
 
-    Full-batch L-BFGS (strong Wolfe) from ``theta0``, then Newton steps with
-    conjugate-gradient solves on Hessian-vector products (the objective is
-    strictly convex) until ``||grad J|| / (2 l2 ||Theta||) <= tol``. Returns
-    ``(Theta, that relative residual, L-BFGS + Newton iterations)``.
+    Inexact Newton from ``theta0``: each step solves ``H s = -grad J`` by conjugate gradients on
+    analytic Hessian-vector products (``H V = (1/n) S^T F~ + 2 l2 V``, ``S = P * Z - P * rowsum(P * Z)``,
+    ``Z = F~ V^T``, ``P`` = softmax), to the relative residual ``min(0.5, sqrt(||grad J||))``
+    (superlinear convergence), then backtracks (Armijo); ``J`` is strictly convex. Stops when
+    ``||grad J|| / (2 l2 ||Theta||) <= tol`` or after ``max_iter`` Newton steps. Returns
+    ``(Theta, that relative residual, Newton steps)``.
     """
-    theta = theta0.detach().clone().to(torch.float64).requires_grad_(True)
-    opt = torch.optim.LBFGS(
-        [theta],
-        lr=1.0,
-        max_iter=max_iter,
-        max_eval=2 * max_iter,
-        tolerance_grad=1e-12,
-        tolerance_change=0.0,
-        history_size=50,
-        line_search_fn="strong_wolfe",
-    )
+    n, c = int(Fx.shape[0]), int(theta0.shape[0])
+    Fx = Fx.to(torch.float64)
+    T = y.to(torch.float64) if y.dim() == 2 else F.one_hot(y.long(), c).to(torch.float64)
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = _objective(theta, Fx, y, l2)
-        loss.backward()
-        return loss
+    def evaluate(th: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+        Z = Fx @ th.T
+        lse = torch.logsumexp(Z, dim=1)
+        value = float((lse - (T * Z).sum(dim=1)).mean()) + l2 * float((th * th).sum())
+        P = torch.exp(Z - lse[:, None])
+        return value, (P - T).T @ Fx / n + 2.0 * l2 * th, P
 
-    opt.step(closure)
-    iters = int(opt.state[theta].get("n_iter", 0))
-    theta = theta.detach()
-    grad_fn = torch.func.grad(_objective)
-    for _ in range(20):  # Newton-CG polish
-        g = grad_fn(theta, Fx, y, l2)
-        if _relative_residual(theta, g, l2) <= tol:
-            break
-        _, vjp_fn = torch.func.vjp(lambda t: grad_fn(t, Fx, y, l2), theta)  # H v = H^T v (reverse mode)
-        step = _conjugate_gradient(lambda v, f=vjp_fn: f(v)[0], -g, max_iter=min(theta.numel(), 500))
-        value = float(_objective(theta, Fx, y, l2))
+    theta = theta0.detach().to(torch.float64).clone()
+    value, g, P = evaluate(theta)
+    iters = 0
+    while iters < max_iter and _relative_residual(theta, g, l2) > tol:
+        gnorm = float(torch.linalg.vector_norm(g))
+
+        def hvp(V: torch.Tensor, P: torch.Tensor = P) -> torch.Tensor:
+            PZ = P * (Fx @ V.T)
+            return (PZ - P * PZ.sum(dim=1, keepdim=True)).T @ Fx / n + 2.0 * l2 * V
+
+        step = _conjugate_gradient(
+            hvp, -g, max_iter=min(theta.numel(), 500), rtol=max(min(0.5, gnorm**0.5), 1e-14)
+        )
+        slope = float((g * step).sum())
         t = 1.0
-        while t > 1e-8 and float(_objective(theta + t * step, Fx, y, l2)) > value:
+        while True:
+            new = theta + t * step
+            v_new, g_new, P_new = evaluate(new)
+            if v_new <= value + 1e-4 * t * slope:
+                break
+            # rounding floor near the optimum: J no longer resolves the decrease; the gradient does
+            if abs(v_new - value) <= 1e-13 * abs(value) and float(torch.linalg.vector_norm(g_new)) < gnorm:
+                break
             t *= 0.5
-        theta = theta + t * step
+            if t < 1e-10:
+                break
+        theta, value, g, P = new, v_new, g_new, P_new
         iters += 1
-    g = grad_fn(theta, Fx, y, l2)
     return theta, _relative_residual(theta, g, l2), iters
 
 
@@ -235,9 +254,14 @@ class Representer(Estimator):
             if b is None
             else b.to(dev, torch.float64)
         )
+        theta0 = torch.cat([W, b[:, None]], 1)
         y = problem.train_y.to(dev).long()
+        if p.targets == "model":  # soft targets: the model's own class probabilities (its head is the output)
+            target = torch.softmax(Fx @ theta0.T, dim=1)
+        else:
+            target = F.one_hot(y, theta0.shape[0]).to(torch.float64)
         runtime.progress("refit", 0, 1)
-        theta, resid, iters = refit_head(Fx, y, torch.cat([W, b[:, None]], 1), p.l2, p.max_iter, p.tol)
+        theta, resid, iters = refit_head(Fx, target, theta0, p.l2, p.max_iter, p.tol)
         runtime.progress("refit", 1, 1)
         if not bool(torch.isfinite(theta).all()):
             raise NumericalError("the last-layer refit diverged; increase l2", parameter="/method/params/l2")
@@ -249,12 +273,17 @@ class Representer(Estimator):
                 "stationary point: raise max_iter, raise tol, or increase l2",
                 parameter="/method/params/max_iter",
             )
-        dL = torch.softmax(Fx @ theta.T, dim=1)
-        dL[torch.arange(n, device=dev), y] -= 1.0  # dL_i / dPhi_i for cross-entropy
+        dL = torch.softmax(Fx @ theta.T, dim=1) - target  # dL_i / dPhi_i for cross-entropy
         alpha = -dL / (2.0 * p.l2 * n)
         return TrainState(
             tensors={"features": Fx.cpu(), "alpha": alpha.cpu(), "theta": theta.cpu()},
-            info={"n_train": n, "refit_relative_residual": resid, "refit_iterations": iters, "l2": p.l2},
+            info={
+                "n_train": n,
+                "refit_relative_residual": resid,
+                "refit_iterations": iters,
+                "l2": p.l2,
+                "targets": p.targets,
+            },
         )
 
     def attribute(
@@ -274,7 +303,7 @@ class Representer(Estimator):
         self._check_task(problem)
         if state is None:
             state = self.fit(problem, p, runtime)
-        if state.info.get("n_train") != problem.n_train:
+        if state.info.get("n_train") != problem.n_train or state.info.get("targets", "labels") != p.targets:
             raise EstimatorError(
                 "the cached representer state does not match this problem's training set",
                 parameter="/method/params",
@@ -296,8 +325,12 @@ class Representer(Estimator):
                 )
             scores = ((Fq @ Fs.T) * alpha[:, c].T).cpu().numpy().astype(dtype)
         if want_self_influence:
+            # the own-label weight against the training *label* at the refitted head, whatever the refit
+            # targets: (1 - softmax(Theta f~_i)_{y_i}) / (2 l2 n) >= 0 (equal to alpha_{i, y_i} for labels)
             yt = problem.train_y[lo:hi].to(dev).long()
-            a_own = alpha.gather(1, yt[:, None])[:, 0]
+            theta = state.tensors["theta"].to(dev, torch.float64)
+            p_own = torch.softmax(Fs @ theta.T, dim=1).gather(1, yt[:, None])[:, 0]
+            a_own = (1.0 - p_own) / (2.0 * p.l2 * problem.n_train)
             self_inf = (a_own * (Fs * Fs).sum(dim=1)).cpu().numpy().astype(dtype)
         return Attribution(
             scores=scores,
@@ -307,6 +340,7 @@ class Representer(Estimator):
                 problem,
                 normalisation="alpha = -(1/(2 l2 n)) dL/dPhi; score = alpha_{i,y'} f~_i.f~'",
                 l2=p.l2,
+                targets=p.targets,
                 refit_relative_residual=state.info["refit_relative_residual"],
                 refit_iterations=state.info["refit_iterations"],
                 explains="the query's true-class logit of the L2-refitted last layer (any measurement)",

@@ -14,9 +14,13 @@ independently trained model, or the final weights alone):
   members as in the paper.
 
 ``scores[j, i] = (mean_m phi'_{j,m}^T K_m phi_{i,m}) * mean_m Q_ii`` with
-``phi' = -grad_theta q(z') P`` where ``q`` is the query objective: ``phi'`` is the
-projected gradient of the query *margin* for ``measurement="margin"``
-(canonical TRAK) and of minus the query loss for ``measurement="loss"``. This
+``phi'_{j,m} = grad_theta margin(z'_j) P_m`` (canonical TRAK) for ``measurement="margin"``;
+for ``measurement="loss"`` the scores are multiplied row-wise by ``mean_m (1 - p'_{j,m})``
+(``p'`` the query's label probability): per member ``-grad CE = (1 - p') grad margin``, and,
+like ``Q`` on the training side, that factor is averaged over the members separately from
+the kernel term (weighting each member's term by its own ``1 - p'`` instead over-weights the
+early, less confident checkpoints: on the bench MLP, LDS 0.281 vs 0.297). With one member
+both are ``phi' = -grad_theta q(z') P`` for the query objective ``q``. This
 is the one-step Newton estimate of the effect of removing ``z_i`` on ``q`` for
 logistic regression on the linearised model (Gauss-Newton Hessian approximated
 by ``Phi^T Phi``), so a positive score means a proponent under
@@ -32,8 +36,10 @@ only (cross-entropy).
 
 Train-side state (:meth:`fit`): ``Phi_m``, ``K_m`` and ``Q``. ``Phi_m`` is written chunk by chunk
 (memory-mapped beyond the runtime's memory budget, :mod:`..features`) while ``Phi_m^T Phi_m`` is
-accumulated; scoring reads it back in float64 row blocks, so no float64 copy of it exists. When
-``k > n`` the ``k x k`` ``K_m`` is replaced by the equivalent ``n x n`` dual matrix
+accumulated; the kernel is inverted by Cholesky when a cheap bound shows it keeps every
+eigenvalue (:func:`_psd_pinv`), else by eigendecomposition. Scoring reads ``Phi_m`` back in
+float64 row blocks, so no float64 copy of it exists. When ``k > n``
+the ``k x k`` ``K_m`` is replaced by the equivalent ``n x n`` dual matrix
 ``D_m = (Phi_m Phi_m^T + damping I)^+`` (``K Phi^T = Phi^T D``), which is smaller
 and gives the same scores. Scores are *not* a sum over members (``Q`` is averaged
 separately), so TRAK is not ``checkpoint_additive``. ``projection_dim`` is capped
@@ -42,11 +48,15 @@ at ``p``: ``projection_dim >= p`` or ``projection="identity"`` uses the exact gr
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 import torch
 from annotated_types import Ge
+from torch import nn
 from torch.func import functional_call
 
 from ..base import Attribution, Estimator, EstimatorError, ProblemSize, Runtime, TrainState, register
@@ -57,16 +67,19 @@ from ..gradients import (
     check_state_finite,
     column_range,
     functional_state,
+    gradient_factors,
+    linear_chain,
     metadata,
     n_chunks,
     n_parameters,
     numpy_dtype,
     per_sample_gradients,
     query_gradients,
+    trainable_names,
     validate_problem,
 )
 from ..objectives import margin
-from ..projection import Projector, capped, derive_seed, make_projector
+from ..projection import DenseProjector, Projector, capped, derive_seed, make_projector
 
 MAX_KERNEL_SIDE = 32768
 """Largest kernel inverted (``min(k, n)`` rows; float64, so at most 8 GiB)."""
@@ -117,8 +130,90 @@ def _label_probabilities(model, state, x, y, runtime: Runtime) -> torch.Tensor:
     return torch.cat(probs) if probs else torch.zeros(0, device=dev, dtype=torch.float64)
 
 
+def _factor_layout(model) -> list[tuple[bool, bool, int, int]] | None:
+    """Per linear layer of a :func:`linear_chain` model ``(weight trainable, bias trainable, d_out,
+    d_in)`` in the flat gradient order, or None (another model, or a layout that does not match)."""
+    chain = linear_chain(model)
+    if chain is None:
+        return None
+    names = trainable_names(model)
+    layout, order = [], []
+    for name, m in chain:
+        if type(m) is not nn.Linear:
+            continue
+        w, b = f"{name}.weight" in names, m.bias is not None and f"{name}.bias" in names
+        if w or b:
+            layout.append((w, b, m.out_features, m.in_features))
+            order += ([f"{name}.weight"] if w else []) + ([f"{name}.bias"] if b else [])
+    return layout if order == names else None
+
+
+def _projected_margin_gradients(problem, state, proj: Projector, runtime: Runtime) -> Iterator[torch.Tensor]:
+    """Projected training margin gradients ``G P``, a chunk of rows at a time.
+
+    For a :func:`linear_chain` model with a cached dense ``P`` the per-example gradients are
+    projected layer by layer from their rank-one factors (``delta_i a_i^T`` times the layer's rows
+    of ``P``): the same product without assembling the ``(b, p)`` gradient rows.
+    """
+
+    def objective(out, y):
+        return margin(out, y)
+
+    kw = {"chunk_size": runtime.chunk_size, "device": runtime.device, "dtype": runtime.dtype}
+    layout = _factor_layout(problem.model) if isinstance(proj, DenseProjector) and proj.cached else None
+    factored = None
+    if layout is not None:
+        factored = gradient_factors(
+            problem.model, state, problem.train_x, problem.train_y, objective, what="training examples", **kw
+        )
+    if factored is None:
+        for _, _, G in per_sample_gradients(
+            problem.model, state, problem.train_x, problem.train_y, objective, what="training examples", **kw
+        ):
+            yield proj.project(G)
+        return
+    P = proj.matrix()
+    for _, _, factors in factored:
+        rows, r = None, 0
+        for (A, D), (w, b, d_out, d_in) in zip(factors, layout, strict=True):
+            D = D.to(P.dtype)
+            part = None
+            if w:
+                G = (D[:, :, None] * A[:, None, :d_in].to(P.dtype)).reshape(D.shape[0], -1)
+                part = G @ P[r : r + d_out * d_in]
+                r += d_out * d_in
+            if b:
+                pb = D @ P[r : r + d_out]
+                part = pb if part is None else part.add_(pb)
+                r += d_out
+            if part is not None:
+                rows = part if rows is None else rows.add_(part)
+        if rows is None or r != proj.p:  # cannot happen for a matching layout; kept as a guard
+            raise EstimatorError("the factored projection does not cover the model's parameters")
+        yield rows
+
+
 def _psd_pinv(A: torch.Tensor, damping: float, rtol: float) -> tuple[torch.Tensor, int]:
-    """``(A + damping I)^+`` for symmetric PSD ``A`` (float64), dropping eigenvalues below ``rtol * max``."""
+    """``(A + damping I)^+`` for symmetric PSD ``A`` (float64), dropping eigenvalues below ``rtol * max``.
+
+    Fast path: a Cholesky inverse when it provably drops nothing. For PSD ``B = A + damping I``,
+    ``lambda_max(B) <= min(tr B, ||B||_inf)`` and ``1 / lambda_min(B) <= min(tr B^-1, ||B^-1||_inf)``,
+    so a product of those bounds below ``1 / rtol`` (checked with a factor 2 to spare for the
+    rounding of the computed inverse, whose relative error is about ``cond * eps << 1`` there) means
+    every eigenvalue is above ``rtol * max``: the pseudo-inverse is the inverse. Otherwise (rank
+    deficient or nearly so, or Cholesky fails) an eigendecomposition, several times slower.
+    """
+    n = A.shape[0]
+    B = A + damping * torch.eye(n, dtype=A.dtype, device=A.device) if damping else A
+    if n:
+        L, info = torch.linalg.cholesky_ex(B)
+        if int(info) == 0:
+            inv = torch.cholesky_inverse(L)
+            top = min(float(torch.diagonal(B).sum()), float(B.abs().sum(dim=1).max()))
+            inv_top = min(float(torch.diagonal(inv).sum()), float(inv.abs().sum(dim=1).max()))
+            bound = top * inv_top
+            if math.isfinite(bound) and 0.0 < bound < 0.5 / rtol:
+                return inv, n
     evals, evecs = torch.linalg.eigh(A)
     evals = evals + damping
     top = float(evals.abs().max()) if evals.numel() else 0.0
@@ -145,12 +240,22 @@ class TRAK(Estimator):
             )
         return members
 
-    def _projector(self, problem, p: TRAKParams, runtime: Runtime, member: int) -> Projector:
-        """An independent projection per ensemble member (as in the TRAK paper); member 0 uses ``seed``."""
+    def _projector(
+        self, problem, p: TRAKParams, runtime: Runtime, member: int, cache: dict | None = None
+    ) -> Projector:
+        """An independent projection per ensemble member (as in the TRAK paper); member 0 uses ``seed``.
+
+        ``cache`` (per call of :meth:`attribute`) keeps a member's projector, and so its generated
+        matrix, from the training features to the queries."""
+        if cache is not None and member in cache:
+            return cache[member]
         n_params = n_parameters(problem.model)
         kind, k = capped(p.projection, n_params, p.projection_dim)
         seed = p.seed if member == 0 else derive_seed(p.seed, member)
-        return make_projector(kind, n_params, k, seed, runtime.device, runtime.dtype)
+        proj = make_projector(kind, n_params, k, seed, runtime.device, runtime.dtype)
+        if cache is not None:
+            cache[member] = proj
+        return proj
 
     def check(self, problem_size: ProblemSize, params) -> None:
         p = as_params(self.Params, params)
@@ -173,6 +278,9 @@ class TRAK(Estimator):
 
     def fit(self, problem, params=None, runtime=None) -> TrainState:
         """Per member: projected training margin gradients ``Phi``, the kernel inverse, and ``Q``."""
+        return self._fit(problem, params, runtime, None)
+
+    def _fit(self, problem, params, runtime, projectors: dict | None) -> TrainState:
         p = as_params(self.Params, params)
         runtime = runtime or Runtime()
         validate_problem(problem, need_queries=False)
@@ -182,7 +290,7 @@ class TRAK(Estimator):
             raise EstimatorError("the training set is empty", parameter="/train_dataset_id")
         members = self._members(problem, p)
         self.check(ProblemSize(n, problem.n_query, n_parameters(problem.model), len(problem.checkpoints)), p)
-        k = self._projector(problem, p, runtime, 0).k
+        k = self._projector(problem, p, runtime, 0, projectors).k
         dual = k > n
         rtol = max(k, n) * torch.finfo(torch.float64).eps  # numerically zero eigenvalues of the Gram
         dev = torch.device(runtime.device)
@@ -191,21 +299,10 @@ class TRAK(Estimator):
         ranks = []
         Qsum = torch.zeros(n, dtype=torch.float64, device=dev)
         for mi, (_, st) in enumerate(members):
-            proj = self._projector(problem, p, runtime, mi)
+            proj = self._projector(problem, p, runtime, mi, projectors)
             writer = FeatureWriter.for_runtime(runtime, n, k, matrices=len(members))
             gram = None if dual else torch.zeros(k, k, dtype=torch.float64, device=dev)
-            for _, _, G in per_sample_gradients(
-                problem.model,
-                st,
-                problem.train_x,
-                problem.train_y,
-                lambda out, y: margin(out, y),
-                chunk_size=runtime.chunk_size,
-                device=dev,
-                dtype=runtime.dtype,
-                what="training examples",
-            ):
-                rows = proj.project(G)
+            for rows in _projected_margin_gradients(problem, st, proj, runtime):
                 writer.write(rows)
                 if gram is not None:  # Phi^T Phi, one chunk of rows at a time
                     rows64 = rows.to(torch.float64)
@@ -254,8 +351,9 @@ class TRAK(Estimator):
         validate_problem(problem, need_queries=want_scores)
         self._check_task(problem)
         members = self._members(problem, p)
+        projectors: dict[int, Projector] = {}
         if state is None:
-            state = self.fit(problem, p, runtime)
+            state = self._fit(problem, p, runtime, projectors)
         info = state.info
         if info.get("n_train") != problem.n_train or info.get("n_members") != len(members):
             raise EstimatorError(
@@ -277,13 +375,24 @@ class TRAK(Estimator):
         def blocks(Phi, start=0, stop=None):  # float64 row blocks of the (possibly mapped) features
             return row_chunks(Phi, start, stop, budget=budget, device=dev)
 
+        by_margin = dataclasses.replace(problem, measurement="margin")
+        Qq = (
+            torch.zeros(m, dtype=torch.float64, device=dev)
+            if want_scores and problem.measurement != "margin"
+            else None
+        )
         for mi, (_, st) in enumerate(members):
             Phi = state.tensors[f"features_{mi}"]
             inv = state.tensors[f"{'dual' if dual else 'kernel_inverse'}_{mi}"].to(dev, torch.float64)
             if S is not None:
                 # phi' = -(grad q) P: the projected gradient of the query margin (or of minus its loss)
-                proj = self._projector(problem, p, runtime, mi)
-                phi_q = -proj.project(query_gradients(problem, st, runtime, qt)).to(torch.float64)
+                proj = self._projector(problem, p, runtime, mi, projectors)
+                # the query margin gradient (q = -margin); for the loss, -grad loss = (1 - p'_j) grad margin
+                # per member, whose factor is averaged separately like Q (applied below)
+                phi_q = -proj.project(query_gradients(by_margin, st, runtime, qt)).to(torch.float64)
+                if Qq is not None:
+                    pq = _label_probabilities(problem.model, st, problem.query_x, problem.query_y, runtime)
+                    Qq += 1.0 - pq
                 if dual:  # (phi_q Phi^T) D[:, lo:hi]
                     B = torch.empty(m, Phi.shape[0], dtype=torch.float64, device=dev)
                     for s, e, block in blocks(Phi):
@@ -304,6 +413,8 @@ class TRAK(Estimator):
                     else:  # ((Phi_s K) * Phi_s).sum(1)
                         si[s - lo : e - lo] += ((block @ inv) * block).sum(dim=1)
         # in place (the same operations as S / M * Q): no second m x n float64 matrix
+        if S is not None and Qq is not None:
+            S.mul_((Qq / M).unsqueeze(1))
         scores = S.div_(M).mul_(Q).cpu().numpy().astype(dtype) if S is not None else None
         self_inf = si.div_(M).mul_(Q).cpu().numpy().astype(dtype) if si is not None else None
         return Attribution(

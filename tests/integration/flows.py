@@ -48,6 +48,30 @@ def register_model(
     return client.post("/v1/models", data={"spec": json.dumps(spec)}, files=files or None)
 
 
+def train_cancer_model(client: httpx.Client, name: str = "cancer") -> tuple[dict, dict, dict]:
+    """breast_cancer train/test sets and an L2 logistic regression trained on them through the API.
+
+    L-BFGS to the optimum: the same weights every time, which is what the convex checks need.
+    """
+    train = builtin(client, "sklearn:breast_cancer", "train")
+    test = builtin(client, "sklearn:breast_cancer", "test")
+    spec = {
+        "name": name,
+        "architecture": {"name": "linear", "params": {"in_features": 30, "num_classes": 2}},
+        "recipe": {
+            "optimizer": "lbfgs",
+            "learning_rate": 1.0,
+            "epochs": 100,
+            "weight_decay": 1e-2,
+            "num_checkpoints": 1,
+        },
+        "train_dataset_id": train["id"],
+    }
+    model = register_model(client, spec).json()
+    assert wait(client, f"/v1/training-jobs/{model['training_job_id']}")["state"] == "succeeded"
+    return train, test, model
+
+
 def wait(client: httpx.Client, path: str, timeout: float = 180, states=TERMINAL) -> dict:
     deadline = time.monotonic() + timeout
     while True:

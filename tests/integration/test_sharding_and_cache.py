@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.integration.flows import builtin, scores, submit, train_digits_model, wait
+from tests.integration.flows import builtin, scores, submit, train_cancer_model, train_digits_model, wait
 
 pytestmark = pytest.mark.integration
 
@@ -67,24 +67,7 @@ def test_sharded_equals_unsharded(setup, method):
 def test_train_state_is_cached_and_sharded_if_exact_matches(setup):
     """if_exact's Cholesky factor is fitted once; later jobs (new queries, or sharded) reuse it."""
     client, _, _, _ = setup
-    train = builtin(client, "sklearn:breast_cancer", "train")
-    test = builtin(client, "sklearn:breast_cancer", "test")
-    from tests.integration.flows import register_model
-
-    spec = {
-        "name": "cancer",
-        "architecture": {"name": "linear", "params": {"in_features": 30, "num_classes": 2}},
-        "recipe": {
-            "optimizer": "lbfgs",
-            "learning_rate": 1.0,
-            "epochs": 100,
-            "weight_decay": 1e-2,
-            "num_checkpoints": 1,
-        },
-        "train_dataset_id": train["id"],
-    }
-    model = register_model(client, spec).json()
-    assert wait(client, f"/v1/training-jobs/{model['training_job_id']}")["state"] == "succeeded"
+    train, test, model = train_cancer_model(client)
     body = {
         "model_id": model["id"],
         "train_dataset_id": train["id"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.integration.flows import builtin, register_model, scores, submit, wait
+from tests.integration.flows import scores, submit, train_cancer_model, wait
 
 pytestmark = pytest.mark.integration
 
@@ -17,22 +17,7 @@ def cancer(api_server, integration_env, tmp_path_factory):
 
     worker = WorkerProcess(integration_env, tmp_path_factory.mktemp("w") / "w.log").start()
     with api_server.client() as client:
-        train = builtin(client, "sklearn:breast_cancer", "train")
-        test = builtin(client, "sklearn:breast_cancer", "test")
-        spec = {
-            "name": "cancer",
-            "architecture": {"name": "linear", "params": {"in_features": 30, "num_classes": 2}},
-            "recipe": {
-                "optimizer": "lbfgs",
-                "learning_rate": 1.0,
-                "epochs": 100,
-                "weight_decay": 1e-2,
-                "num_checkpoints": 1,
-            },
-            "train_dataset_id": train["id"],
-        }
-        model = register_model(client, spec).json()
-        assert wait(client, f"/v1/training-jobs/{model['training_job_id']}")["state"] == "succeeded"
+        train, test, model = train_cancer_model(client)
         yield client, train, test, model
     worker.stop()
 

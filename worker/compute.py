@@ -345,10 +345,10 @@ def shard(payload: dict, inputs: dict[str, Path], out: Path, progress: ProgressC
             subsets = estimator.plan(problem, params, start=plan["train_lo"], stop=plan["train_hi"])
             want_self = payload["self_influence"] and estimator.supports_self_influence
             outputs = estimator.train_subsets(problem, params, subsets, runtime, self_influence=want_self)
-        _save_arrays(out, **{f"subset.{name}": array for name, array in outputs.arrays.items()})
+        saved = _save_outputs(out, "subset", outputs)
         return {
-            "subsets": sorted(outputs.arrays),
-            "info": plain(outputs.info),
+            "subsets": saved["names"],
+            "info": saved["info"],
             "compute_seconds": round(time.perf_counter() - started, 4),
         }
     state, state_meta = _state(estimator, params, problem, runtime, payload["fit_state"], inputs, out)

@@ -92,7 +92,7 @@ def serve(host: str, port: int, worker: bool | None, api_workers: int, demo: boo
     try:
         if api_workers > 1:  # separate processes build the app themselves from the same IA_* environment
             uvicorn.run(
-                "app.main:create_app",
+                "app.main:serve_app",
                 factory=True,
                 workers=api_workers,
                 host=host,
@@ -100,7 +100,12 @@ def serve(host: str, port: int, worker: bool | None, api_workers: int, demo: boo
                 log_level=settings.log_level.lower(),
             )
         else:
-            uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level.lower())
+            uvicorn.run(
+                create_app(settings, settle_heap=True),
+                host=host,
+                port=port,
+                log_level=settings.log_level.lower(),
+            )
     finally:
         if child is not None:
             child.terminate()

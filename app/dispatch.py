@@ -74,6 +74,16 @@ def client(settings: Settings) -> Celery:
     return _client(settings.model_dump_json())
 
 
+def warm_up(settings: Settings) -> None:
+    """Load what the first publish would load lazily (some 60 Celery and kombu modules), offline."""
+    app = client(settings)
+    app.amqp.producer_pool  # noqa: B018 - each attribute imports its part of the send path
+    app.Task, app.AsyncResult, app.backend, app.events.Dispatcher  # noqa: B018
+    app.signature(RUN_JOB_TASK)
+    with app.connection_for_write() as connection:  # a transport object; nothing connects
+        connection.transport  # noqa: B018
+
+
 def _publish(settings: Settings, task: str, object_id: str, countdown: float | None = None) -> bool:
     """Publish; a failure is logged, not raised: the row is committed and the sweeper re-publishes it."""
     try:

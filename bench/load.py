@@ -6,11 +6,14 @@ Starts, on this machine's PostgreSQL (a fresh database) and Redis (its own DB nu
 (so a core is busy computing during the whole run), then drives ``bench/openloop.py`` at
 constant arrival rates: ``--poll-rps`` polls of that job's status and ``--submit-rps``
 submissions of small jobs, latency measured from each request's scheduled instant (no
-coordinated omission). Locust's users showed a ~50 ms floor even on /healthz on this box, so
-the generator is our own, small one. Afterwards it checks that every accepted job (202) is in
+coordinated omission). The first ``--warmup`` seconds of the same load are reported apart, not
+in the figures (as wrk2's calibration): they open the connections and grow the pools that a
+steady load runs on. Locust's users showed a ~50 ms floor even on /healthz on this box, so the
+generator is our own, small one. Afterwards it checks that every accepted job (202) is in
 PostgreSQL and on the queue (zero lost jobs), prints a table and writes bench/out/load.json.
 
-Usage: python bench/load.py [--poll-rps 300] [--submit-rps 50] [--duration 30] [--processes 2]
+Usage: python bench/load.py [--poll-rps 300] [--submit-rps 50] [--duration 30] [--warmup 5]
+                          [--processes 2]
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ BUSY_NET = {
     "params": {"in_channels": 1, "height": 8, "width": 8, "num_classes": 10, "channels": [64, 128]},
 }
 LINEAR = {"name": "linear", "params": {"in_features": 64, "num_classes": 10}}
+POLL, SUBMIT = "GET /v1/training-jobs/{id}", "POST /v1/influence-jobs"
 UNLIMITED = {
     "max_active_jobs": 10**6,
     "max_running_jobs": 1,
@@ -111,20 +115,27 @@ def _wait_running(client: httpx.Client, path: str, timeout: float = 120) -> None
         time.sleep(0.2)
 
 
-def _drive(url: str, api_key: str, busy_job: str, body: dict, args) -> tuple[list[dict], list[str]]:
+def _drive(
+    url: str, api_key: str, busy_job: str, body: dict, args
+) -> tuple[list[dict], list[dict], list[str]]:
+    """(warm-up summaries, measured summaries, ids of every accepted job of both phases)."""
     accepted: list[str] = []
 
     def keep(status: int, response: bytes) -> None:
         if status == 202:
             accepted.append(json.loads(response)["id"])
 
-    streams = [
-        Stream("GET /v1/training-jobs/{id}", args.poll_rps, Request("GET", f"/v1/training-jobs/{busy_job}")),
-        Stream("POST /v1/influence-jobs", args.submit_rps, Request("POST", "/v1/influence-jobs", body), keep),
-    ]
-    streams = [s for s in streams if s.rate > 0]
-    summaries = run(url, {"Authorization": f"Bearer {api_key}"}, streams, args.duration)
-    return summaries, accepted
+    def streams() -> list[Stream]:
+        both = [
+            Stream(POLL, args.poll_rps, Request("GET", f"/v1/training-jobs/{busy_job}")),
+            Stream(SUBMIT, args.submit_rps, Request("POST", "/v1/influence-jobs", body), keep),
+        ]
+        return [s for s in both if s.rate > 0]
+
+    headers = {"Authorization": f"Bearer {api_key}"}
+    # Connections, pools and threads grow to the load's size first; reported apart, not in the figures.
+    warmup = run(url, headers, streams(), args.warmup) if args.warmup > 0 else []
+    return warmup, run(url, headers, streams(), args.duration), accepted
 
 
 def main() -> None:
@@ -134,6 +145,12 @@ def main() -> None:
     parser.add_argument("--poll-rps", type=int, default=300)
     parser.add_argument("--submit-rps", type=int, default=50)
     parser.add_argument("--duration", type=int, default=30, help="Seconds of load.")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=5,
+        help="Seconds of the same load first, reported apart (as wrk2's calibration).",
+    )
     parser.add_argument("--processes", type=int, default=2, help="API processes (uvicorn workers).")
     parser.add_argument("--idle", action="store_true", help="No worker: nothing computes during the load.")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "load.json")
@@ -176,7 +193,7 @@ def main() -> None:
                 started = time.perf_counter()
                 client.get(f"/v1/training-jobs/{busy_job}").raise_for_status()
                 single.append(1000 * (time.perf_counter() - started))
-        endpoints, accepted = _drive(server.url, server.api_key, busy_job, body, args)
+        warmup, endpoints, accepted = _drive(server.url, server.api_key, busy_job, body, args)
         with server.client() as client:
             busy_state = client.get(f"/v1/training-jobs/{busy_job}").json()["state"]
         engine = create_engine(db_url)
@@ -189,6 +206,7 @@ def main() -> None:
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
             "api_processes": args.processes,
             "duration_s": args.duration,
+            "warmup_s": args.warmup,
             "single_request_ms_median": sorted(single)[len(single) // 2],
             "busy_job_state_after": busy_state,
             "accepted_jobs": len(accepted),
@@ -196,6 +214,7 @@ def main() -> None:
             "jobs_queued_in_db": sum(1 for s in rows.values() if s == "queued"),
             "messages_on_queue": queued_messages,
             "endpoints": endpoints,
+            "warmup_endpoints": warmup,
         }
     finally:
         if worker is not None:
@@ -203,14 +222,14 @@ def main() -> None:
         server.stop()
         _drop(db_url)
     print(
-        f"\nload test: {args.duration}s, {args.processes} API processes, a conv net training meanwhile "
-        f"(state after: {report['busy_job_state_after']}); "
+        f"\nload test: {args.duration}s after {args.warmup:g}s of warm-up, {args.processes} API processes, "
+        f"a conv net training meanwhile (state after: {report['busy_job_state_after']}); "
         f"single poll {report['single_request_ms_median']:.1f} ms"
     )
     print(
         f"{'endpoint':30} {'target/s':>8} {'got/s':>7} {'p50':>7} {'p95':>7} {'p99':>7} {'max':>7}  statuses"
     )
-    for e in report["endpoints"]:
+    for e in report["endpoints"] + [{**w, "name": f"(warm-up) {w['name']}"} for w in warmup]:
         print(
             f"{e['name']:30} {e['target_rps']:>8} {e['achieved_rps']:>7} {e['p50_ms']:>7.0f} "
             f"{e['p95_ms']:>7.0f} {e['p99_ms']:>7.0f} {e['max_ms']:>7.0f}  "

@@ -17,7 +17,7 @@ from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from app.db.session import get_sessionmaker, read_session
+from app.db.session import autocommit_session, get_sessionmaker
 from app.problems import ProblemError
 from app.services.models import WeightsUpload
 from app.services.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
@@ -59,10 +59,13 @@ def _commit_and_close(session: Session) -> None:
         session.close()
 
 
-def _run_in_session(settings: Settings, fn: Callable[..., T], args: tuple, read_only: bool) -> T:
-    if read_only:
-        with read_session(settings) as session:
-            return fn(session, *args)
+def _run_in_session(settings: Settings, fn: Callable[..., T], args: tuple, autocommit: bool) -> T:
+    if autocommit:
+        with autocommit_session(settings) as session:
+            try:
+                return fn(session, *args)
+            except DataError as exc:
+                raise _unstorable(exc) from None
     session = get_sessionmaker(settings)()
     try:
         result = fn(session, *args)
@@ -76,15 +79,16 @@ def _run_in_session(settings: Settings, fn: Callable[..., T], args: tuple, read_
     return result
 
 
-async def in_session(request: Request, fn: Callable[..., T], *args: Any, read_only: bool = False) -> T:
+async def in_session(request: Request, fn: Callable[..., T], *args: Any, autocommit: bool = False) -> T:
     """``fn(session, *args)`` with its own session, committed and closed, in one threadpool hop.
 
     For the hottest routes (status poll, submission), which are ``async def`` and return their
     JSON themselves: a :data:`SessionDep` route costs three hops (endpoint, session exit,
     response validation). The connection is returned inside the hop, so a waiting request can
-    never hold a thread that a connection's holder needs. ``read_only``: no transaction at all.
+    never hold a thread that a connection's holder needs. ``autocommit``: no transaction at all, each
+    statement commits by itself (for a single read, or a single write such as the submission's insert).
     """
-    return await run_in_threadpool(_run_in_session, request.app.state.settings, fn, args, read_only)
+    return await run_in_threadpool(_run_in_session, request.app.state.settings, fn, args, autocommit)
 
 
 def _rollback_and_close(session: Session) -> None:

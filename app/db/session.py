@@ -87,12 +87,13 @@ def get_sessionmaker(settings: Settings) -> sessionmaker[Session]:
 
 
 @contextmanager
-def read_session(settings: Settings) -> Iterator[Session]:
-    """A session for reads that need no transaction: no BEGIN and no ROLLBACK round trips.
+def autocommit_session(settings: Settings) -> Iterator[Session]:
+    """A session without a transaction: no BEGIN, COMMIT or ROLLBACK round trips.
 
-    Each statement sees the latest committed data; use it for single-query reads such as a poll.
+    Each statement sees the latest committed data and commits by itself; use it for single-query
+    reads such as a poll, or for work whose only write is one statement.
     """
-    session = Session(_autocommit_engine(settings.resolved_database_url))
+    session = Session(_autocommit_engine(settings.resolved_database_url), expire_on_commit=False)
     try:
         yield session
     finally:

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 
 TENANT_BUSY_RETRY_SECONDS = 5.0
+SUBMIT_ATTEMPTS = 8  # a random free slot collides rarely; at the limit the next pass answers 429
 
 
 class LeaseLost(Exception):
@@ -175,39 +176,45 @@ def _outputs(model: Model) -> int:
 def submit_influence(
     session: Session, settings: Settings, owner: Principal, body: JobCreate, idempotency_key: str | None
 ) -> tuple[Job, bool]:
-    """Validate, insert and commit the job, then publish it. Returns (job, created)."""
+    """Validate, insert and publish the job. Returns (job, created).
+
+    The INSERT is the only write, so an autocommit session runs it without BEGIN and COMMIT round
+    trips, and no lock is held: the quota slot's unique index settles concurrent submissions. A
+    collision (slot taken meanwhile, same Idempotency-Key won by a concurrent request, model
+    deleted meanwhile) re-reads everything and decides again.
+    """
     request_hash = _request_hash(body)
-    if idempotency_key:
-        existing = _by_idempotency_key(session, owner.tenant_id, idempotency_key, request_hash)
-        if existing is not None:
-            return existing, False
-    model, spec = _validate(session, settings, owner, body)
-    tenants.reserve_job_slot(session, owner.tenant_id, owner.limits)
-    job = Job(
-        tenant_id=owner.tenant_id,
-        kind="influence",
-        state="queued",
-        model_id=model.id,
-        train_dataset_id=body.train_dataset_id,
-        query_dataset_id=body.query_dataset_id or body.train_dataset_id,
-        spec=spec,
-        max_attempts=settings.max_attempts,
-        idempotency_key=idempotency_key,
-        request_hash=request_hash,
-        enqueued_at=utcnow(),
-        progress={"phase": "queued", "completed_units": 0, "total_units": 0, "fraction": 0.0},
-    )
-    session.add(job)
-    try:
-        session.commit()
-    except IntegrityError:  # a concurrent request with the same key won the insert
-        session.rollback()
-        existing = _by_idempotency_key(session, owner.tenant_id, idempotency_key or "", request_hash)
-        if existing is None:
-            raise
-        return existing, False
-    dispatch.enqueue_job(settings, job.id)
-    return job, True
+    for _ in range(SUBMIT_ATTEMPTS):
+        if idempotency_key:
+            existing = _by_idempotency_key(session, owner.tenant_id, idempotency_key, request_hash)
+            if existing is not None:
+                return existing, False
+        model, spec = _validate(session, settings, owner, body)
+        job = Job(
+            tenant_id=owner.tenant_id,
+            kind="influence",
+            state="queued",
+            model_id=model.id,
+            train_dataset_id=body.train_dataset_id,
+            query_dataset_id=body.query_dataset_id or body.train_dataset_id,
+            spec=spec,
+            max_attempts=settings.max_attempts,
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
+            enqueued_at=utcnow(),
+            progress={"phase": "queued", "completed_units": 0, "total_units": 0, "fraction": 0.0},
+            quota_slot=tenants.pick_job_slot(session, owner.tenant_id, owner.limits),
+        )
+        session.add(job)
+        try:
+            session.commit()
+        except IntegrityError as exc:
+            session.rollback()
+            collision = exc
+            continue
+        dispatch.enqueue_job(settings, job.id)
+        return job, True
+    raise collision
 
 
 def _by_idempotency_key(session: Session, tenant_id: str, key: str, request_hash: str) -> Job | None:

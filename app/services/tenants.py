@@ -1,24 +1,26 @@
 """Tenants and their quotas: every quota is checked inside the transaction that would exceed it.
 
-The tenant row is locked (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite
-serialises writers anyway) before counting, so two concurrent requests
-cannot both take the last slot.
+Storage and running-jobs checks lock the tenant row (``SELECT ... FOR UPDATE`` on PostgreSQL;
+SQLite serialises writers anyway) before counting, so two concurrent requests cannot both take
+the last unit. The active-jobs quota, checked on every submission, takes no lock: a partial unique
+index hands out a fixed number of slots (:func:`pick_job_slot`).
 """
 
 from __future__ import annotations
+
+import random
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
-from app.db.models import Dataset, Job, Model, Tenant
+from app.db.models import ACTIVE_STATES, Dataset, Job, Model, Tenant
 from app.problems import ProblemError
 from app.schemas.tenants import EffectiveLimits, TenantCreate, TenantLimits
 from app.services.pagination import paginate
 from app.settings import Settings
 
-ACTIVE_STATES = ("queued", "running")
 QUOTA_RETRY_SECONDS = 10
 
 
@@ -105,19 +107,43 @@ def reserve_storage(session: Session, tenant_id: str, limits: EffectiveLimits, i
         )
 
 
-def reserve_job_slot(session: Session, tenant_id: str, limits: EffectiveLimits) -> None:
-    """Refuse (429) a job beyond the tenant's queued-plus-running quota."""
-    _lock(session, tenant_id)
+def pick_job_slot(session: Session, tenant_id: str, limits: EffectiveLimits) -> int:
+    """A free one of the tenant's ``max_active_jobs`` admission slots for a new job; 429 when none is.
+
+    No lock: the partial unique index on (tenant, slot) over queued and running jobs admits at most
+    one job per slot, so two submissions that pick the same slot collide on insert and the loser
+    picks again. A job frees its slot by leaving the active states; nothing has to be decremented.
+    While the tenant holds at most a quarter of its slots a random pick is almost always free, so
+    the taken ones are read only when the tenant is near its limit.
+    """
+    limit = limits.max_active_jobs
     active = active_jobs(session, tenant_id)
-    if active >= limits.max_active_jobs:
-        raise ProblemError(
-            429,
-            "job-quota-exceeded",
-            "Too many active jobs",
-            f"the tenant has {active} queued or running jobs (limit {limits.max_active_jobs}); "
-            "wait for some to finish or cancel them",
-            headers={"Retry-After": str(QUOTA_RETRY_SECONDS)},
+    if active >= limit:
+        raise _job_quota_exceeded(active, limit)
+    if 4 * active <= limit:
+        return random.randrange(limit)
+    taken = set(
+        session.scalars(
+            select(Job.quota_slot).where(
+                Job.tenant_id == tenant_id, Job.state.in_(ACTIVE_STATES), Job.quota_slot.is_not(None)
+            )
         )
+    )
+    free = [slot for slot in range(limit) if slot not in taken]
+    if not free:
+        raise _job_quota_exceeded(active, limit)
+    return random.choice(free)
+
+
+def _job_quota_exceeded(active: int, limit: int) -> ProblemError:
+    return ProblemError(
+        429,
+        "job-quota-exceeded",
+        "Too many active jobs",
+        f"the tenant has {active} queued or running jobs (limit {limit}); "
+        "wait for some to finish or cancel them",
+        headers={"Retry-After": str(QUOTA_RETRY_SECONDS)},
+    )
 
 
 def running_slot_free(session: Session, settings: Settings, job_id: str) -> bool:

@@ -84,7 +84,7 @@ def _read_status(session: Session, tenant_id: str, job_id: str, kind: str) -> Jo
 
 async def _status_response(request: Request, tenant_id: str, job_id: str, kind: str) -> Response:
     """The status poll, the hottest route: one thread hop, no transaction, JSON serialised once."""
-    job = await in_session(request, _read_status, tenant_id, job_id, kind, read_only=True)
+    job = await in_session(request, _read_status, tenant_id, job_id, kind, autocommit=True)
     headers = {} if job.state in TERMINAL_STATES else {"Retry-After": POLL_SECONDS}
     return conditional_json(request, job, headers)
 
@@ -108,7 +108,7 @@ async def submit_job(
     different body is a 422.
     """
     settings = request.app.state.settings
-    job = await in_session(request, _submit, settings, owner, body, idempotency_key)
+    job = await in_session(request, _submit, settings, owner, body, idempotency_key, autocommit=True)
     headers = {"Location": f"/v1/influence-jobs/{job.id}", "Retry-After": POLL_SECONDS}
     return json_response(job, 202, headers)
 

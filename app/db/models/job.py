@@ -2,12 +2,14 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, String, UniqueConstraint
+from sqlalchemy import ForeignKey, Index, String, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db.base import Base, IdMixin, TimestampMixin
 
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+ACTIVE_STATES = ("queued", "running")
+_ACTIVE = text("state IN ('queued', 'running')")
 
 
 class Job(IdMixin, TimestampMixin, Base):
@@ -19,7 +21,18 @@ class Job(IdMixin, TimestampMixin, Base):
     """
 
     __tablename__ = "job"
-    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key"),)
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key"),
+        # At most one active job per (tenant, slot): the tenant's active-jobs quota without a lock.
+        Index(
+            "uq_job_active_quota_slot",
+            "tenant_id",
+            "quota_slot",
+            unique=True,
+            postgresql_where=_ACTIVE,
+            sqlite_where=_ACTIVE,
+        ),
+    )
 
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenant.id", ondelete="CASCADE"), index=True)
     kind: Mapped[str] = mapped_column(String(20), index=True)  # influence | training
@@ -46,5 +59,7 @@ class Job(IdMixin, TimestampMixin, Base):
     shards_total: Mapped[int] = mapped_column(default=0, server_default="0")  # 0: the job runs as one task
     shards_done: Mapped[int] = mapped_column(default=0, server_default="0")
 
+    # One of the tenant's max_active_jobs admission slots while queued or running (influence jobs).
+    quota_slot: Mapped[int | None] = mapped_column()
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     request_hash: Mapped[str | None] = mapped_column(String(64))

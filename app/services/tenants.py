@@ -114,7 +114,9 @@ def pick_job_slot(session: Session, tenant_id: str, limits: EffectiveLimits) -> 
     one job per slot, so two submissions that pick the same slot collide on insert and the loser
     picks again. A job frees its slot by leaving the active states; nothing has to be decremented.
     While the tenant holds at most a quarter of its slots a random pick is almost always free, so
-    the taken ones are read only when the tenant is near its limit.
+    the taken ones are read only when the tenant is near its limit. Jobs admitted under a higher
+    limit hold slots above a lowered one: they still count, so the count check refuses new jobs
+    until enough end (only submissions racing each other in that window can exceed the new limit).
     """
     limit = limits.max_active_jobs
     active = active_jobs(session, tenant_id)

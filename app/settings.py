@@ -122,6 +122,11 @@ class Settings(BaseSettings):
     sandbox_network: bool = Field(
         True, description="Give compute children an empty network namespace (when `unshare --net` works)."
     )
+    sandbox_filesystem: bool = Field(
+        True,
+        description="Confine CPU compute children with Landlock (Linux 5.13+): they read only their inputs "
+        "and the Python runtime, write only their scratch folder, and open no TCP connection.",
+    )
     sandbox_scratch_dir: Path | None = Field(
         None, description="Where compute children's private scratch folders go; unset = the temp dir."
     )

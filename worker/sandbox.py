@@ -10,6 +10,11 @@ tenant weights or data happens in a fresh child per job or shard, which gets
   level, and RLIMIT_CPU, RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_CORE=0 and, on CPU-only workers,
   RLIMIT_AS (CUDA reserves huge address ranges, so never with CUDA);
 * an empty network namespace (``unshare --net``) where this machine permits one;
+* on CPU workers, Landlock (:mod:`worker.landlock`, Linux 5.13+): before it reads any tenant byte
+  the child confines itself to reading its own inputs, the Python installation and the system
+  libraries, and to writing its scratch folder; so it cannot read other jobs' or tenants'
+  artifacts, the data folder or other children's scratch, and opens no TCP connection even where
+  network namespaces are refused (containers);
 * no capabilities when the worker runs as root (``setpriv`` empties the bounding set before
   the child's exec), so it cannot read another process's memory or environment, mount, or
   change owners.
@@ -48,6 +53,7 @@ import signal
 import stat
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import traceback
@@ -62,6 +68,7 @@ import numpy as np
 
 from app.estimators import EstimatorError
 from app.problems import FieldError, ProblemError
+from worker import landlock
 
 if TYPE_CHECKING:  # the child imports this module too, and needs neither
     from app.settings import Settings
@@ -488,6 +495,7 @@ class Limits:
     nice: int
     threads: int
     isolate_network: bool
+    confine_filesystem: bool  # CPU-only children: a CUDA driver needs device and /proc paths not listed here
     scratch_root: Path
 
     @classmethod
@@ -508,6 +516,7 @@ class Limits:
             nice=settings.sandbox_nice,
             threads=settings.torch_threads if settings.torch_threads > 0 else max(1, os.cpu_count() or 1),
             isolate_network=settings.sandbox_network,
+            confine_filesystem=settings.sandbox_filesystem and cpu_only,
             scratch_root=Path(settings.sandbox_scratch_dir or tempfile.gettempdir()).resolve(),
         )
 
@@ -551,6 +560,18 @@ def protect_supervisor() -> None:
 
 def network_isolated(limits: Limits) -> bool:
     return limits.isolate_network and bool(_unshare_net())
+
+
+@lru_cache(maxsize=1)
+def _landlock_available() -> bool:
+    if landlock.abi_version() > 0:
+        return True
+    log.warning("Landlock is not available here (Linux 5.13+): compute children can read all the worker can")
+    return False
+
+
+def filesystem_confined(limits: Limits) -> bool:
+    return limits.confine_filesystem and _landlock_available()
 
 
 def child_env(scratch: Path, threads: int) -> dict[str, str]:
@@ -686,6 +707,7 @@ class Sandbox:
             "payload": payload,
             "inputs": {name: str(path) for name, path in inputs.items()},
             "threads": self.limits.threads,
+            "confine": filesystem_confined(self.limits),
         }
         (self.scratch / "assignment.json").write_text(json.dumps(assignment))
         try:
@@ -878,6 +900,33 @@ def describe(exc: BaseException) -> dict:
     return {"kind": "internal", "exception": type(exc).__name__}
 
 
+# What the interpreter, torch and numpy read while a task runs, besides the Python installation.
+SYSTEM_PATHS = (
+    "/usr",
+    "/lib",
+    "/lib64",
+    "/etc/ld.so.cache",
+    "/etc/localtime",
+    "/proc/self",
+    "/proc/cpuinfo",
+    "/proc/meminfo",
+    "/proc/stat",
+    "/sys/devices/system",
+    "/sys/fs/cgroup",
+    "/dev/urandom",
+    "/dev/random",
+)
+DEVICES = ("/dev/null",)
+
+
+def _runtime_paths() -> set[str]:
+    """Readable in a confined child: the Python installation, our two packages (not the checkout they
+    sit in, which may hold the data folder) and the system libraries; never a data or artifact folder."""
+    prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    packages = {str(ROOT / "app"), str(ROOT / "worker")}
+    return prefixes | set(sysconfig.get_paths().values()) | packages | set(SYSTEM_PATHS)
+
+
 def main(argv: list[str]) -> int:
     scratch = Path(argv[0])
     out = scratch / "out"
@@ -894,6 +943,8 @@ def main(argv: list[str]) -> int:
         module, _, name = assignment["task"].partition(":")
         task = getattr(import_module(module), name)
         inputs = {key: Path(path) for key, path in assignment["inputs"].items()}
+        if assignment["confine"]:  # before the first byte of tenant data is read
+            landlock.confine(_runtime_paths() | {str(p) for p in inputs.values()}, [scratch], DEVICES)
         meta = task(assignment["payload"], inputs, out, _Progress(progress_fd))
         (out / "meta.json").write_text(json.dumps(meta if meta is not None else {}, allow_nan=False))
         return 0

@@ -105,6 +105,32 @@ def child_connect(payload, inputs, out, progress) -> dict:
         return {"connected": False, "error": str(exc)}
 
 
+def child_probe_files(payload, inputs, out, progress) -> dict:
+    """What a confined child can still reach: its input, and nothing else of the worker's files."""
+    import decimal  # noqa: F401 - a module first imported after confinement still loads
+
+    def denied(action) -> bool:
+        try:
+            action()
+        except PermissionError:
+            return True
+        return False
+
+    def read(path: str) -> bytes:
+        with open(path, "rb") as fh:
+            return fh.read()
+
+    return {
+        "input": inputs["data"].read_text(),
+        "neighbour_denied": denied(lambda: read(payload["neighbour"])),
+        "data_dir_listing_denied": denied(lambda: os.listdir(payload["data_dir"])),
+        "checkout_denied": denied(lambda: read(payload["checkout_file"])),
+        "outside_write_denied": denied(lambda: Path(payload["outside"]).write_text("x")),
+        "tcp_denied": denied(lambda: socket.create_connection(("127.0.0.1", payload["port"]), timeout=3)),
+        "scratch_write": (out / "note.txt").write_text("ok") == 2,
+    }
+
+
 def child_arrays(payload, inputs, out, progress) -> dict:
     scores = np.arange(6, dtype=payload["dtype"]).reshape(payload["shape"])
     if payload.get("nan"):
@@ -244,7 +270,8 @@ def test_cpu_time_limit_kills_with_resource_limit(settings):
 
 
 def test_wall_clock_timeout_kills_the_whole_process_group(settings, tmp_path):
-    settings = settings.model_copy(update={"sandbox_wall_seconds": 10.0})  # imports included
+    # unconfined: the task writes its grandchild's pid outside its scratch folder
+    settings = settings.model_copy(update={"sandbox_wall_seconds": 10.0, "sandbox_filesystem": False})
     pid_file = tmp_path / "grandchild.pid"
     started = time.monotonic()
     with pytest.raises(ProblemError) as excinfo:
@@ -256,6 +283,7 @@ def test_wall_clock_timeout_kills_the_whole_process_group(settings, tmp_path):
 
 
 def test_cancel_kills_the_child_at_once(settings, tmp_path):
+    settings = settings.model_copy(update={"sandbox_filesystem": False})  # the pid file is outside scratch
     pid_file = tmp_path / "child.pid"
     reporter = Recorder(cancel_at=5)
     with sandbox.acquire(settings) as box:
@@ -306,6 +334,38 @@ def test_network_is_isolated_when_unshare_is_permitted(settings):
     assert meta["connected"] is False, meta
 
 
+def test_a_confined_child_reads_its_inputs_and_nothing_else(settings, tmp_path):
+    if not sandbox.filesystem_confined(sandbox.Limits.from_settings(settings)):
+        pytest.skip("Landlock is not available here")
+    store = settings.data_dir / "artifacts"
+    store.mkdir(parents=True)
+    (store / "mine.txt").write_text("my input")
+    (store / "another-tenant.txt").write_text("not yours")
+    listener = socket.create_server(("127.0.0.1", 0))
+    payload = {
+        "neighbour": str(store / "another-tenant.txt"),
+        "data_dir": str(settings.data_dir),
+        "checkout_file": str(Path(sandbox.__file__).resolve().parents[1] / "pyproject.toml"),
+        "outside": str(tmp_path / "planted.txt"),
+        "port": listener.getsockname()[1],
+    }
+    isolated_by_landlock_alone = settings.model_copy(update={"sandbox_network": False})
+    with listener:
+        meta, _ = run(
+            isolated_by_landlock_alone, "child_probe_files", payload, inputs={"data": store / "mine.txt"}
+        )
+    assert meta == {
+        "input": "my input",
+        "neighbour_denied": True,
+        "data_dir_listing_denied": True,
+        "checkout_denied": True,
+        "outside_write_denied": True,
+        "tcp_denied": sandbox.landlock.abi_version() >= 4,
+        "scratch_write": True,
+    }
+    assert not (tmp_path / "planted.txt").exists()
+
+
 def test_errors_map_to_problems(settings):
     from worker import runner
 
@@ -318,8 +378,8 @@ def test_errors_map_to_problems(settings):
     with pytest.raises(ProblemError) as excinfo:
         run(settings, "child_crash")
     assert problem_of(excinfo).code == "internal-error" and "SIGSEGV" in excinfo.value.detail
-    with pytest.raises(ProblemError) as excinfo:
-        run(settings, "child_disk_full")
+    with pytest.raises(ProblemError) as excinfo:  # unconfined: the task writes to /dev/full
+        run(settings.model_copy(update={"sandbox_filesystem": False}), "child_disk_full")
     assert problem_of(excinfo).code == "disk-full" and excinfo.value.status == 507
     parent_side = runner._problem_for(OSError(errno.ENOSPC, "No space left on device"))
     assert parent_side["code"] == "disk-full" and parent_side["status"] == 507

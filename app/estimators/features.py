@@ -126,6 +126,15 @@ class FeatureWriter:
         self._matrix[self.filled : self.filled + b].copy_(rows.detach())
         self.filled += b
 
+    def next_rows(self, b: int) -> torch.Tensor:
+        """A view of the next ``b`` rows, counted as written, for the caller to fill in place: saves
+        :meth:`write`'s copy when the rows can be computed straight into the matrix."""
+        if b < 0 or self.filled + b > self.n:
+            raise ValueError(f"cannot take {b} rows at row {self.filled} of {self.n} x {self.k}")
+        rows = self._matrix[self.filled : self.filled + b]
+        self.filled += b
+        return rows
+
     def finish(self) -> torch.Tensor:
         """The filled matrix (a CPU tensor; a view of the mapping when memory-mapped)."""
         if self.filled != self.n:

@@ -131,16 +131,17 @@ class DenseProjector(Projector):
         gen = _generator(self.seed, _KIND_CODE[self.kind], j)
         if self.kind == "gaussian":
             B = torch.randn(r1 - r0, self.k, generator=gen, dtype=torch.float32)
-        else:
-            B = torch.randint(0, 2, (r1 - r0, self.k), generator=gen, dtype=torch.int8).float() * 2 - 1
-        return (B / math.sqrt(self.k)).to(device=device, dtype=dtype)
+        else:  # drawn straight as float32 (the same values as int8 draws) and mapped in place
+            B = torch.randint(0, 2, (r1 - r0, self.k), generator=gen, dtype=torch.float32).mul_(2).sub_(1)
+        return B.div_(math.sqrt(self.k)).to(device=device, dtype=dtype)
 
     def _n_blocks(self) -> int:
         return math.ceil(self.p / ROW_BLOCK)
 
     def matrix(self) -> torch.Tensor:
         if self._matrix is None:
-            M = torch.cat([self._block(j, self.device, self.dtype) for j in range(self._n_blocks())])
+            blocks = [self._block(j, self.device, self.dtype) for j in range(self._n_blocks())]
+            M = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
             if not self._cached:
                 return M
             self._matrix = M

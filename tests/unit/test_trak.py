@@ -17,8 +17,21 @@ from app.estimators import (
     init_model,
     train,
 )
+from app.estimators.features import FeatureWriter
 from app.estimators.gradients import n_parameters, per_sample_gradients, query_objective_fn
-from app.estimators.methods.trak import _factor_layout, _projected_margin_gradients, _psd_pinv
+from app.estimators.methods.trak import (
+    FACTOR_BLOCK,
+    GRAM_BLOCK,
+    _add_lower_gram,
+    _cholesky_lower_,
+    _factor_layout,
+    _invert_lower_,
+    _label_probabilities,
+    _lower_times,
+    _lower_transposed_times,
+    _pinv_factor,
+    _projected_margin_gradients,
+)
 from app.estimators.objectives import margin
 from app.estimators.projection import derive_seed, make_projector
 
@@ -139,14 +152,22 @@ def test_factored_projection_equals_projecting_the_gradient_rows(mlp, frozen):
     model = copy.deepcopy(model)
     if frozen is not None:
         dict(model.named_parameters())[frozen].requires_grad_(False)
-    prob = _problem(model, res.weights, x[:40], y[:40], qx, qy)
     p = n_parameters(model)
     proj = make_projector("rademacher", p, 16, 3, "cpu", torch.float64)
     assert _factor_layout(model) is not None
     rt = Runtime(dtype=torch.float64, chunk_size=7)
-    rows = torch.cat(list(_projected_margin_gradients(prob, res.weights, proj, rt)))
+    rows = torch.cat(list(_projected_margin_gradients(model, res.weights, x[:40], y[:40], proj, rt)))
     G = torch.cat([g for _, _, g in per_sample_gradients(model, res.weights, x[:40], y[:40], margin)])
     torch.testing.assert_close(rows, proj.project(G), rtol=1e-10, atol=1e-12)
+    # projected straight into a feature matrix: the same rows, and the yielded chunks are its views
+    writer = FeatureWriter(40, 16, torch.float64)
+    chunks = list(
+        _projected_margin_gradients(
+            model, res.weights, x[:40], y[:40], proj, rt, destination=writer.next_rows
+        )
+    )
+    assert all(c.data_ptr() == writer.finish()[7 * i].data_ptr() for i, c in enumerate(chunks))
+    torch.testing.assert_close(writer.finish(), rows, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("damping", [0.0, 0.5])
@@ -157,12 +178,58 @@ def test_kernel_pseudo_inverse_fast_path_matches_the_eigendecomposition(damping)
     low = X[:, :5] @ X[:, :5].T  # rank 5 of 40: the eigendecomposition path (drops the null space)
     rtol = 40 * torch.finfo(torch.float64).eps
     for A, rank in ((full, 12), (low, 5 if damping == 0 else 40)):
-        inv, r = _psd_pinv(A, damping, rtol)
-        assert r == rank
         B = A + damping * torch.eye(A.shape[0], dtype=A.dtype)
-        torch.testing.assert_close(
-            inv, torch.linalg.pinv(B, hermitian=True, rtol=1e-10), rtol=1e-8, atol=1e-10
-        )
+        expected = torch.linalg.pinv(B, hermitian=True, rtol=1e-10)
+        W, r, triangular = _pinv_factor(A.tril(), damping, rtol)  # only the lower triangle is read
+        assert r == rank and W.shape == (rank, A.shape[0])
+        assert triangular == (rank == A.shape[0])  # the Cholesky path: W = L^-1
+        if triangular:
+            assert torch.equal(W, W.tril())
+        torch.testing.assert_close(W.T @ W, expected, rtol=1e-8, atol=1e-10)
+        # factored in place, A recomputed by `rebuild` for the eigendecomposition when needed
+        W, r, _ = _pinv_factor(A.clone(), damping, rtol, rebuild=A.clone)
+        assert r == rank
+        torch.testing.assert_close(W.T @ W, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_blocked_kernel_routines_match_dense_linear_algebra():
+    """Several ragged blocks: the lower-triangle Gram, the blocked Cholesky factor, its in-place
+    inverse and the products that skip W's zero blocks equal the dense torch results."""
+    g = torch.Generator().manual_seed(3)
+    k = 2 * max(GRAM_BLOCK, FACTOR_BLOCK) + 22
+    X = torch.randn(3 * k, k, generator=g, dtype=torch.float64)
+    gram = torch.zeros(k, k, dtype=torch.float64)
+    for rows in X.split(50):
+        _add_lower_gram(gram, rows)
+    exact = X.T @ X
+    torch.testing.assert_close(gram.tril(), exact.tril(), rtol=1e-12, atol=1e-10)
+    L = gram.tril()
+    assert _cholesky_lower_(L)
+    torch.testing.assert_close(L, torch.linalg.cholesky(exact), rtol=1e-10, atol=1e-12)
+    W = _invert_lower_(L.clone())
+    torch.testing.assert_close(W, torch.linalg.inv(L), rtol=1e-10, atol=1e-12)
+    assert torch.equal(W, W.tril())
+    Y = torch.randn(k, 7, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(_lower_times(W, Y), W @ Y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_lower_transposed_times(W, Y), W.T @ Y, rtol=1e-12, atol=1e-12)
+    indefinite = exact.tril()
+    indefinite[-1, -1] = -1.0  # fails in the last block
+    assert not _cholesky_lower_(indefinite)
+    # a full-rank kernel spanning several blocks takes the Cholesky path of _pinv_factor
+    W, rank, triangular = _pinv_factor(exact.clone(), 0.0, k * torch.finfo(torch.float64).eps, exact.clone)
+    assert rank == k and triangular
+    torch.testing.assert_close(W.T @ W, torch.linalg.inv(exact), rtol=1e-8, atol=1e-12)
+
+
+def test_label_probabilities_from_the_gradient_pass_match_a_separate_forward_pass(mlp):
+    model, res, x, y, qx, qy = mlp
+    proj = make_projector("rademacher", n_parameters(model), 16, 3, "cpu", torch.float64)
+    rt = Runtime(dtype=torch.float64, chunk_size=7)
+    recorded: list[torch.Tensor] = []
+    for _ in _projected_margin_gradients(model, res.weights, x, y, proj, rt, recorded):
+        pass
+    expected = _label_probabilities(model, res.weights, x, y, rt)
+    torch.testing.assert_close(torch.cat(recorded), expected, rtol=1e-12, atol=1e-15)
 
 
 @pytest.fixture(scope="module")
@@ -261,6 +328,14 @@ def test_state_reuse_and_train_range_shards(mlp):
         np.testing.assert_allclose(np.concatenate([a.self_influence for a in parts]), full.self_influence)
     with pytest.raises(EstimatorError):
         est.attribute(_problem(model, res.weights, x[:10], y[:10], qx, qy), {}, runtime=F64, state=state)
+
+
+def test_state_cache_key_names_the_factor_layout():
+    """States stored before the kernel factor replaced the kernel inverse are not looked up."""
+    est = get_estimator("trak")
+    key = est.state_params({"projection_dim": 64})
+    assert key["state_format"] == 2 and key["projection_dim"] == 64
+    assert key == est.state_params(est.Params(projection_dim=64))
 
 
 def test_shuffling_permutes_columns(mlp):

@@ -34,23 +34,23 @@ Self-influence: ``(mean_m phi_{i,m}^T K_m phi_{i,m}) * mean_m Q_ii`` with the
 training margin gradient on both sides. No soft-thresholding. Classification
 only (cross-entropy).
 
-Train-side state (:meth:`fit`): ``Phi_m``, ``K_m`` and ``Q``. ``Phi_m`` is written chunk by chunk
-(memory-mapped beyond the runtime's memory budget, :mod:`..features`) while ``Phi_m^T Phi_m`` is
-accumulated; the kernel is inverted by Cholesky when a cheap bound shows it keeps every
-eigenvalue (:func:`_psd_pinv`), else by eigendecomposition. Scoring reads ``Phi_m`` back in
-float64 row blocks, so no float64 copy of it exists. When ``k > n``
-the ``k x k`` ``K_m`` is replaced by the equivalent ``n x n`` dual matrix
-``D_m = (Phi_m Phi_m^T + damping I)^+`` (``K Phi^T = Phi^T D``), which is smaller
-and gives the same scores. Scores are *not* a sum over members (``Q`` is averaged
-separately), so TRAK is not ``checkpoint_additive``. ``projection_dim`` is capped
-at ``p``: ``projection_dim >= p`` or ``projection="identity"`` uses the exact gradients.
+Train-side state (:meth:`fit`): ``Phi_m``, a factor ``W_m`` of ``K_m = W_m^T W_m`` and ``Q``.
+``Phi_m`` is written chunk by chunk (memory-mapped beyond the runtime's memory budget,
+:mod:`..features`) while the lower triangle of ``Phi_m^T Phi_m`` is accumulated in float64;
+``W_m`` is the inverse of its Cholesky factor when a cheap bound shows that keeps every
+eigenvalue (:func:`_pinv_factor`), else comes from an eigendecomposition, and is applied as
+``(x W^T) W``, so ``K_m`` itself is never formed. Scoring reads ``Phi_m`` back in float64 row
+blocks, so no float64 copy of it exists. When ``k > n`` the ``k x k`` ``K_m`` is replaced by the
+equivalent ``n x n`` dual matrix ``D_m = (Phi_m Phi_m^T + damping I)^+`` (``K Phi^T = Phi^T D``),
+factored the same way, which is smaller and gives the same scores. Scores are *not* a sum over
+members (``Q`` is averaged separately), so TRAK is not ``checkpoint_additive``. ``projection_dim``
+is capped at ``p``: ``projection_dim >= p`` or ``projection="identity"`` uses the exact gradients.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
@@ -60,7 +60,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..base import Attribution, Estimator, EstimatorError, ProblemSize, Runtime, TrainState, register
-from ..features import FeatureWriter, gram_rows, row_chunks
+from ..features import FeatureWriter, block_rows, gram_rows, row_chunks
 from ..gradients import (
     Ticker,
     as_params,
@@ -74,12 +74,16 @@ from ..gradients import (
     n_parameters,
     numpy_dtype,
     per_sample_gradients,
-    query_gradients,
     trainable_names,
     validate_problem,
 )
 from ..objectives import margin
 from ..projection import DenseProjector, Projector, capped, derive_seed, make_projector
+
+STATE_FORMAT = 2
+"""Layout of the train state, part of its cache key: 2 holds the factor ``W`` of ``K = W^T W``
+(``kernel_factor_m`` / ``dual_factor_m``), 1 held the inverse itself; a stored state of another
+layout is refitted rather than misread."""
 
 MAX_KERNEL_SIDE = 32768
 """Largest kernel inverted (``min(k, n)`` rows; float64, so at most 8 GiB)."""
@@ -148,78 +152,252 @@ def _factor_layout(model) -> list[tuple[bool, bool, int, int]] | None:
     return layout if order == names else None
 
 
-def _projected_margin_gradients(problem, state, proj: Projector, runtime: Runtime) -> Iterator[torch.Tensor]:
-    """Projected training margin gradients ``G P``, a chunk of rows at a time.
+def _projected_margin_gradients(
+    model,
+    state,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    proj: Projector,
+    runtime: Runtime,
+    label_probabilities: list[torch.Tensor] | None = None,
+    what: str = "training examples",
+    destination: Callable[[int], torch.Tensor] | None = None,
+) -> Iterator[torch.Tensor]:
+    """Projected margin gradients ``G P`` of the examples ``(x, y)``, ``runtime.chunk_size`` rows at a
+    time.
 
     For a :func:`linear_chain` model with a cached dense ``P`` the per-example gradients are
     projected layer by layer from their rank-one factors (``delta_i a_i^T`` times the layer's rows
-    of ``P``): the same product without assembling the ``(b, p)`` gradient rows.
+    of ``P``): the same product without assembling the ``(b, p)`` gradient rows. The factors come
+    from forward/backward passes over as many examples as take the memory of one chunk of gradient
+    rows (several chunks when the layers are narrow), which cuts the per-pass overhead.
+    On that route ``label_probabilities``, when given, receives each pass's ``p_i`` (as
+    :func:`_label_probabilities`, from the margin in the runtime dtype) from the same forward pass;
+    otherwise it stays empty. With ``destination`` (``b`` -> the next ``b`` rows of a feature
+    matrix, e.g. :meth:`FeatureWriter.next_rows`) each chunk is put there, directly when it is on
+    the computing device, and that view is yielded.
     """
-
-    def objective(out, y):
-        return margin(out, y)
-
-    kw = {"chunk_size": runtime.chunk_size, "device": runtime.device, "dtype": runtime.dtype}
-    layout = _factor_layout(problem.model) if isinstance(proj, DenseProjector) and proj.cached else None
+    kw = {"device": runtime.device, "dtype": runtime.dtype}
+    layout = _factor_layout(model) if isinstance(proj, DenseProjector) and proj.cached else None
     factored = None
     if layout is not None:
+        factor_width = sum((d_in if w else 0) + (1 if b else 0) + d_out for w, b, d_out, d_in in layout)
+
+        def recording_margin(out, y):
+            values = margin(out, y)
+            if label_probabilities is not None:  # sigmoid(margin): in float64, as _label_probabilities
+                label_probabilities.append(torch.sigmoid(values.detach().to(torch.float64)))
+            return values
+
         factored = gradient_factors(
-            problem.model, state, problem.train_x, problem.train_y, objective, what="training examples", **kw
+            model,
+            state,
+            x,
+            y,
+            recording_margin,
+            chunk_size=runtime.chunk_size * max(1, proj.p // max(1, factor_width)),
+            what=what,
+            **kw,
         )
     if factored is None:
         for _, _, G in per_sample_gradients(
-            problem.model, state, problem.train_x, problem.train_y, objective, what="training examples", **kw
+            model, state, x, y, margin, chunk_size=runtime.chunk_size, what=what, **kw
         ):
-            yield proj.project(G)
+            rows = proj.project(G)
+            yield rows if destination is None else destination(rows.shape[0]).copy_(rows)
         return
     P = proj.matrix()
     for _, _, factors in factored:
-        rows, r = None, 0
-        for (A, D), (w, b, d_out, d_in) in zip(factors, layout, strict=True):
-            D = D.to(P.dtype)
-            part = None
+        b = int(factors[0][1].shape[0])
+        for s in range(0, b, runtime.chunk_size):
+            e = min(s + runtime.chunk_size, b)
+            yield _project_factors(
+                [(A[s:e], D[s:e]) for A, D in factors],
+                layout,
+                P,
+                None if destination is None else destination(e - s),
+            )
+
+
+PROJECTED_ROWS = 128
+"""Rows whose gradients are assembled and projected at once: their gradient rows stay in cache."""
+
+
+def _project_factors(factors, layout, P: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+    """``G P`` for the gradient rows given by their per-layer factors (:data:`GradientFactors`),
+    accumulated into one ``(b, k)`` result, :data:`PROJECTED_ROWS` rows at a time; in ``into``
+    (returned) when given, computed there when it is on ``P``'s device."""
+    b = int(factors[0][1].shape[0])
+    direct = into is not None and into.device == P.device and into.dtype == P.dtype
+    out = into if direct else torch.empty(b, P.shape[1], dtype=P.dtype, device=P.device)
+    for u in range(0, b, PROJECTED_ROWS):
+        v = min(u + PROJECTED_ROWS, b)
+        first, r = True, 0
+        for (A, D), (w, bias, d_out, d_in) in zip(factors, layout, strict=True):
+            D = D[u:v].to(P.dtype)
+            terms = []
             if w:
-                G = (D[:, :, None] * A[:, None, :d_in].to(P.dtype)).reshape(D.shape[0], -1)
-                part = G @ P[r : r + d_out * d_in]
-                r += d_out * d_in
-            if b:
-                pb = D @ P[r : r + d_out]
-                part = pb if part is None else part.add_(pb)
-                r += d_out
-            if part is not None:
-                rows = part if rows is None else rows.add_(part)
-        if rows is None or r != proj.p:  # cannot happen for a matching layout; kept as a guard
+                G = (D[:, :, None] * A[u:v, None, :d_in].to(P.dtype)).reshape(v - u, d_out * d_in)
+                terms.append((G, d_out * d_in))
+            if bias:
+                terms.append((D, d_out))
+            for X, width in terms:
+                if first:
+                    torch.mm(X, P[r : r + width], out=out[u:v])
+                else:
+                    out[u:v].addmm_(X, P[r : r + width])
+                first, r = False, r + width
+        if first or r != P.shape[0]:  # cannot happen for a matching layout; kept as a guard
             raise EstimatorError("the factored projection does not cover the model's parameters")
-        yield rows
+    return out if into is None or direct else into.copy_(out)
 
 
-def _psd_pinv(A: torch.Tensor, damping: float, rtol: float) -> tuple[torch.Tensor, int]:
-    """``(A + damping I)^+`` for symmetric PSD ``A`` (float64), dropping eigenvalues below ``rtol * max``.
+GRAM_BLOCK = 128
+"""Columns per block of the lower-triangular Gram updates (:func:`_add_lower_gram`)."""
 
-    Fast path: a Cholesky inverse when it provably drops nothing. For PSD ``B = A + damping I``,
-    ``lambda_max(B) <= min(tr B, ||B||_inf)`` and ``1 / lambda_min(B) <= min(tr B^-1, ||B^-1||_inf)``,
-    so a product of those bounds below ``1 / rtol`` (checked with a factor 2 to spare for the
-    rounding of the computed inverse, whose relative error is about ``cond * eps << 1`` there) means
-    every eigenvalue is above ``rtol * max``: the pseudo-inverse is the inverse. Otherwise (rank
-    deficient or nearly so, or Cholesky fails) an eigendecomposition, several times slower.
+FACTOR_BLOCK = 64
+"""Columns per block of the blocked Cholesky factorisation, triangular inverse and products."""
+
+FLOAT64_ROWS = 128
+"""Feature rows converted to float64 at once (for the Gram and the scores): small enough to stay in
+cache, which makes the products faster than with larger blocks."""
+
+
+def _add_lower_gram(C: torch.Tensor, X: torch.Tensor, alpha: float = 1.0, block: int = GRAM_BLOCK) -> None:
+    """``C += alpha X^T X`` on the lower triangle of ``C`` only, a block of ``block`` rows at a time.
+
+    The kernel is symmetric and its factorisations read the lower triangle, so the products above
+    the diagonal blocks (almost half of a full update) are skipped. Blocks above the diagonal blocks
+    are left alone; the strict upper triangles of the diagonal blocks are updated but not meaningful.
+    """
+    k = C.shape[0]
+    for s in range(0, k, block):
+        e = min(s + block, k)
+        C[s:e, :e].addmm_(X[:, s:e].T, X[:, :e], alpha=alpha)
+
+
+def _cholesky_lower_(L: torch.Tensor) -> bool:
+    """In place: the lower triangle of symmetric ``L`` (zeros above it) becomes its Cholesky factor;
+    False (``L`` then holds a partial factorisation) if the matrix is not numerically positive definite.
+
+    Right-looking blocked algorithm: factor a diagonal block, solve its panel, update the trailing
+    lower triangle by matrix products. Single-threaded on a 512 x 512 kernel this takes about half
+    the time of one ``torch.linalg.cholesky_ex`` call.
+    """
+    k = L.shape[0]
+    for s in range(0, k, FACTOR_BLOCK):
+        e = min(s + FACTOR_BLOCK, k)
+        diag, info = torch.linalg.cholesky_ex(L[s:e, s:e])
+        if int(info) != 0:
+            return False
+        L[s:e, s:e] = diag
+        if e < k:
+            panel = torch.linalg.solve_triangular(diag.T, L[e:, s:e], upper=True, left=False)
+            L[e:, s:e] = panel
+            _add_lower_gram(L[e:, e:], panel.T, alpha=-1.0, block=FACTOR_BLOCK)
+    return True
+
+
+def _lower_times(W: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``W X`` for lower-triangular ``W``, skipping the zero blocks above its diagonal blocks."""
+    out = torch.empty(W.shape[0], X.shape[1], dtype=X.dtype, device=X.device)
+    for s in range(0, W.shape[0], FACTOR_BLOCK):
+        e = min(s + FACTOR_BLOCK, W.shape[0])
+        torch.mm(W[s:e, :e], X[:e], out=out[s:e])
+    return out
+
+
+def _lower_transposed_times(W: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``W^T X`` for lower-triangular ``W``, skipping the zero blocks below the diagonal blocks of
+    ``W^T``."""
+    out = torch.empty(W.shape[1], X.shape[1], dtype=X.dtype, device=X.device)
+    for s in range(0, W.shape[1], FACTOR_BLOCK):
+        e = min(s + FACTOR_BLOCK, W.shape[1])
+        torch.mm(W[s:, s:e].T, X[s:], out=out[s:e])
+    return out
+
+
+def _invert_lower_(L: torch.Tensor) -> torch.Tensor:
+    """``L^-1`` in place for lower-triangular ``L`` (zeros above the diagonal), blocked right to left.
+
+    With ``L = [[L11, 0], [L21, L22]]``: ``L^-1 = [[W11, 0], [-W22 L21 W11, W22]]``, ``W = L^-1``;
+    each block column needs only the already inverted ``W22`` and its own, still intact, ``L21``.
+    """
+    k = L.shape[0]
+    for s in reversed(range(0, k, FACTOR_BLOCK)):
+        e = min(s + FACTOR_BLOCK, k)
+        eye = torch.eye(e - s, dtype=L.dtype, device=L.device)
+        W11 = torch.linalg.solve_triangular(L[s:e, s:e], eye, upper=False)
+        if e < k:
+            L[e:, s:e] = _lower_times(L[e:, e:], L[e:, s:e]).neg_() @ W11
+        L[s:e, s:e] = W11
+    return L
+
+
+def _proves_full_rank(bound: float, rtol: float) -> bool:
+    """Whether ``bound >= lambda_max / lambda_min`` keeps every eigenvalue above ``rtol * lambda_max``."""
+    return math.isfinite(bound) and 0.0 < bound < 0.5 / rtol
+
+
+def _pinv_factor(
+    A: torch.Tensor, damping: float, rtol: float, rebuild: Callable[[], torch.Tensor] | None = None
+) -> tuple[torch.Tensor, int, bool]:
+    """``W`` (``rank x n``) with ``W^T W = (A + damping I)^+`` for symmetric PSD ``A`` (float64) given
+    by its lower triangle, eigenvalues below ``rtol * max`` dropped; the rank; and whether ``W`` is
+    lower triangular. With ``rebuild`` (which recomputes ``A``), ``A`` is factored in place instead
+    of copied.
+
+    Scores use ``K = W^T W`` as ``(x W^T) W``, so the inverse itself is never formed. Fast path:
+    ``W = L^-1`` from the Cholesky factor ``L`` when that provably drops nothing. For PSD
+    ``B = A + damping I``, ``lambda_max(B) <= min(tr B, ||B||_inf)`` and
+    ``1 / lambda_min(B) <= min(tr B^-1, ||B^-1||_inf)`` with ``tr B^-1 = ||W||_F^2``, so a product of
+    those bounds below ``1 / rtol`` (checked with a factor 2 to spare for the rounding of the computed
+    factor, whose relative error is about ``cond * eps << 1`` there) means every eigenvalue is above
+    ``rtol * max``: the pseudo-inverse is the inverse. The traces are tried first, the infinity norms
+    (which need the mirrored ``B`` and ``W^T W``) only when they do not settle it. Otherwise (rank
+    deficient or nearly so, or Cholesky fails) ``W = diag(lambda^-1/2) V^T`` over the kept
+    eigenpairs of an eigendecomposition, several times slower.
     """
     n = A.shape[0]
-    B = A + damping * torch.eye(n, dtype=A.dtype, device=A.device) if damping else A
     if n:
-        L, info = torch.linalg.cholesky_ex(B)
-        if int(info) == 0:
-            inv = torch.cholesky_inverse(L)
-            top = min(float(torch.diagonal(B).sum()), float(B.abs().sum(dim=1).max()))
-            inv_top = min(float(torch.diagonal(inv).sum()), float(inv.abs().sum(dim=1).max()))
-            bound = top * inv_top
-            if math.isfinite(bound) and 0.0 < bound < 0.5 / rtol:
-                return inv, n
-    evals, evecs = torch.linalg.eigh(A)
+        top = float(torch.diagonal(A).sum()) + n * damping
+        L = A.tril() if rebuild is None else A.tril_()
+        if damping:
+            L.diagonal().add_(damping)
+        if _cholesky_lower_(L):
+            W = _invert_lower_(L)
+            inv_top = float(torch.linalg.vector_norm(W)) ** 2
+            if not _proves_full_rank(top * inv_top, rtol):
+                A, rebuild = (A if rebuild is None else rebuild()), None
+                B = A.tril() + A.tril(-1).T
+                B.diagonal().add_(damping)
+                top = min(top, float(B.abs().sum(dim=1).max()))
+                inv_top = min(inv_top, float((W.T @ W).abs().sum(dim=1).max()))
+            if _proves_full_rank(top * inv_top, rtol):
+                return W, n, True
+        if rebuild is not None:
+            A = rebuild()
+    evals, evecs = torch.linalg.eigh(A, UPLO="L")
     evals = evals + damping
     top = float(evals.abs().max()) if evals.numel() else 0.0
     keep = evals > rtol * top
-    inv = torch.where(keep, 1.0 / evals.clamp_min(1e-300), torch.zeros_like(evals))
-    return (evecs * inv) @ evecs.T, int(keep.sum())
+    return (evecs[:, keep] * evals[keep].rsqrt()).T.contiguous(), int(keep.sum()), False
+
+
+class _Float64Rows:
+    """Float64 copies of row blocks, made in one buffer reused from block to block (each copy is valid
+    until the next): a fresh float64 block per call costs more in first-touched memory pages than
+    the conversion itself."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._buffer: torch.Tensor | None = None
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        b, width = rows.shape
+        if self._buffer is None or self._buffer.shape[0] < b or self._buffer.shape[1] != width:
+            self._buffer = torch.empty(b, width, dtype=torch.float64, device=self.device)
+        return self._buffer[:b].copy_(rows)
 
 
 @register
@@ -257,6 +435,9 @@ class TRAK(Estimator):
             cache[member] = proj
         return proj
 
+    def state_params(self, params) -> dict:
+        return {**super().state_params(as_params(self.Params, params)), "state_format": STATE_FORMAT}
+
     def check(self, problem_size: ProblemSize, params) -> None:
         p = as_params(self.Params, params)
         k = problem_size.n_parameters if p.projection == "identity" else p.projection_dim
@@ -277,10 +458,20 @@ class TRAK(Estimator):
             )
 
     def fit(self, problem, params=None, runtime=None) -> TrainState:
-        """Per member: projected training margin gradients ``Phi``, the kernel inverse, and ``Q``."""
+        """Per member: projected training margin gradients ``Phi``, the kernel factor ``W``, and ``Q``."""
         return self._fit(problem, params, runtime, None)
 
-    def _fit(self, problem, params, runtime, projectors: dict | None) -> TrainState:
+    def _fit(
+        self,
+        problem,
+        params,
+        runtime,
+        projectors: dict | None,
+        members: list | None = None,
+        to_float64: _Float64Rows | None = None,
+    ) -> TrainState:
+        """:meth:`fit`; ``members`` when the caller already has them (checked once), ``to_float64``
+        to share its conversion buffer with the caller's scoring."""
         p = as_params(self.Params, params)
         runtime = runtime or Runtime()
         validate_problem(problem, need_queries=False)
@@ -288,7 +479,7 @@ class TRAK(Estimator):
         n = problem.n_train
         if n == 0:
             raise EstimatorError("the training set is empty", parameter="/train_dataset_id")
-        members = self._members(problem, p)
+        members = members if members is not None else self._members(problem, p)
         self.check(ProblemSize(n, problem.n_query, n_parameters(problem.model), len(problem.checkpoints)), p)
         k = self._projector(problem, p, runtime, 0, projectors).k
         dual = k > n
@@ -296,32 +487,56 @@ class TRAK(Estimator):
         dev = torch.device(runtime.device)
         tt = Ticker(runtime, "train_gradients", len(members) * n_chunks(n, runtime.chunk_size))
         tensors: dict[str, torch.Tensor] = {}
-        ranks = []
+        to_float64 = to_float64 or _Float64Rows(dev)
+        ranks, triangular_factors = [], []
         Qsum = torch.zeros(n, dtype=torch.float64, device=dev)
         for mi, (_, st) in enumerate(members):
             proj = self._projector(problem, p, runtime, mi, projectors)
             writer = FeatureWriter.for_runtime(runtime, n, k, matrices=len(members))
             gram = None if dual else torch.zeros(k, k, dtype=torch.float64, device=dev)
-            for rows in _projected_margin_gradients(problem, st, proj, runtime):
-                writer.write(rows)
-                if gram is not None:  # Phi^T Phi, one chunk of rows at a time
-                    rows64 = rows.to(torch.float64)
-                    gram.addmm_(rows64.T, rows64)
+            label_probabilities: list[torch.Tensor] = []
+            for rows in _projected_margin_gradients(
+                problem.model,
+                st,
+                problem.train_x,
+                problem.train_y,
+                proj,
+                runtime,
+                label_probabilities,
+                destination=writer.next_rows,  # rows are projected straight into the features
+            ):
+                if gram is not None:  # the lower triangle of Phi^T Phi, a block of rows at a time
+                    for u in range(0, rows.shape[0], FLOAT64_ROWS):
+                        _add_lower_gram(gram, to_float64(rows[u : u + FLOAT64_ROWS]))
                 tt.tick()
             Phi = writer.finish()
-            if gram is None:  # Phi Phi^T (n < k), from row blocks of the written features
-                gram = gram_rows(Phi, budget=runtime.memory_budget_bytes, device=dev)
-            inv, rank = _psd_pinv(0.5 * (gram + gram.T), p.damping, rtol)
+
+            def gram_of_features(Phi=Phi) -> torch.Tensor:  # from row blocks of the written features
+                if dual:  # Phi Phi^T (n < k)
+                    return gram_rows(Phi, budget=runtime.memory_budget_bytes, device=dev)
+                gram = torch.zeros(k, k, dtype=torch.float64, device=dev)
+                for _, _, block in row_chunks(Phi, budget=runtime.memory_budget_bytes, device=dev):
+                    _add_lower_gram(gram, block)
+                return gram
+
+            if gram is None:
+                gram = gram_of_features()
+            W, rank, triangular = _pinv_factor(gram, p.damping, rtol, rebuild=gram_of_features)
             del gram
-            if not bool(torch.isfinite(inv).all()):
+            if not math.isfinite(float(W.sum())):  # any NaN or inf entry makes the sum non-finite
                 raise EstimatorError(
                     "the TRAK kernel inverse is not finite; increase damping",
                     parameter="/method/params/damping",
                 )
             ranks.append(rank)
-            Qsum += 1.0 - _label_probabilities(problem.model, st, problem.train_x, problem.train_y, runtime)
+            triangular_factors.append(triangular)
+            if not label_probabilities:
+                label_probabilities.append(
+                    _label_probabilities(problem.model, st, problem.train_x, problem.train_y, runtime)
+                )
+            Qsum += 1.0 - torch.cat(label_probabilities)
             tensors[f"features_{mi}"] = Phi
-            tensors[f"{'dual' if dual else 'kernel_inverse'}_{mi}"] = inv.cpu()
+            tensors[f"{'dual' if dual else 'kernel'}_factor_{mi}"] = W.cpu()
         tensors["q"] = (Qsum / len(members)).cpu()
         return TrainState(
             tensors=tensors,
@@ -332,6 +547,7 @@ class TRAK(Estimator):
                 "form": "dual" if dual else "primal",
                 "projection": proj.describe(),
                 "rank": ranks,
+                "triangular_factor": triangular_factors,
             },
         )
 
@@ -352,8 +568,10 @@ class TRAK(Estimator):
         self._check_task(problem)
         members = self._members(problem, p)
         projectors: dict[int, Projector] = {}
+        dev = torch.device(runtime.device)
+        outer, inner = _Float64Rows(dev), _Float64Rows(dev)
         if state is None:
-            state = self._fit(problem, p, runtime, projectors)
+            state = self._fit(problem, p, runtime, projectors, members, outer)
         info = state.info
         if info.get("n_train") != problem.n_train or info.get("n_members") != len(members):
             raise EstimatorError(
@@ -361,21 +579,24 @@ class TRAK(Estimator):
                 parameter="/method/params",
             )
         dual = info["form"] == "dual"
-        dev = torch.device(runtime.device)
+        triangular = info.get("triangular_factor", [False] * len(members))
         lo, hi = column_range(problem, train_range)
         m, cols, M = problem.n_query, hi - lo, len(members)
         dtype = numpy_dtype(runtime.dtype)
         Q = state.tensors["q"][lo:hi].to(dev, torch.float64)
 
-        S = torch.zeros(m, cols, dtype=torch.float64, device=dev) if want_scores else None
+        S: torch.Tensor | None = None  # allocated once the first member's projection matrix is freed
         si = torch.zeros(cols, dtype=torch.float64, device=dev) if want_self_influence else None
         qt = Ticker(runtime, "query_gradients", M * n_chunks(m, runtime.chunk_size)) if want_scores else None
         budget = runtime.memory_budget_bytes
 
-        def blocks(Phi, start=0, stop=None):  # float64 row blocks of the (possibly mapped) features
-            return row_chunks(Phi, start, stop, budget=budget, device=dev)
+        def blocks(Phi, start=0, stop=None, to_float64=outer):  # row blocks of the (possibly mapped) features
+            step = min(block_rows(Phi.shape[1], budget), FLOAT64_ROWS)
+            stop = Phi.shape[0] if stop is None else stop
+            for s in range(start, stop, step):
+                e = min(s + step, stop)
+                yield s, e, to_float64(Phi[s:e])
 
-        by_margin = dataclasses.replace(problem, measurement="margin")
         Qq = (
             torch.zeros(m, dtype=torch.float64, device=dev)
             if want_scores and problem.measurement != "margin"
@@ -383,35 +604,57 @@ class TRAK(Estimator):
         )
         for mi, (_, st) in enumerate(members):
             Phi = state.tensors[f"features_{mi}"]
-            inv = state.tensors[f"{'dual' if dual else 'kernel_inverse'}_{mi}"].to(dev, torch.float64)
-            if S is not None:
-                # phi' = -(grad q) P: the projected gradient of the query margin (or of minus its loss)
-                proj = self._projector(problem, p, runtime, mi, projectors)
-                # the query margin gradient (q = -margin); for the loss, -grad loss = (1 - p'_j) grad margin
-                # per member, whose factor is averaged separately like Q (applied below)
-                phi_q = -proj.project(query_gradients(by_margin, st, runtime, qt)).to(torch.float64)
+            W = state.tensors[f"{'dual' if dual else 'kernel'}_factor_{mi}"].to(dev, torch.float64)
+            if want_scores:
+                proj = projectors.pop(mi, None) or self._projector(problem, p, runtime, mi)
+                # phi' = -grad(q) P = grad(margin) P with q = -margin; for the loss, -grad loss =
+                # (1 - p'_j) grad margin per member, whose factor is averaged separately like Q (below)
+                query_probabilities: list[torch.Tensor] = []
+                rows = []
+                for chunk in _projected_margin_gradients(
+                    problem.model,
+                    st,
+                    problem.query_x,
+                    problem.query_y,
+                    proj,
+                    runtime,
+                    query_probabilities if Qq is not None else None,
+                    what="queries",
+                ):
+                    rows.append(chunk)
+                    qt.tick()
+                phi_q = (torch.cat(rows) if rows else torch.zeros(0, proj.k, device=dev)).to(torch.float64)
                 if Qq is not None:
-                    pq = _label_probabilities(problem.model, st, problem.query_x, problem.query_y, runtime)
-                    Qq += 1.0 - pq
-                if dual:  # (phi_q Phi^T) D[:, lo:hi]
+                    if not query_probabilities:
+                        query_probabilities.append(
+                            _label_probabilities(problem.model, st, problem.query_x, problem.query_y, runtime)
+                        )
+                    Qq += 1.0 - torch.cat(query_probabilities)
+                del proj  # frees P (the member's last use) before the scoring buffers are allocated
+                if S is None:
+                    S = torch.zeros(m, cols, dtype=torch.float64, device=dev)
+                if dual:  # ((phi_q Phi^T) W^T) W[:, lo:hi] = (phi_q Phi^T) D[:, lo:hi]
                     B = torch.empty(m, Phi.shape[0], dtype=torch.float64, device=dev)
                     for s, e, block in blocks(Phi):
                         B[:, s:e] = phi_q @ block.T
-                    S += B @ inv[:, lo:hi]
+                    S += (B @ W.T) @ W[:, lo:hi]
                     del B
-                else:  # (phi_q K) Phi_s^T
-                    A = phi_q @ inv
+                else:  # ((phi_q W^T) W) Phi_s^T = (phi_q K) Phi_s^T
+                    if triangular[mi]:  # the products skip W's zero blocks
+                        A = _lower_transposed_times(W, _lower_times(W, phi_q.T)).T
+                    else:
+                        A = (phi_q @ W.T) @ W
                     for s, e, block in blocks(Phi, lo, hi):
-                        S[:, s - lo : e - lo] += A @ block.T
+                        S[:, s - lo : e - lo].addmm_(A, block.T)
             if si is not None:
                 for s, e, block in blocks(Phi, lo, hi):
-                    if dual:  # ((Phi_s Phi^T) * D[lo:hi]).sum(1)
+                    if dual:  # ((Phi_s Phi^T) * D[s:e]).sum(1) = (((Phi_s Phi^T) W^T) * W[:, s:e]^T).sum(1)
                         R = torch.empty(e - s, Phi.shape[0], dtype=torch.float64, device=dev)
-                        for s2, e2, other in blocks(Phi):
+                        for s2, e2, other in blocks(Phi, to_float64=inner):
                             R[:, s2:e2] = block @ other.T
-                        si[s - lo : e - lo] += (R * inv[s:e, :]).sum(dim=1)
-                    else:  # ((Phi_s K) * Phi_s).sum(1)
-                        si[s - lo : e - lo] += ((block @ inv) * block).sum(dim=1)
+                        si[s - lo : e - lo] += ((R @ W.T) * W[:, s:e].T).sum(dim=1)
+                    else:  # ((Phi_s K) * Phi_s).sum(1) = ||Phi_s W^T||^2 per row
+                        si[s - lo : e - lo] += (block @ W.T).square_().sum(dim=1)
         # in place (the same operations as S / M * Q): no second m x n float64 matrix
         if S is not None and Qq is not None:
             S.mul_((Qq / M).unsqueeze(1))

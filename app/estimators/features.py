@@ -10,7 +10,8 @@ features. Three pieces keep their memory bounded by :attr:`Runtime.memory_budget
   zero-copy ``torch.from_numpy`` view of the mapping.
 * :func:`row_chunks` iterates over row blocks of any feature matrix (in memory, memory-mapped or on a
   device), converting one block at a time (e.g. to float64), never the whole matrix;
-  :func:`gram_columns` and :func:`gram_rows` accumulate ``Phi^T Phi`` and ``Phi Phi^T`` that way.
+  :func:`gram_columns` and :func:`gram_rows` accumulate ``Phi^T Phi`` (its lower triangle) and
+  ``Phi Phi^T`` that way.
 * :func:`save_tensors` writes a safetensors file (8-byte little-endian header length, a JSON header
   with each tensor's dtype, shape and ``data_offsets`` plus ``__metadata__``, then the raw
   little-endian bytes) streamed from the tensors one row block at a time, and :func:`load_tensors`
@@ -187,15 +188,33 @@ def row_chunks(
         yield start, stop, matrix[start:stop].to(dev, dtype)
 
 
+GRAM_BLOCK = 128
+"""Columns per block of the lower-triangular Gram updates (:func:`add_lower_gram`)."""
+
+
+def add_lower_gram(C: torch.Tensor, X: torch.Tensor, alpha: float = 1.0, block: int = GRAM_BLOCK) -> None:
+    """``C += alpha X^T X`` on the lower triangle of ``C`` only, a block of ``block`` rows at a time.
+
+    A Gram is symmetric and its factorisations read the lower triangle, so the products above the
+    diagonal blocks (almost half of a full update) are skipped. Blocks above the diagonal blocks are
+    left alone; the strict upper triangles of the diagonal blocks are updated but not meaningful.
+    """
+    k = C.shape[0]
+    for s in range(0, k, block):
+        e = min(s + block, k)
+        C[s:e, :e].addmm_(X[:, s:e].T, X[:, :e], alpha=alpha)
+
+
 def gram_columns(
     matrix: torch.Tensor, *, budget: int | None = None, device: torch.device | str | None = None
 ) -> torch.Tensor:
-    """``Phi^T Phi`` (``k x k``, float64) accumulated over row blocks."""
+    """The lower triangle of ``Phi^T Phi`` (``k x k``, float64; see :func:`add_lower_gram`), accumulated
+    over row blocks."""
     dev = matrix.device if device is None else torch.device(device)
     k = int(matrix.shape[1])
     gram = torch.zeros(k, k, dtype=torch.float64, device=dev)
     for _, _, block in row_chunks(matrix, budget=budget, device=dev):
-        gram.addmm_(block.T, block)
+        add_lower_gram(gram, block)
     return gram
 
 
@@ -347,6 +366,7 @@ __all__ = [
     "FeatureWriter",
     "block_bytes",
     "block_rows",
+    "add_lower_gram",
     "gram_columns",
     "gram_rows",
     "load_tensors",

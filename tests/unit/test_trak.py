@@ -17,12 +17,10 @@ from app.estimators import (
     init_model,
     train,
 )
-from app.estimators.features import FeatureWriter
+from app.estimators.features import GRAM_BLOCK, FeatureWriter, add_lower_gram
 from app.estimators.gradients import n_parameters, per_sample_gradients, query_objective_fn
 from app.estimators.methods.trak import (
     FACTOR_BLOCK,
-    GRAM_BLOCK,
-    _add_lower_gram,
     _cholesky_lower_,
     _factor_layout,
     _invert_lower_,
@@ -200,7 +198,7 @@ def test_blocked_kernel_routines_match_dense_linear_algebra():
     X = torch.randn(3 * k, k, generator=g, dtype=torch.float64)
     gram = torch.zeros(k, k, dtype=torch.float64)
     for rows in X.split(50):
-        _add_lower_gram(gram, rows)
+        add_lower_gram(gram, rows)
     exact = X.T @ X
     torch.testing.assert_close(gram.tril(), exact.tril(), rtol=1e-12, atol=1e-10)
     L = gram.tril()

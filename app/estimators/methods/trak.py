@@ -60,7 +60,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..base import Attribution, Estimator, EstimatorError, ProblemSize, Runtime, TrainState, register
-from ..features import FeatureWriter, block_rows, gram_rows, row_chunks
+from ..features import FeatureWriter, add_lower_gram, block_rows, gram_columns, gram_rows
 from ..gradients import (
     Ticker,
     as_params,
@@ -252,28 +252,12 @@ def _project_factors(factors, layout, P: torch.Tensor, into: torch.Tensor | None
     return out if into is None or direct else into.copy_(out)
 
 
-GRAM_BLOCK = 128
-"""Columns per block of the lower-triangular Gram updates (:func:`_add_lower_gram`)."""
-
 FACTOR_BLOCK = 64
 """Columns per block of the blocked Cholesky factorisation, triangular inverse and products."""
 
 FLOAT64_ROWS = 128
 """Feature rows converted to float64 at once (for the Gram and the scores): small enough to stay in
 cache, which makes the products faster than with larger blocks."""
-
-
-def _add_lower_gram(C: torch.Tensor, X: torch.Tensor, alpha: float = 1.0, block: int = GRAM_BLOCK) -> None:
-    """``C += alpha X^T X`` on the lower triangle of ``C`` only, a block of ``block`` rows at a time.
-
-    The kernel is symmetric and its factorisations read the lower triangle, so the products above
-    the diagonal blocks (almost half of a full update) are skipped. Blocks above the diagonal blocks
-    are left alone; the strict upper triangles of the diagonal blocks are updated but not meaningful.
-    """
-    k = C.shape[0]
-    for s in range(0, k, block):
-        e = min(s + block, k)
-        C[s:e, :e].addmm_(X[:, s:e].T, X[:, :e], alpha=alpha)
 
 
 def _cholesky_lower_(L: torch.Tensor) -> bool:
@@ -294,7 +278,7 @@ def _cholesky_lower_(L: torch.Tensor) -> bool:
         if e < k:
             panel = torch.linalg.solve_triangular(diag.T, L[e:, s:e], upper=True, left=False)
             L[e:, s:e] = panel
-            _add_lower_gram(L[e:, e:], panel.T, alpha=-1.0, block=FACTOR_BLOCK)
+            add_lower_gram(L[e:, e:], panel.T, alpha=-1.0, block=FACTOR_BLOCK)
     return True
 
 
@@ -507,17 +491,15 @@ class TRAK(Estimator):
             ):
                 if gram is not None:  # the lower triangle of Phi^T Phi, a block of rows at a time
                     for u in range(0, rows.shape[0], FLOAT64_ROWS):
-                        _add_lower_gram(gram, to_float64(rows[u : u + FLOAT64_ROWS]))
+                        add_lower_gram(gram, to_float64(rows[u : u + FLOAT64_ROWS]))
                 tt.tick()
             Phi = writer.finish()
 
             def gram_of_features(Phi=Phi) -> torch.Tensor:  # from row blocks of the written features
-                if dual:  # Phi Phi^T (n < k)
-                    return gram_rows(Phi, budget=runtime.memory_budget_bytes, device=dev)
-                gram = torch.zeros(k, k, dtype=torch.float64, device=dev)
-                for _, _, block in row_chunks(Phi, budget=runtime.memory_budget_bytes, device=dev):
-                    _add_lower_gram(gram, block)
-                return gram
+                gram_of = (
+                    gram_rows if dual else gram_columns
+                )  # Phi Phi^T (n < k) or Phi^T Phi's lower triangle
+                return gram_of(Phi, budget=runtime.memory_budget_bytes, device=dev)
 
             if gram is None:
                 gram = gram_of_features()

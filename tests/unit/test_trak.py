@@ -21,12 +21,11 @@ from app.estimators.features import GRAM_BLOCK, FeatureWriter, add_lower_gram
 from app.estimators.gradients import n_parameters, per_sample_gradients, query_objective_fn
 from app.estimators.methods.trak import (
     FACTOR_BLOCK,
-    _cholesky_lower_,
     _factor_layout,
-    _invert_lower_,
+    _inverse_cholesky_,
     _label_probabilities,
     _lower_times,
-    _lower_transposed_times,
+    _times_lower,
     _pinv_factor,
     _projected_margin_gradients,
 )
@@ -191,32 +190,31 @@ def test_kernel_pseudo_inverse_fast_path_matches_the_eigendecomposition(damping)
 
 
 def test_blocked_kernel_routines_match_dense_linear_algebra():
-    """Several ragged blocks: the lower-triangle Gram, the blocked Cholesky factor, its in-place
-    inverse and the products that skip W's zero blocks equal the dense torch results."""
+    """Several ragged blocks: the lower-triangle Gram, the recursive inverse Cholesky factor and the
+    products that skip W's zero blocks equal the dense torch results."""
     g = torch.Generator().manual_seed(3)
-    k = 2 * max(GRAM_BLOCK, FACTOR_BLOCK) + 22
-    X = torch.randn(3 * k, k, generator=g, dtype=torch.float64)
-    gram = torch.zeros(k, k, dtype=torch.float64)
-    for rows in X.split(50):
-        add_lower_gram(gram, rows)
-    exact = X.T @ X
-    torch.testing.assert_close(gram.tril(), exact.tril(), rtol=1e-12, atol=1e-10)
-    L = gram.tril()
-    assert _cholesky_lower_(L)
-    torch.testing.assert_close(L, torch.linalg.cholesky(exact), rtol=1e-10, atol=1e-12)
-    W = _invert_lower_(L.clone())
-    torch.testing.assert_close(W, torch.linalg.inv(L), rtol=1e-10, atol=1e-12)
-    assert torch.equal(W, W.tril())
-    Y = torch.randn(k, 7, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(_lower_times(W, Y), W @ Y, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(_lower_transposed_times(W, Y), W.T @ Y, rtol=1e-12, atol=1e-12)
-    indefinite = exact.tril()
-    indefinite[-1, -1] = -1.0  # fails in the last block
-    assert not _cholesky_lower_(indefinite)
-    # a full-rank kernel spanning several blocks takes the Cholesky path of _pinv_factor
-    W, rank, triangular = _pinv_factor(exact.clone(), 0.0, k * torch.finfo(torch.float64).eps, exact.clone)
-    assert rank == k and triangular
-    torch.testing.assert_close(W.T @ W, torch.linalg.inv(exact), rtol=1e-8, atol=1e-12)
+    for k in (FACTOR_BLOCK - 5, 2 * FACTOR_BLOCK + 9, 2 * max(GRAM_BLOCK, FACTOR_BLOCK) + 22):
+        X = torch.randn(3 * k, k, generator=g, dtype=torch.float64)
+        gram = torch.zeros(k, k, dtype=torch.float64)
+        for rows in X.split(50):
+            add_lower_gram(gram, rows)
+        exact = X.T @ X
+        torch.testing.assert_close(gram.tril(), exact.tril(), rtol=1e-12, atol=1e-10)
+        W = gram.tril()
+        assert _inverse_cholesky_(W)
+        torch.testing.assert_close(W, torch.linalg.inv(torch.linalg.cholesky(exact)), rtol=1e-9, atol=1e-12)
+        assert torch.equal(W, W.tril())  # zeros above the diagonal, as the products assume
+        Y = torch.randn(k, 7, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(_lower_times(W, Y), W @ Y, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(_times_lower(Y.T, W), Y.T @ W, rtol=1e-12, atol=1e-12)
+        for broken in (0, k // 2, k - 1):  # not positive definite in the first, a middle, the last leaf
+            indefinite = exact.tril()
+            indefinite[broken, broken] = -1.0
+            assert not _inverse_cholesky_(indefinite)
+        # a full-rank kernel spanning several blocks takes the Cholesky path of _pinv_factor
+        W, rank, triangular = _pinv_factor(exact.clone(), 0.0, k * torch.finfo(torch.float64).eps, exact.clone)
+        assert rank == k and triangular
+        torch.testing.assert_close(W.T @ W, torch.linalg.inv(exact), rtol=1e-8, atol=1e-12)
 
 
 def test_label_probabilities_from_the_gradient_pass_match_a_separate_forward_pass(mlp):

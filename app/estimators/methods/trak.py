@@ -253,69 +253,76 @@ def _project_factors(factors, layout, P: torch.Tensor, into: torch.Tensor | None
 
 
 FACTOR_BLOCK = 64
-"""Columns per block of the blocked Cholesky factorisation, triangular inverse and products."""
+"""Side of the diagonal blocks at which the recursive kernel routines stop splitting (a LAPACK call
+or one dense product there)."""
 
 FLOAT64_ROWS = 128
 """Feature rows converted to float64 at once (for the Gram and the scores): small enough to stay in
 cache, which makes the products faster than with larger blocks."""
 
 
-def _cholesky_lower_(L: torch.Tensor) -> bool:
-    """In place: the lower triangle of symmetric ``L`` (zeros above it) becomes its Cholesky factor;
-    False (``L`` then holds a partial factorisation) if the matrix is not numerically positive definite.
+def _split(k: int) -> int:
+    """Where the recursive routines split a side of ``k > FACTOR_BLOCK``: near the middle, on a multiple
+    of :data:`FACTOR_BLOCK`, so the diagonal blocks that :func:`add_lower_gram` fills completely (its
+    upper triangles included) are whole leaves of :func:`_inverse_cholesky_`."""
+    return max(FACTOR_BLOCK, (k // 2) // FACTOR_BLOCK * FACTOR_BLOCK)
 
-    Right-looking blocked algorithm: factor a diagonal block, solve its panel, update the trailing
-    lower triangle by matrix products. Single-threaded on a 512 x 512 kernel this takes about half
-    the time of one ``torch.linalg.cholesky_ex`` call.
+
+def _lower_times(W: torch.Tensor, X: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``W X`` for lower-triangular ``W`` (zeros above the diagonal): halves split recursively, so the
+    zero upper-right block is never multiplied and most of the work is in large products."""
+    out = torch.empty(W.shape[0], X.shape[1], dtype=X.dtype, device=X.device) if out is None else out
+    k = W.shape[0]
+    if k <= FACTOR_BLOCK:
+        return torch.mm(W, X, out=out)
+    h = _split(k)
+    _lower_times(W[:h, :h], X[:h], out[:h])
+    _lower_times(W[h:, h:], X[h:], out[h:])
+    out[h:].addmm_(W[h:, :h], X[:h])
+    return out
+
+
+def _times_lower(X: torch.Tensor, W: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``X W`` for lower-triangular ``W``, recursively as :func:`_lower_times`."""
+    out = torch.empty(X.shape[0], W.shape[1], dtype=X.dtype, device=X.device) if out is None else out
+    k = W.shape[0]
+    if k <= FACTOR_BLOCK:
+        return torch.mm(X, W, out=out)
+    h = _split(k)
+    _times_lower(X[:, :h], W[:h, :h], out[:, :h])
+    _times_lower(X[:, h:], W[h:, h:], out[:, h:])
+    out[:, :h].addmm_(X[:, h:], W[h:, :h])
+    return out
+
+
+def _inverse_cholesky_(B: torch.Tensor) -> bool:
+    """In place: symmetric ``B`` given by its lower triangle (zeros above the diagonal blocks) becomes
+    ``W = L^-1``, the inverse of its Cholesky factor ``L`` (lower triangular); False (``B`` then
+    partly overwritten) if ``B`` is not numerically positive definite.
+
+    Recursive on ``B = [[B11, .], [B21, B22]]``: ``W11`` from ``B11``; ``L21 = B21 W11^T``;
+    ``W22`` from ``B22 - L21 L21^T``; ``W21 = -W22 L21 W11``. The factor and its inverse come from
+    one pass of mostly large products: single-threaded at 512 x 512, about three quarters of the time
+    of a blocked factorisation followed by a blocked triangular inversion.
     """
-    k = L.shape[0]
-    for s in range(0, k, FACTOR_BLOCK):
-        e = min(s + FACTOR_BLOCK, k)
-        diag, info = torch.linalg.cholesky_ex(L[s:e, s:e])
+    k = B.shape[0]
+    if k <= FACTOR_BLOCK:
+        L, info = torch.linalg.cholesky_ex(B)  # reads the lower triangle only
         if int(info) != 0:
             return False
-        L[s:e, s:e] = diag
-        if e < k:
-            panel = torch.linalg.solve_triangular(diag.T, L[e:, s:e], upper=True, left=False)
-            L[e:, s:e] = panel
-            add_lower_gram(L[e:, e:], panel.T, alpha=-1.0, block=FACTOR_BLOCK)
+        eye = torch.eye(k, dtype=B.dtype, device=B.device)
+        B.copy_(torch.linalg.solve_triangular(L, eye, upper=False))
+        return True
+    h = _split(k)
+    W11, B21, B22 = B[:h, :h], B[h:, :h], B[h:, h:]
+    if not _inverse_cholesky_(W11):
+        return False
+    L21t = _lower_times(W11, B21.T)  # L21^T = W11 B21^T
+    add_lower_gram(B22, L21t, alpha=-1.0, block=FACTOR_BLOCK)  # B22 - L21 L21^T (lower triangle)
+    if not _inverse_cholesky_(B22):
+        return False
+    _times_lower(_lower_times(B22, L21t.T), W11, out=B21).neg_()  # -(W22 L21) W11
     return True
-
-
-def _lower_times(W: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """``W X`` for lower-triangular ``W``, skipping the zero blocks above its diagonal blocks."""
-    out = torch.empty(W.shape[0], X.shape[1], dtype=X.dtype, device=X.device)
-    for s in range(0, W.shape[0], FACTOR_BLOCK):
-        e = min(s + FACTOR_BLOCK, W.shape[0])
-        torch.mm(W[s:e, :e], X[:e], out=out[s:e])
-    return out
-
-
-def _lower_transposed_times(W: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """``W^T X`` for lower-triangular ``W``, skipping the zero blocks below the diagonal blocks of
-    ``W^T``."""
-    out = torch.empty(W.shape[1], X.shape[1], dtype=X.dtype, device=X.device)
-    for s in range(0, W.shape[1], FACTOR_BLOCK):
-        e = min(s + FACTOR_BLOCK, W.shape[1])
-        torch.mm(W[s:, s:e].T, X[s:], out=out[s:e])
-    return out
-
-
-def _invert_lower_(L: torch.Tensor) -> torch.Tensor:
-    """``L^-1`` in place for lower-triangular ``L`` (zeros above the diagonal), blocked right to left.
-
-    With ``L = [[L11, 0], [L21, L22]]``: ``L^-1 = [[W11, 0], [-W22 L21 W11, W22]]``, ``W = L^-1``;
-    each block column needs only the already inverted ``W22`` and its own, still intact, ``L21``.
-    """
-    k = L.shape[0]
-    for s in reversed(range(0, k, FACTOR_BLOCK)):
-        e = min(s + FACTOR_BLOCK, k)
-        eye = torch.eye(e - s, dtype=L.dtype, device=L.device)
-        W11 = torch.linalg.solve_triangular(L[s:e, s:e], eye, upper=False)
-        if e < k:
-            L[e:, s:e] = _lower_times(L[e:, e:], L[e:, s:e]).neg_() @ W11
-        L[s:e, s:e] = W11
-    return L
 
 
 def _proves_full_rank(bound: float, rtol: float) -> bool:
@@ -348,8 +355,8 @@ def _pinv_factor(
         L = A.tril() if rebuild is None else A.tril_()
         if damping:
             L.diagonal().add_(damping)
-        if _cholesky_lower_(L):
-            W = _invert_lower_(L)
+        if _inverse_cholesky_(L):
+            W = L
             inv_top = float(torch.linalg.vector_norm(W)) ** 2
             if not _proves_full_rank(top * inv_top, rtol):
                 A, rebuild = (A if rebuild is None else rebuild()), None
@@ -623,7 +630,7 @@ class TRAK(Estimator):
                     del B
                 else:  # ((phi_q W^T) W) Phi_s^T = (phi_q K) Phi_s^T
                     if triangular[mi]:  # the products skip W's zero blocks
-                        A = _lower_transposed_times(W, _lower_times(W, phi_q.T)).T
+                        A = _times_lower(_lower_times(W, phi_q.T).T, W)
                     else:
                         A = (phi_q @ W.T) @ W
                     for s, e, block in blocks(Phi, lo, hi):

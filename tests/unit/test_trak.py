@@ -25,9 +25,9 @@ from app.estimators.methods.trak import (
     _inverse_cholesky_,
     _label_probabilities,
     _lower_times,
-    _times_lower,
     _pinv_factor,
     _projected_margin_gradients,
+    _times_lower,
 )
 from app.estimators.objectives import margin
 from app.estimators.projection import derive_seed, make_projector
@@ -212,7 +212,8 @@ def test_blocked_kernel_routines_match_dense_linear_algebra():
             indefinite[broken, broken] = -1.0
             assert not _inverse_cholesky_(indefinite)
         # a full-rank kernel spanning several blocks takes the Cholesky path of _pinv_factor
-        W, rank, triangular = _pinv_factor(exact.clone(), 0.0, k * torch.finfo(torch.float64).eps, exact.clone)
+        rtol = k * torch.finfo(torch.float64).eps
+        W, rank, triangular = _pinv_factor(exact.clone(), 0.0, rtol, exact.clone)
         assert rank == k and triangular
         torch.testing.assert_close(W.T @ W, torch.linalg.inv(exact), rtol=1e-8, atol=1e-12)
 

@@ -126,13 +126,17 @@ class DenseProjector(Projector):
         """Whether ``P`` is kept in memory (:meth:`matrix` is then cheap after the first call)."""
         return self._cached
 
-    def _block(self, j: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def _block(
+        self, j: int, device: torch.device, dtype: torch.dtype, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Rows ``j * ROW_BLOCK ..`` of ``P``; drawn into ``out`` (float32, on the CPU) when given."""
         r0, r1 = j * ROW_BLOCK, min((j + 1) * ROW_BLOCK, self.p)
         gen = _generator(self.seed, _KIND_CODE[self.kind], j)
+        shape = (r1 - r0, self.k)
         if self.kind == "gaussian":
-            B = torch.randn(r1 - r0, self.k, generator=gen, dtype=torch.float32)
+            B = torch.randn(shape, generator=gen, dtype=torch.float32, out=out)
         else:  # drawn straight as float32 (the same values as int8 draws) and mapped in place
-            B = torch.randint(0, 2, (r1 - r0, self.k), generator=gen, dtype=torch.float32).mul_(2).sub_(1)
+            B = torch.randint(0, 2, shape, generator=gen, dtype=torch.float32, out=out).mul_(2).sub_(1)
         return B.div_(math.sqrt(self.k)).to(device=device, dtype=dtype)
 
     def _n_blocks(self) -> int:
@@ -140,8 +144,13 @@ class DenseProjector(Projector):
 
     def matrix(self) -> torch.Tensor:
         if self._matrix is None:
-            blocks = [self._block(j, self.device, self.dtype) for j in range(self._n_blocks())]
-            M = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+            if self._n_blocks() == 1:
+                M = self._block(0, self.device, self.dtype)
+            else:  # the blocks are drawn in place, with no concatenated copy
+                M = torch.empty(self.p, self.k, dtype=torch.float32)
+                for j in range(self._n_blocks()):
+                    self._block(j, M.device, M.dtype, out=M[j * ROW_BLOCK : (j + 1) * ROW_BLOCK])
+                M = M.to(device=self.device, dtype=self.dtype)
             if not self._cached:
                 return M
             self._matrix = M

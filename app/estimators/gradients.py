@@ -38,6 +38,8 @@ Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # Upper bound on (rows x Hessian columns) vectorised at once when forming a Hessian; bounds memory.
 _HESSIAN_ROW_PARAM_BUDGET = 2**18
+# Largest intermediates (elements) of one chunk of the closed-form MLP Hessian (ChainHessian.hessian_blocks).
+_CHAIN_HESSIAN_ELEMENTS = 2**24
 # Hessian columns vectorised at once: on CPU, small blocks of the reverse-over-reverse product run
 # several times faster than one wide vmap (measured 2.5-3x on a 4,810-parameter MLP; same values).
 _HESSIAN_COLUMN_CHUNK = 32
@@ -932,6 +934,19 @@ class ChainHessian:
                 Ain = Jt.transpose(1, 2) if d1 is None else d1[:, :, None] * Jt.transpose(1, 2)
         return blocks
 
+    def hessian_row_elements(self) -> int:
+        """Elements per row of the largest intermediates of :meth:`hessian_blocks` (its per-layer
+        ``H_l`` and one pair of layers' products), to bound its rows per chunk."""
+        trained = [ly for ly in self.layers[self.first :] if ly.trainable]
+        held = sum(ly.out * ly.out for ly in self.layers[self.first :])
+        widest = 0
+        for a, lo in enumerate(trained):
+            widest = max(widest, (lo.out * (lo.out + 1) + lo.cols * (lo.cols + 1)) // 2)
+            for hi in trained[a + 1 :]:
+                pair = 2 * lo.out * hi.out + lo.cols * hi.cols + hi.out * lo.cols + hi.inp * lo.out
+                widest = max(widest, pair)
+        return held + widest
+
     @staticmethod
     def _pair_products(h: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         """``sum_i h_i (x) a~_i a~_i^T`` for symmetric ``h_i`` (b, o, o), as the ``(o(o+1)/2, c(c+1)/2)``
@@ -1113,6 +1128,8 @@ def objective_hessian(
     h_fn = jacrev(grad(total), chunk_size=cols)
     glm = GLMHead.of(model, names)
     chain = None if glm is not None else ChainHessian.of(model, names)
+    if chain is not None:  # the closed form's intermediates grow with the layers' widths
+        rows = max(1, min(rows, _CHAIN_HESSIAN_ELEMENTS // chain.hessian_row_elements()))
     chain_blocks: dict[tuple[int, int], torch.Tensor] = {}
     autodiff_rows = False
     H = torch.zeros(p, p, device=dev, dtype=dtype)

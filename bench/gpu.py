@@ -4,9 +4,9 @@ One device, from the model and the data to the ``m x n`` score matrix (fit inclu
 ``--repeats`` runs after a warm-up on a slice of the data (CUDA context, cuBLAS handles, kernels):
 
 * ``tracin_rp``: projected-gradient attribution, TracIn-RP (``tracincp`` with one checkpoint and a
-  structured projection, SRHT, to ``--projection-dim``): every training and query gradient is
-  formed, projected and scored;
-* ``trak``: TRAK with a count sketch to the same dimension (features, kernel, scores);
+  sparse projection to ``--projection-dim``, ``--projection``: a count sketch by default, O(p) per
+  gradient, or SRHT): every training and query gradient is formed, projected and scored;
+* ``trak``: TRAK with the same projection (features, kernel, scores);
 * ``ekfac``: EK-FAC influence, factors and eigenbases fitted on the training set, then scored.
 
 Targets at the full size (20,000 train x 1,000 queries, projection 2,048, the 6.57M-parameter
@@ -67,13 +67,11 @@ def make_problem(n_train: int, n_query: int, base_channels: int, seed: int = 0) 
     )
 
 
-def methods(projection_dim: int) -> dict[str, tuple[str, dict]]:
+def methods(projection_dim: int, projection: str) -> dict[str, tuple[str, dict]]:
+    sketch = {"projection_dim": projection_dim, "projection": projection, "seed": 0}
     return {
-        "tracin_rp": ("tracincp", {"projection_dim": projection_dim, "projection": "srht", "seed": 0}),
-        "trak": (
-            "trak",
-            {"projection_dim": projection_dim, "projection": "countsketch", "seed": 0, "damping": 1e-3},
-        ),  # fmt: skip
+        "tracin_rp": ("tracincp", sketch),
+        "trak": ("trak", {**sketch, "damping": 1e-3}),
         "ekfac": ("ekfac", {}),
     }
 
@@ -113,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-train", type=int, default=20_000)
     ap.add_argument("--n-query", type=int, default=1_000)
     ap.add_argument("--projection-dim", type=int, default=2048)
+    ap.add_argument("--projection", default="countsketch", choices=["countsketch", "srht"])
     ap.add_argument("--base-channels", type=int, default=64, help="ResNet-9 width (64: 6.57M parameters)")
     ap.add_argument("--chunk-size", type=int, default=512, help="rows per gradient chunk")
     ap.add_argument("--repeats", type=int, default=3)
@@ -135,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
           f"projection {args.projection_dim}, {where}, torch {torch.__version__}")  # fmt: skip
     rows = []
     chosen = args.methods.split(",")
-    for label, (name, params) in methods(args.projection_dim).items():
+    for label, (name, params) in methods(args.projection_dim, args.projection).items():
         if label not in chosen:
             continue
         r = measure(name, params, problem, runtime, args.repeats)

@@ -83,7 +83,7 @@ def test_projected_scores_track_exact_scores(trained):
     print(f"TracIn-RP (rademacher, k=1024, p=2563): Pearson scores {r:.4f}, self-influence {r_self:.4f}")
     assert r >= 0.95 and r_self >= 0.95
     assert proj.metadata["projection"]["k"] == 1024 and proj.metadata["projection"]["kind"] == "rademacher"
-    for kind in ("gaussian", "srht"):
+    for kind in ("gaussian", "srht", "countsketch"):
         other = est.attribute(_problem(trained), {"projection_dim": 1024, "projection": kind}, runtime=F64)
         r = np.corrcoef(exact.scores.ravel(), other.scores.ravel())[0, 1]
         print(f"TracIn-RP ({kind}, k=1024): Pearson {r:.4f}")

@@ -80,7 +80,7 @@ class TracInCPParams:
             "values >= the number of selected parameters mean no projection)"
         },
     )
-    projection: Literal["gaussian", "rademacher", "srht"] = field(
+    projection: Literal["gaussian", "rademacher", "srht", "countsketch"] = field(
         default="rademacher",
         metadata={"description": "random projection kind used when projection_dim is set"},
     )

@@ -50,6 +50,8 @@ def problem() -> InfluenceProblem:
         ("grad_dot", {}),
         ("tracincp", {}),
         ("tracincp", {"projection_dim": 256}),
+        ("tracincp", {"projection_dim": 256, "projection": "countsketch"}),
+        ("if_exact", {"damping": 0.5}),  # closed-form MLP Hessian (untrained: indefinite below ~0.4)
         ("ekfac", {"damping": 1e-2}),
         ("trak", {"projection_dim": 512}),
         ("if_cg", {"damping": 1e-2}),

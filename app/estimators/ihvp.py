@@ -55,7 +55,9 @@ _VECTOR_PARAM_BUDGET = 2**24
 _HVP_COLUMNS = 32
 # Closed-form products of linear_chain models (ChainHessian): rows x columns x the widest layer held by
 # one intermediate, and the total size of the per-row quantities cached across products of the operator.
-_CHAIN_ELEMENTS = 2**22  # (on CPU, intermediates that stay within the caches: ~1.5x faster than 2**24)
+# Intermediates that stay in the caches: 2**22 ran 1.5x faster than 2**24 (Intel Xeon); 2**21 another
+# 1.16x for if_cg on the bench MLP (AMD EPYC: chunks of 256 rows x 100 columns instead of 512).
+_CHAIN_ELEMENTS = 2**21
 _CHAIN_CACHE_ELEMENTS = 2**26
 # One-layer linear models: once the closed-form products have cost as much as forming the Hessian
 # would, the full-data operator forms it (p x p, float64) and multiplies by it; only up to this p.

@@ -53,11 +53,8 @@ _ROW_VECTOR_BUDGET = 2**18
 _VECTOR_PARAM_BUDGET = 2**24
 # Columns vectorised at once by a Hessian-vector product (see TrainingHessian._apply).
 _HVP_COLUMNS = 32
-# Closed-form products of linear_chain models (ChainHessian): rows x columns x the widest layer held by
-# one intermediate, and the total size of the per-row quantities cached across products of the operator.
-# Intermediates that stay in the caches: 2**22 ran 1.5x faster than 2**24 (Intel Xeon); 2**21 another
-# 1.16x for if_cg on the bench MLP (AMD EPYC: chunks of 256 rows x 100 columns instead of 512).
-_CHAIN_ELEMENTS = 2**21
+# Closed-form products of linear_chain models (ChainHessian): the total size of the per-row quantities
+# cached across products of the operator.
 _CHAIN_CACHE_ELEMENTS = 2**26
 # One-layer linear models: once the closed-form products have cost as much as forming the Hessian
 # would, the full-data operator forms it (p x p, float64) and multiplies by it; only up to this p.
@@ -194,16 +191,6 @@ class TrainingHessian:
         ys = ys.to(self.device, self.dtype) if ys.is_floating_point() else ys.to(self.device)
         return xs, ys
 
-    def _chain_rows(self, r: int, n_rows: int) -> int:
-        """Rows per chunk of a closed-form chain product with ``r`` columns: ``chunk_size`` times a
-        power of two, as many as the element budget allows (few distinct values: prepared chunks are
-        reused)."""
-        limit = max(1, _CHAIN_ELEMENTS // max(1, r * self._chain.width))
-        rows = self.chunk_size
-        while rows < n_rows and 2 * rows <= limit:
-            rows *= 2
-        return max(1, min(rows, n_rows))
-
     def _chain_chunks(self, idx: torch.Tensor | None, n_rows: int, rows: int, cache: bool, scale: float):
         """``(sel, prepared or None)`` per chunk of ``rows`` rows, products scaled by ``scale``; the
         operator's own rows are prepared once per chunk size and kept (within a memory budget)."""
@@ -240,16 +227,18 @@ class TrainingHessian:
             fn, out = None, None
             V = V.contiguous()
             scale = alpha / n_rows  # folded into the prepared rows: no pass over the result
-            rows = self._chain_rows(r, n_rows)
-            for sel, ctx in self._chain_chunks(idx, n_rows, rows, cache and alpha == 1.0, scale):
-                if ctx is not None:
-                    part = self._chain.hvp_sum(ctx, V, self._tensors)
-                else:  # rows the closed form does not cover: autodiff
+            rows = self._chain.chunk_rows(r, n_rows, self.chunk_size)
+            chunks = self._chain_chunks(idx, n_rows, rows, cache and alpha == 1.0, scale)
+            closed = [ctx for _, ctx in chunks if ctx is not None]
+            if closed:
+                out = self._chain.hvp_sum(closed, V, self._tensors)
+            for sel, ctx in chunks:
+                if ctx is None:  # rows the closed form does not cover: autodiff
                     if fn is None:
                         fn = vmap(self._hvp_one, in_dims=(1, None, None), out_dims=1,
                                   chunk_size=max(1, min(r, _HVP_COLUMNS)))  # fmt: skip
                     part = fn(V, *self._inputs(sel)).mul_(scale)
-                out = part if out is None else out.add_(part)
+                    out = part if out is None else out.add_(part)
         else:
             out = torch.zeros_like(V)
         if r and n_rows and self._chain is None:

@@ -349,8 +349,8 @@ def _autograd_hessian(model, x, y, task, weight_decay):
     ],
 )
 def test_chain_hvp_equals_explicit_hessian(acts, task, frozen, bias):
-    """The closed-form R-operator products of a plain MLP (ChainHessian) are the exact Hessian: both
-    layouts (narrow and wide blocks), row subsets, weight decay; float32 products to float32 accuracy.
+    """The closed-form R-operator products of a plain MLP (ChainHessian) are the exact Hessian: all three
+    layouts of the intermediates, row subsets, weight decay; float32 products to float32 accuracy.
     The explicit Hessian (assembled by ChainHessian.hessian_blocks) equals reverse-over-reverse autograd."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(40, 5, generator=g, dtype=torch.float64)
@@ -375,7 +375,7 @@ def test_chain_hvp_equals_explicit_hessian(acts, task, frozen, bias):
     assert op._chain is not None and op.p == H.shape[0]
     rows = torch.tensor([3, 7, 7, 20, 39])
     H_rows = objective_hessian(model, prob.weights, x[rows], y[rows], t, 0.01)
-    for r in (1, 4, 20):  # 20: the (features, rows, columns) layout
+    for r in (1, 4, 20):  # 1, 4: the (rows, columns, features) layout; 20: (features, rows, columns)
         V = torch.randn(op.p, r, generator=g, dtype=torch.float64)
         torch.testing.assert_close(op.matmul(V), H @ V, rtol=1e-10, atol=1e-12 * float((H @ V).abs().max()))
         torch.testing.assert_close(op.rows_matmul(rows, V), H_rows @ V, rtol=1e-10, atol=1e-12)
@@ -383,6 +383,25 @@ def test_chain_hvp_equals_explicit_hessian(acts, task, frozen, bias):
         torch.testing.assert_close(
             op.rows_matmul(rows, V, alpha=-0.3, beta=0.7), -0.3 * H_rows @ V + 0.7 * V, rtol=1e-10, atol=1e-12
         )
+    # the three layouts of the intermediates, each over several chunks of rows (matmul above picks
+    # "features" for 40 rows; "columns" serves wide blocks over hundreds of rows)
+    chain, V = op._chain, torch.randn(op.p, 20, generator=g, dtype=torch.float64)
+    chunks = [
+        chain.prepare(x[s : s + 16], y[s : s + 16], op._params, op._fixed, t, 1 / 40) for s in (0, 16, 32)
+    ]
+    HV = (H - 0.01 * torch.eye(op.p, dtype=H.dtype)) @ V  # hvp_sum leaves out weight decay
+    for layout in ("rows", "features", "columns"):
+        torch.testing.assert_close(
+            chain.hvp_sum(chunks, V, op._tensors, layout=layout),
+            HV,
+            rtol=1e-10,
+            atol=1e-12 * float(HV.abs().max()),
+        )
+    assert (
+        chain.layout(20, 40) == "features"
+        and chain.layout(20, 1400) == "columns"
+        and chain.layout(4, 1400) == "rows"
+    )
     f32 = TrainingHessian(prob, Runtime(chunk_size=16), dtype=torch.float32)
     V = torch.randn(op.p, 20, generator=g, dtype=torch.float64)
     HV = f32.matmul(V)

@@ -340,18 +340,18 @@ class CGResult:
     """Hessian products (blocks) used."""
 
 
-def _orthonormal_basis(Z: torch.Tensor) -> torch.Tensor:
-    """An orthonormal basis (``p x min(p, s)``) of the span of the columns of ``Z``.
+def _orthonormal_basis(Z: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An orthonormal basis ``Q`` (``p x min(p, s)``) of the span of the columns of ``Z``, given their
+    Gram matrix ``G = Z^T Z``, and ``M`` with ``Q = Z M`` (None when ``Q`` came from Householder).
 
     Cholesky QR on the column-normalised block when it is well conditioned: ``Q = Z D^-1 L^-T`` with
-    ``L L^T`` the Gram matrix of the normalised columns (``D`` their norms), i.e. one Gram matrix and
-    one product with an ``s x s`` matrix, about 3x faster than Householder QR on CPU; orthonormal to
-    about ``cond^2 eps`` (below 1e-7 within the threshold). Householder QR otherwise (nearly dependent
-    columns), which returns orthonormal columns whatever the rank. Normalising first lets a column
-    much shorter than the others keep an accurate direction."""
+    ``L L^T`` the Gram matrix of the normalised columns (``D`` their norms), i.e. one product with an
+    ``s x s`` matrix, about 3x faster than Householder QR on CPU; orthonormal to about ``cond^2 eps``
+    (below 1e-7 within the threshold). Householder QR otherwise (nearly dependent columns), which
+    returns orthonormal columns whatever the rank. Normalising first lets a column much shorter than
+    the others keep an accurate direction."""
     p, s = Z.shape
     if s <= p:
-        G = Z.T @ Z
         dn = G.diagonal().clamp_min(torch.finfo(Z.dtype).tiny).sqrt()
         L, info = torch.linalg.cholesky_ex(G / dn[:, None] / dn[None, :])
         d = L.diagonal()
@@ -361,9 +361,19 @@ def _orthonormal_basis(Z: torch.Tensor) -> torch.Tensor:
             and float(d.min()) >= _CHOLQR_MIN * float(d.max())
         ):
             eye = torch.eye(s, dtype=Z.dtype, device=Z.device)
-            return Z @ (torch.linalg.solve_triangular(L, eye, upper=False).T / dn[:, None])  # Z D^-1 L^-T
+            M = torch.linalg.solve_triangular(L, eye, upper=False).T / dn[:, None]  # D^-1 L^-T
+            return Z @ M, M
     Zn = Z / torch.linalg.vector_norm(Z, dim=0).clamp_min(torch.finfo(Z.dtype).tiny)
-    return torch.linalg.qr(Zn, mode="reduced").Q
+    return torch.linalg.qr(Zn, mode="reduced").Q, None
+
+
+def _search_block(
+    Z: torch.Tensor, R: torch.Tensor, ZtZ: torch.Tensor, ZtR: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block CG's next search block ``P``, an orthonormal basis of the columns of ``Z``, and ``P^T R``,
+    from ``Z^T Z`` and ``Z^T R`` (one product with ``p`` rows, or two after a Householder fallback)."""
+    P, M = _orthonormal_basis(Z, ZtZ)
+    return P, (P.T @ R if M is None else M.T @ ZtR)
 
 
 def conjugate_gradient(
@@ -402,11 +412,13 @@ def conjugate_gradient(
     rnorm = bnorm.clone()
     target = rtol * bnorm
     iterations = products = 0
-    # the active columns, compacted: their residuals Ra and solutions Xa (written back to X when they stop)
+    # the active columns, compacted: their residuals Ra and solutions Xa (written back to X when they
+    # stop); RtR = Ra^T Ra, and PtR = P^T Ra for the search block P
     ia = ((rnorm > target) & (bnorm > 0)).nonzero()[:, 0]
     Ra = B[:, ia].contiguous()
     Xa = torch.zeros_like(Ra)
-    P = _orthonormal_basis(Ra) if ia.numel() else None
+    RtR = Ra.T @ Ra
+    P, PtR = _search_block(Ra, Ra, RtR, RtR) if ia.numel() else (None, None)
     for it in range(max_iter):
         if not ia.numel():
             break
@@ -434,10 +446,11 @@ def conjugate_gradient(
                 f"minimum. Increase damping well above {max(-curvature, 0.0):.3g}",
                 parameter=_DAMPING,
             )
-        alpha = torch.cholesky_solve(P.T @ Ra, L)
+        alpha = torch.cholesky_solve(PtR, L)
         Xa.addmm_(P, alpha)
         Ra.addmm_(AP, alpha, alpha=-1.0)
-        new = torch.linalg.vector_norm(Ra, dim=0)
+        RtR = Ra.T @ Ra
+        new = RtR.diagonal().clamp_min(0.0).sqrt()
         rnorm[ia] = new
         iterations = it + 1
         if ticker is not None:
@@ -455,9 +468,12 @@ def conjugate_gradient(
                 ia = ia[:0]
                 break
             ia, Ra, Xa = ia[keep], Ra[:, keep].contiguous(), Xa[:, keep].contiguous()
-        # next search block: the residuals made (H + damping I)-conjugate to the current block
+            RtR = RtR[keep][:, keep]
+        # next search block: the residuals made (H + damping I)-conjugate to the current block,
+        # Z = Ra - P beta; P^T Ra = 0 (each step is a Galerkin step on P) and P^T P = I, so
+        # Z^T Z = Ra^T Ra + beta^T beta and Z^T Ra = Ra^T Ra: no further products with p rows
         beta = torch.cholesky_solve(AP.T @ Ra, L)
-        P = _orthonormal_basis(torch.addmm(Ra, P, beta, alpha=-1.0))
+        P, PtR = _search_block(torch.addmm(Ra, P, beta, alpha=-1.0), Ra, RtR + beta.T @ beta, RtR)
     if ia.numel():
         X[:, ia] = Xa
     if ticker is not None and iterations < max_iter:

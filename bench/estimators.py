@@ -6,7 +6,11 @@ hyper-parameters (``bench/_peers.py``) and prints one table per workload:
 
 * ``time s``: wall time of the whole computation (fit + score, from the trained
   model and the data to the m x n score matrix), median of ``--repeats`` runs
-  after one untimed warm-up run;
+  after one untimed warm-up run. The timed runs of a method's implementations are
+  interleaved (round k runs each implementation once, in a rotated order), so a
+  slow phase of a shared machine hits all of them alike; and the process runs
+  with a steady allocator (``--allocator``), so no implementation's time depends
+  on what ran before it;
 * ``RSS MB``: peak resident-set growth of one extra (untimed) run: a sampler
   thread reads the process RSS (psutil) every 2 ms; baseline taken just before,
   after ``gc.collect()`` and ``malloc_trim``. This is where torch tensors show up;
@@ -107,47 +111,79 @@ class _RSSPeak:
         return self.peak - self.baseline
 
 
-def measure(run, repeats: int, *, slow_s: float, use_tracemalloc: bool) -> dict:
-    """Warm-up (quality from its result), ``repeats`` clean timed runs, then one memory run (RSS sampler,
-    plus tracemalloc unless disabled).
+# glibc malloc settings of a steady-state process: memory freed by one run stays mapped for the next, so
+# no run pays page faults for memory an earlier one had returned to the OS. With glibc's defaults the
+# times depended on the order of the implementations: pyDVL's CG on the MLP took 3.9-4.4 s in a fresh
+# process (1.1M minor faults per run, 2 s of it in the kernel) and 2.1-2.6 s after dattri's CG had run
+# (under 100 faults).
+STEADY_MALLOC = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=68719476736"
 
-    An implementation whose warm-up takes longer than ``slow_s`` gets a single timed run, with the RSS
-    sampler on (its overhead is negligible at that length), and no tracemalloc run."""
-    _trim()
+
+def _steady_allocator(argv: list[str]) -> None:
+    """Re-execute this script with :data:`STEADY_MALLOC` unless it already runs with it (glibc reads its
+    tunables at start-up only)."""
+    if _LIBC is None or STEADY_MALLOC in os.environ.get("GLIBC_TUNABLES", ""):
+        return
+    tunables = ":".join(t for t in (os.environ.get("GLIBC_TUNABLES"), STEADY_MALLOC) if t)
+    os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *argv],
+              {**os.environ, "GLIBC_TUNABLES": tunables})  # fmt: skip
+
+
+def _timed(run) -> float:
     t0 = time.perf_counter()
-    scores = np.asarray(run(), dtype=np.float64)
-    warm = time.perf_counter() - t0
-    times, rss, py_peak = [], 0, None
-    if warm > slow_s:
+    run()
+    return time.perf_counter() - t0
+
+
+def measure_method(runs: dict, repeats: int, *, slow_s: float, use_tracemalloc: bool, trim: bool) -> dict:
+    """Time every implementation of one method: a warm-up each (quality from its result), then
+    ``repeats`` interleaved rounds (round ``k`` runs each implementation once, the order rotated by
+    ``k``), then one memory run each (RSS sampler, plus tracemalloc unless disabled). ``trim``
+    returns freed memory to the OS before every timed run (the default allocator's cold state).
+
+    An implementation whose warm-up takes longer than ``slow_s`` is timed once, right after its
+    warm-up, with the RSS sampler on (its overhead is negligible at that length), and no tracemalloc
+    run. Returns, per name, the measurement or the exception its run raised."""
+    out: dict = {}
+    for name, run in runs.items():
         _trim()
-        with _RSSPeak() as mem:
+        try:
             t0 = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t0)
-        rss = mem.delta
-    else:
-        for _ in range(repeats):
-            _trim()
-            t0 = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t0)
+            scores = np.asarray(run(), dtype=np.float64)
+            warm = time.perf_counter() - t0
+            out[name] = {"scores": scores, "warmup_s": warm, "times_s": [], "tracemalloc_peak_mb": None}
+            if warm > slow_s:
+                _trim()
+                with _RSSPeak() as mem:
+                    out[name]["times_s"].append(_timed(run))
+                out[name]["rss_peak_delta_mb"] = mem.delta / 2**20
+        except Exception as e:  # a peer that crashes is reported, not fatal
+            out[name] = e
+    fast = [n for n in runs if isinstance(out[n], dict) and not out[n]["times_s"]]
+    for k in range(repeats):
+        for name in fast[k % len(fast) :] + fast[: k % len(fast)] if fast else []:
+            if trim:
+                _trim()
+            out[name]["times_s"].append(_timed(runs[name]))
+    for name in fast:
         _trim()
         if use_tracemalloc:
             tracemalloc.start()
         with _RSSPeak() as mem:
-            run()
-        rss = mem.delta
+            runs[name]()
+        out[name]["rss_peak_delta_mb"] = mem.delta / 2**20
         if use_tracemalloc:
-            py_peak = tracemalloc.get_traced_memory()[1]
+            out[name]["tracemalloc_peak_mb"] = tracemalloc.get_traced_memory()[1] / 2**20
             tracemalloc.stop()
-    return {
-        "scores": scores,
-        "warmup_s": warm,
-        "times_s": times,
-        "time_s": statistics.median(times),
-        "rss_peak_delta_mb": rss / 2**20,
-        "tracemalloc_peak_mb": None if py_peak is None else py_peak / 2**20,
-    }
+    for m in out.values():
+        if isinstance(m, dict):
+            m["time_s"] = statistics.median(m["times_s"])
+    return out
+
+
+def _error(e: Exception) -> str:
+    first = str(e).splitlines()[0][:150] if str(e) else ""
+    return f"n/a: {type(e).__name__}: {first}"
 
 
 def _corr_vs(a: np.ndarray, b: np.ndarray) -> float:
@@ -253,8 +289,18 @@ def main(argv: list[str] | None = None) -> int:
         help="an implementation whose warm-up takes longer than this many seconds is timed once",
     )
     ap.add_argument("--no-tracemalloc", action="store_true", help="skip the extra tracemalloc run")
+    ap.add_argument(
+        "--allocator",
+        choices=["steady", "default"],
+        default="steady",
+        help="steady (default): glibc keeps freed memory mapped (the script re-executes itself with "
+        "GLIBC_TUNABLES set); default: glibc's defaults, and freed memory is returned to the OS before "
+        "every timed run (times then depend on what ran before)",
+    )
     ap.add_argument("--out", default=str(HERE / "out" / "estimators.json"), help="JSON output path")
     args = ap.parse_args(argv)
+    if args.allocator == "steady":
+        _steady_allocator(sys.argv[1:] if argv is None else list(argv))
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
     if args.quick:  # smoke run: warm-up + one timed run (with the RSS sampler), no extra memory run
@@ -287,35 +333,38 @@ def main(argv: list[str] | None = None) -> int:
             def ours_run(est=est, hp=hp, wl=wl):
                 return est.attribute(wl.problem, hp, runtime=Runtime()).scores
 
-            impls = [("ours", None, ours_run)]
-            if not args.no_peers:
-                impls += [(name, fn, None) for name, fn in _peers.PEERS.get(method, [])]
-            ours_scores, ours_time = None, None
-            for impl, fn, run in impls:
-                row = {"workload": wname, "method": method, "impl": impl, "params": _jsonable(hp)}
-                print(f"   ... {wname} {method} {impl}", end="", flush=True)
+            t_method = time.perf_counter()
+            peers = [] if args.no_peers else _peers.PEERS.get(method, [])
+            runs, errors = {"ours": ours_run}, {}
+            for impl, fn in peers:
                 try:
-                    if run is None:
-                        run = _peers.make(method, impl, fn, wl, hp)
-                    m = measure(run, args.repeats, slow_s=args.slow, use_tracemalloc=not args.no_tracemalloc)
+                    runs[impl] = _peers.make(method, impl, fn, wl, hp)
                 except _peers.NotAvailable as e:
-                    row["error"] = f"n/a: {e}"
-                except Exception as e:  # a peer that crashes is reported, not fatal
-                    row["error"] = f"n/a: {type(e).__name__}: {str(e).splitlines()[0][:150]}"
-                    row["traceback"] = traceback.format_exc(limit=4)
+                    errors[impl] = f"n/a: {e}"
+                except Exception as e:  # a peer that cannot be set up is reported, not fatal
+                    errors[impl] = _error(e)
+            print(f"   ... {wname} {method}: {', '.join(runs)}", end="", flush=True)
+            measured = measure_method(runs, args.repeats, slow_s=args.slow, trim=args.allocator == "default",
+                                      use_tracemalloc=not args.no_tracemalloc)  # fmt: skip
+            print(f"  ({time.perf_counter() - t_method:.0f} s)", flush=True)
+            ours = measured["ours"]
+            ours_scores = ours["scores"] if isinstance(ours, dict) else None
+            for impl in ["ours", *[n for n, _ in peers]]:
+                row = {"workload": wname, "method": method, "impl": impl, "params": _jsonable(hp)}
+                m = measured.get(impl)
+                if impl in errors:
+                    row["error"] = errors[impl]
+                elif isinstance(m, Exception):
+                    row["error"] = _error(m)
+                    row["traceback"] = "".join(traceback.format_exception(m, limit=4))
                 else:
                     scores = m.pop("scores")
                     row.update(m)
                     row["quality"] = wl.quality(scores)
-                    if impl == "ours":
-                        ours_scores, ours_time = scores, m["time_s"]
-                    else:
-                        if ours_scores is not None and scores.shape == ours_scores.shape:
+                    if impl != "ours" and ours_scores is not None:
+                        if scores.shape == ours_scores.shape:
                             row["corr_vs_ours"] = _corr_vs(scores, ours_scores)
-                        if ours_time:
-                            row["speed_ratio"] = m["time_s"] / ours_time
-                print(f"  {_time_fmt(row.get('time_s'))} s" if "time_s" in row else f"  {row['error']}",
-                      flush=True)  # fmt: skip
+                        row["speed_ratio"] = m["time_s"] / ours["time_s"]
                 rows.append(row)
         results["rows"] += rows
         results["summary"] += print_table(wl, rows, args.tolerance)
@@ -352,7 +401,7 @@ def _environment(threads: int) -> dict:
     except OSError:
         pass
     return {"python": platform.python_version(), "cpu": cpu, "cpus": os.cpu_count(), "threads": threads,
-            "libraries": libs}  # fmt: skip
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES"), "libraries": libs}  # fmt: skip
 
 
 def _jsonable(o):

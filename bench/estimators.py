@@ -63,6 +63,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 from app.estimators import Runtime, get_estimator  # noqa: E402
+from worker.sandbox import MALLOC_TUNABLES  # noqa: E402
 
 METHOD_ORDER = [
     "if_exact", "if_cg", "if_lissa", "if_arnoldi", "ekfac", "tracincp", "grad_dot", "grad_cos",
@@ -111,12 +112,12 @@ class _RSSPeak:
         return self.peak - self.baseline
 
 
-# glibc malloc settings of a steady-state process: memory freed by one run stays mapped for the next, so
-# no run pays page faults for memory an earlier one had returned to the OS. With glibc's defaults the
-# times depended on the order of the implementations: pyDVL's CG on the MLP took 3.9-4.4 s in a fresh
-# process (1.1M minor faults per run, 2 s of it in the kernel) and 2.1-2.6 s after dattri's CG had run
-# (under 100 faults).
-STEADY_MALLOC = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=68719476736"
+# The allocator settings of the worker's job processes: memory freed by one run stays mapped for the
+# next, so no run pays page faults for memory an earlier one had returned to the OS. With glibc's
+# defaults the times depended on the order of the implementations: pyDVL's CG on the MLP took 3.9-4.4 s
+# in a fresh process (1.1M minor faults per run, 2 s of it in the kernel) and 2.1-2.6 s after dattri's
+# CG had run (under 100 faults).
+STEADY_MALLOC = MALLOC_TUNABLES
 
 
 def _steady_allocator(argv: list[str]) -> None:

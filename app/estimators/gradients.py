@@ -229,6 +229,93 @@ def linear_chain(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
     return out
 
 
+def rowwise_derivatives(mods: list[nn.Module], z: torch.Tensor, second: bool = True):
+    """``(phi(z), phi'(z), phi''(z))`` of a run of row-wise modules of a :func:`linear_chain` (in eval
+    mode); None derivatives when trivial (``phi''`` also when ``second`` is False). ReLU and tanh in
+    closed form, anything else by autograd. Raises :class:`NotRowwise` when the run changes the shape."""
+    mods = [m for m in mods if type(m) not in (nn.Identity, nn.Dropout, nn.Flatten)]  # identities here
+    if not mods:
+        return z, None, None
+    if len(mods) == 1 and type(mods[0]) is nn.ReLU:
+        return torch.relu(z), (z > 0).to(z.dtype), None
+    if len(mods) == 1 and type(mods[0]) is nn.Tanh:
+        t = torch.tanh(z)
+        d1 = 1.0 - t * t
+        return t, d1, (-2.0 * t * d1 if second else None)
+    with torch.enable_grad():
+        zt = z.detach().requires_grad_(True)
+        out = zt
+        for m in mods:
+            out = m(out)
+        if out.shape != z.shape:
+            raise NotRowwise
+        if not out.requires_grad:  # constant: phi' = phi'' = 0
+            zero = torch.zeros_like(z)
+            return out.detach(), zero, None
+        (d1,) = torch.autograd.grad(out.sum(), zt, create_graph=second)
+        d2 = None
+        if second and d1.requires_grad:
+            (d2,) = torch.autograd.grad(d1.sum(), zt, allow_unused=True)
+            if d2 is not None and not bool(d2.any()):
+                d2 = None
+    return out.detach(), d1.detach(), d2
+
+
+def linear_chain_backprop(
+    chain: list[tuple[str, nn.Module]],
+    tensors: dict[str, torch.Tensor],
+    xs: torch.Tensor,
+    output_grads: Callable[[torch.Tensor], torch.Tensor],
+) -> list[tuple[str, torch.Tensor, torch.Tensor]] | None:
+    """One forward pass of a :func:`linear_chain` model (weights and biases in ``tensors``) over the
+    rows ``xs``, then ``r`` output gradients per row back-propagated through it at once:
+    ``output_grads(out)`` gives them as ``(b, r, k)``; returns, per linear layer in call order,
+    ``(name, a, D)`` with ``a`` its input ``(b, d_in)`` and ``D`` the gradients with respect to its
+    output ``(b, r, d_out)``. The rows are evaluated once, not once per gradient (e.g. K-FAC's
+    pseudo-examples of the expected Fisher). None when rows do not reach a layer as ``(b, d)`` or a
+    module is not row-wise."""
+    layers: list[list] = []  # per linear layer: name, input, weight, phi' of the row-wise run after it
+    pending: list[nn.Module] = []  # that run for the last layer, not yet applied
+
+    def finish(z: torch.Tensor) -> torch.Tensor:
+        h, layers[-1][3], _ = rowwise_derivatives(pending, z, second=False)
+        return h
+
+    with torch.no_grad():
+        h = xs
+        try:
+            for name, m in chain:
+                if type(m) is not nn.Linear:
+                    if layers:
+                        pending.append(m)
+                    else:
+                        h = m(h)
+                    continue
+                if layers:
+                    h, pending = finish(h), []
+                if h.dim() != 2:
+                    return None
+                W = tensors[f"{name}.weight"]
+                bias = tensors.get(f"{name}.bias") if m.bias is not None else None
+                layers.append([name, h, W, None])
+                h = torch.nn.functional.linear(h, W, bias)
+            if not layers:
+                return None
+            h = finish(h)
+        except NotRowwise:
+            return None
+        D = output_grads(h)
+        out = []
+        for i in range(len(layers) - 1, -1, -1):
+            name, a, W, d1 = layers[i]
+            if d1 is not None:
+                D = D * d1[:, None, :]
+            out.append((name, a, D))
+            if i:
+                D = D @ W
+        return out[::-1]
+
+
 def _linear_chain_factors(
     chain: list[tuple[str, nn.Module]],
     params: dict[str, torch.Tensor],
@@ -290,11 +377,25 @@ def _linear_chain_gradients(
     if factors is None:
         return None
     b = int(xs.shape[0])
-    grads: dict[str, torch.Tensor] = {}
-    for name, a, d in factors:
-        grads[f"{name}.weight"] = (d[:, :, None] * a[:, None, :]).reshape(b, -1)
-        grads[f"{name}.bias"] = d
-    return torch.cat([grads[k] for k in names], dim=1)
+    by_layer = {name: (a, d) for name, a, d in factors}
+    widths = []
+    for k in names:
+        layer, leaf = k.rsplit(".", 1)
+        a, d = by_layer[layer]
+        widths.append(d.shape[1] * a.shape[1] if leaf == "weight" else d.shape[1])
+    G = torch.empty(b, sum(widths), dtype=factors[0][2].dtype, device=factors[0][2].device)
+    off = 0
+    for k, width in zip(names, widths, strict=True):  # written in place: no concatenation
+        layer, leaf = k.rsplit(".", 1)
+        a, d = by_layer[layer]
+        if leaf == "weight":
+            torch.mul(
+                d[:, :, None], a[:, None, :], out=G[:, off : off + width].view(b, d.shape[1], a.shape[1])
+            )
+        else:
+            G[:, off : off + width] = d
+        off += width
+    return G
 
 
 GradientFactors = list[tuple[torch.Tensor, torch.Tensor]]
@@ -619,37 +720,6 @@ class ChainHessian:
             return None
         return cls(chain, names, model)
 
-    @staticmethod
-    def _elementwise(mods: list[nn.Module], z: torch.Tensor):
-        """``(phi(z), phi'(z), phi''(z))`` of a run of row-wise modules (in eval mode); None derivatives
-        when trivial. ReLU and tanh in closed form, anything else by autograd."""
-        mods = [m for m in mods if type(m) not in (nn.Identity, nn.Dropout, nn.Flatten)]  # identities here
-        if not mods:
-            return z, None, None
-        if len(mods) == 1 and type(mods[0]) is nn.ReLU:
-            return torch.relu(z), (z > 0).to(z.dtype), None
-        if len(mods) == 1 and type(mods[0]) is nn.Tanh:
-            t = torch.tanh(z)
-            d1 = 1.0 - t * t
-            return t, d1, -2.0 * t * d1
-        with torch.enable_grad():
-            zt = z.detach().requires_grad_(True)
-            out = zt
-            for m in mods:
-                out = m(out)
-            if out.shape != z.shape:
-                raise _NotRowwise
-            if not out.requires_grad:  # constant: phi' = phi'' = 0
-                zero = torch.zeros_like(z)
-                return out.detach(), zero, None
-            (d1,) = torch.autograd.grad(out.sum(), zt, create_graph=True)
-            d2 = None
-            if d1.requires_grad:
-                (d2,) = torch.autograd.grad(d1.sum(), zt, allow_unused=True)
-                if d2 is not None and not bool(d2.any()):
-                    d2 = None
-        return out.detach(), d1.detach(), d2
-
     def prepare(
         self,
         xs: torch.Tensor,
@@ -681,8 +751,8 @@ class ChainHessian:
                 z = torch.nn.functional.linear(h, W, bias)
                 z_list.append(z)
                 try:
-                    h, d1, d2 = self._elementwise(ly.after, z)
-                except _NotRowwise:
+                    h, d1, d2 = rowwise_derivatives(ly.after, z)
+                except NotRowwise:
                     return None
                 ctx.d1.append(d1)
                 ctx.s.append(d2)  # multiplied by e below
@@ -1140,8 +1210,8 @@ class ChainHessian:
         return groups
 
 
-class _NotRowwise(Exception):
-    pass
+class NotRowwise(Exception):
+    """A module of a :func:`linear_chain` changed the shape of its rows (the closed forms do not apply)."""
 
 
 def per_sample_gradients(

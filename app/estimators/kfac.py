@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -82,6 +82,8 @@ from .gradients import (
     all_finite,
     functional_state,
     gradient_factors,
+    linear_chain,
+    linear_chain_backprop,
     n_chunks,
     per_sample_gradients,
     train_objective,
@@ -374,6 +376,91 @@ def _cdt(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _steps(n: int, chunk_size: int, step: int) -> list[tuple[int, int, bool]]:
+    """``(start, stop, ends a chunk)``: chunks of ``chunk_size`` examples, cut into steps of ``step``."""
+    return [
+        (s0, min(s0 + step, start + chunk_size, n), s0 + step >= min(start + chunk_size, n))
+        for start in range(0, n, chunk_size)
+        for s0 in range(start, min(start + chunk_size, n), step)
+    ]
+
+
+def _fisher_targets(
+    problem: InfluenceProblem, fisher: FisherType, labels: Any
+) -> Callable[[torch.Tensor, int, int], torch.Tensor]:
+    """``(out, start, stop) -> (b, r, k)``: the output gradients of examples ``start:stop`` whose outer
+    products make the Fisher: the ``k`` columns of ``L`` (``"expected"``), or the loss gradient at
+    ``labels`` (a :class:`FisherLabels`, which samples them for the true Fisher, or a tensor)."""
+    task = problem.task
+
+    def targets(out: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        if fisher == "expected":
+            return output_hessian_roots(out, task).to(out.dtype)
+        ys = _to(problem.train_y[start:stop], out.device, out.dtype)
+        ys = (
+            labels(out, ys, start, stop)
+            if isinstance(labels, FisherLabels)
+            else _to(labels[start:stop], out.device, out.dtype)
+        )
+        with torch.enable_grad():
+            o = out.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(per_example_loss(o, ys, task).sum(), o)
+        return g.reshape(g.shape[0], 1, -1)
+
+    return targets
+
+
+def _chain_blocks(
+    problem: InfluenceProblem,
+    layers: list[KFACLayer],
+    runtime: Runtime,
+    fisher: FisherType,
+    targets: Callable[[torch.Tensor, int, int], torch.Tensor],
+) -> Iterator[tuple[int, int, bool, list[tuple[torch.Tensor, torch.Tensor]]]] | None:
+    """The factors of both passes of a :func:`~app.estimators.gradients.linear_chain` model whose tracked
+    layers are all its linear ones, without hooks: per step of examples ``(start, stop, ends a
+    chunk, [(a~, D)] per tracked layer)`` with ``a~`` the layer input ``(b, d_in)`` (a column of ones
+    for a tracked bias) and ``D`` the output gradients of the step's ``r`` pseudo-examples per example
+    ``(b, r, d_out)`` (:func:`_fisher_targets`), in the factor dtype. Each example is evaluated once,
+    not once per pseudo-example. None for any other model (the hooked pass)."""
+    chain = linear_chain(problem.model)
+    if chain is None or not problem.n_train:
+        return None
+    linear = {name: m for name, m in chain if type(m) is nn.Linear}
+    if any(la.kind != "linear" or la.module not in linear for la in layers):
+        return None
+    dev = torch.device(runtime.device)
+    _, params, fixed = functional_state(problem.model, problem.weights, device=dev, dtype=runtime.dtype)
+    tensors = {**fixed, **params}
+    dt = next(iter(params.values())).dtype
+    acc = _cdt(dt)
+    k = linear[list(linear)[-1]].out_features if fisher == "expected" else 1
+    steps = _steps(problem.n_train, runtime.chunk_size, _example_step(runtime.chunk_size, k))
+
+    def block(s0: int, s1: int):
+        xs = _to(problem.train_x[s0:s1], dev, dt)
+        res = linear_chain_backprop(chain, tensors, xs, lambda out: targets(out, s0, s1))
+        if res is None:
+            return None
+        by_name = {name: (a, D) for name, a, D in res}
+        factors = []
+        for la in layers:
+            a, D = by_name[la.module]
+            a = a.to(acc)
+            factors.append((_with_one(a) if la.bias else a, D.to(acc)))
+        return factors
+
+    first = block(*steps[0][:2])
+    if first is None:
+        return None
+
+    def blocks():
+        for i, (s0, s1, last) in enumerate(steps):
+            yield s0, s1, last, first if i == 0 else block(s0, s1)
+
+    return blocks()
+
+
 def covariance_factors(
     problem: InfluenceProblem,
     layers: list[KFACLayer],
@@ -408,6 +495,17 @@ def covariance_factors(
     inputs: dict[str, list[torch.Tensor]] = {}
     grads: dict[str, dict[int, torch.Tensor]] = {}
     sampler = FisherLabels(problem.task, fisher, seed, n)
+    blocks = _chain_blocks(problem, layers, runtime, fisher, _fisher_targets(problem, fisher, sampler))
+    if blocks is not None:
+        for _, _, last, factors in blocks:
+            for la, (a, D) in zip(layers, factors, strict=True):
+                D2 = D.reshape(-1, la.d_out)
+                A[la.module] += (a.T @ a).to(torch.float64)
+                S[la.module] += (D2.T @ D2).to(torch.float64)
+            if ticker is not None and last:
+                ticker.tick()
+        _symmetric_means(A, S, n)
+        return Covariances(A, S, {la.module: 1 for la in layers}, [], list(layers), sampler.labels, n)
     handles = []
 
     def forward_hook(layer: KFACLayer):
@@ -430,11 +528,7 @@ def covariance_factors(
             probe = functional_call(model, (params, fixed), (_to(problem.train_x[:1], dev, dt),))
         k_out = max(1, probe[0].numel())
     step = _example_step(runtime.chunk_size, k_out) if expected else runtime.chunk_size
-    steps = [  # (start, stop, ends a chunk): chunks of chunk_size examples, cut into steps
-        (s0, min(s0 + step, start + runtime.chunk_size, n), s0 + step >= min(start + runtime.chunk_size, n))
-        for start in range(0, n, runtime.chunk_size)
-        for s0 in range(start, min(start + runtime.chunk_size, n), step)
-    ]
+    steps = _steps(n, runtime.chunk_size, step)
 
     def reset() -> None:
         for layer in layers:
@@ -501,10 +595,15 @@ def covariance_factors(
         if la.module in uncalled:
             A.pop(la.module)
             S.pop(la.module)
+    _symmetric_means(A, S, n)
+    return Covariances(A, S, positions, uncalled, kept, sampler.labels, n)
+
+
+def _symmetric_means(A: dict[str, torch.Tensor], S: dict[str, torch.Tensor], n: int) -> None:
+    """Sums over the training set -> symmetrised means, in place."""
     for k in A:
         A[k] = 0.5 * (A[k] + A[k].T) / max(n, 1)
         S[k] = 0.5 * (S[k] + S[k].T) / max(n, 1)
-    return Covariances(A, S, positions, uncalled, kept, sampler.labels, n)
 
 
 def _to(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -616,11 +715,28 @@ class KFACFactors:
 
     def precondition(self, G: torch.Tensor, shifts: dict[str, float]) -> torch.Tensor:
         """``(G_kfac + diag(shift_l) I)^-1 g`` for flat gradients ``(b, p_tracked)``, layer by layer."""
+        return flatten_layer_matrices(self.precondition_layers(G, shifts), self.layers)
+
+    def precondition_layers(self, G: torch.Tensor, shifts: dict[str, float]) -> list[torch.Tensor]:
+        """:meth:`precondition` as per-layer gradient matrices ``(b, d_out, d_in)``."""
         out = []
         for layer, M in zip(self.layers, layer_matrices(G, self.layers), strict=True):
             denom = (self.eigenvalues(layer) + shifts[layer.module]).to(M.dtype)
             out.append(self.unrotate(layer, self.rotate(layer, M) / denom))
-        return flatten_layer_matrices(out, self.layers)
+        return out
+
+    def quadratic_factors(self, factors: list[tuple[torch.Tensor, torch.Tensor]], shifts: dict[str, float]):
+        """:meth:`quadratic` for rank-one layer gradients ``D_i a~_i^T`` given as ``(A~, D)`` per layer
+        (:func:`~app.estimators.gradients.gradient_factors`): the rotated gradient is
+        ``(Q_S^T D_i)(Q_A^T a~_i)^T``, so ``sum (Q_S^T D_i)^2 / Lambda (Q_A^T a~_i)^2`` per row."""
+        total = None
+        for layer, (A, D) in zip(self.layers, factors, strict=True):
+            m = layer.module
+            QA, QS = self.tensors[f"{m}/QA"].to(A.dtype), self.tensors[f"{m}/QS"].to(A.dtype)
+            inv = 1.0 / (self.eigenvalues(layer) + shifts[m]).to(A.dtype)
+            term = (((D @ QS).square_() @ inv) * (A @ QA).square_()).sum(dim=1)
+            total = term if total is None else total + term
+        return total
 
     def quadratic(self, G: torch.Tensor, shifts: dict[str, float]) -> torch.Tensor:
         """``g^T (G_kfac + diag(shift_l) I)^-1 g`` for each row of flat gradients ``(b, p_tracked)``."""
@@ -716,6 +832,19 @@ def fit_lambda(
         return True
 
     lam = zeros()
+    targets = _fisher_targets(
+        problem, "expected" if expected else "empirical", problem.train_y if labels is None else labels
+    )
+    blocks = _chain_blocks(problem, layers, runtime, "expected" if expected else "empirical", targets)
+    if blocks is not None:  # Lambda_l = (1/n) sum_i (sum_r (D_ir Q_S)^2)^T (a~_i Q_A)^2
+        for _, _, last, factors in blocks:
+            for layer, (a, D) in zip(layers, factors, strict=True):
+                QA, QS = Qs[layer.module]
+                Dr = (D @ QS).square_().sum(dim=1)
+                lam[layer.module] += (Dr.T @ (a @ QA).square_()).to(torch.float64)
+            if ticker is not None and last:
+                ticker.tick()
+        return {k: v / problem.n_train for k, v in lam.items()}
     factored_ok = True
     for x, y, objective, rows in _lambda_sources(problem, runtime, labels, expected):
         if factored_ok:

@@ -219,8 +219,15 @@ def test_single_training_example_equals_block_diagonal_exact_influence(trained, 
     np.testing.assert_allclose(out.scores, ref, rtol=1e-8)
 
 
-def test_attribute_equals_the_explicit_formula_with_the_dense_blocks(trained):
-    """Whole pipeline (flat <-> matrix layout, heuristic damping + weight decay, 1/n) vs dense algebra."""
+@pytest.mark.parametrize("route", ["factored", "materialised"])
+def test_attribute_equals_the_explicit_formula_with_the_dense_blocks(trained, route, monkeypatch):
+    """Whole pipeline (flat <-> matrix layout, heuristic damping + weight decay, 1/n) vs dense algebra,
+    with the MLP's training gradients kept as factors D_i a~_i^T (its route) or formed (every other
+    model's)."""
+    if route == "materialised":
+        import app.estimators.methods.ekfac as ekfac_module
+
+        monkeypatch.setattr(ekfac_module, "gradient_factors", lambda *a, **kw: None)
     model, weights, x, y, qx, qy = trained
     prob = _problem(trained, measurement="margin")
     G, layers = _layer_grads(model, weights, x, y, lambda o, t: per_example_loss(o, t, CLS))
@@ -656,16 +663,70 @@ def test_expected_fisher_is_the_exact_gauss_newton(chunk_size):
     Q = torch.kron(f["1/QS"], f["1/QA"])
     GN = torch.einsum("nij,nk,nl->ikjl", H, a, a).reshape(k * (d + 1), k * (d + 1)) / n
     torch.testing.assert_close(f.eigenvalues(layers[0]).reshape(-1), torch.diagonal(Q.T @ GN @ Q))
-    # the same through the generic (vmap) per-example route
+    # the same through the hooked pass and the generic (vmap) per-example route
     import app.estimators.kfac as kfac_module
 
-    orig = kfac_module.gradient_factors
-    kfac_module.gradient_factors = lambda *a, **kw: None
+    orig = kfac_module.gradient_factors, kfac_module._chain_blocks
+    kfac_module.gradient_factors = kfac_module._chain_blocks = lambda *a, **kw: None
     try:
         generic = KFACFactors(get_estimator("ekfac").fit(prob, {"fisher": "expected"}, rt))
     finally:
-        kfac_module.gradient_factors = orig
+        kfac_module.gradient_factors, kfac_module._chain_blocks = orig
     torch.testing.assert_close(generic.eigenvalues(generic.layers[0]), f.eigenvalues(layers[0]))
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "true", "expected"])
+@pytest.mark.parametrize("task", ["cls", "reg"])
+def test_linear_chain_route_equals_the_hooked_passes(fisher, task, monkeypatch):
+    """A plain MLP's factors come from one forward pass and its pseudo-examples' output gradients
+    back-propagated in closed form (_chain_blocks); they equal those of the hooked passes (forward
+    hooks, autograd, each pseudo-example evaluated) for every Fisher: A, S, the sampled labels and
+    EK-FAC's refit eigenvalues. ReLU, GELU and tanh, a frozen bias, an untracked (frozen) layer,
+    several chunks."""
+    import app.estimators.kfac as kfac_module
+
+    g = torch.Generator().manual_seed(5)
+    n, k = 29, 3
+    x = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    y = (
+        torch.randint(0, k, (n,), generator=g)
+        if task == "cls"
+        else torch.randn(n, k, generator=g, dtype=torch.float64)
+    )
+    model = nn.Sequential(
+        nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.GELU(), nn.Dropout(0.1), nn.Linear(5, 5), nn.Tanh(),
+        nn.Linear(5, k),
+    ).double()  # fmt: skip
+    model[2].bias.requires_grad_(False)
+    model[5].weight.requires_grad_(False)  # not tracked, still back-propagated through
+    prob = InfluenceProblem(
+        model=model, task=CLS if task == "cls" else REG, weights=model.state_dict(), train_x=x, train_y=y,
+        query_x=x[:2], query_y=y[:2],
+    )  # fmt: skip
+    rt = Runtime(dtype=torch.float64, chunk_size=8)
+    layers, _ = tracked_layers(model)
+    assert [la.module for la in layers] == ["0", "2", "7"] and layers[1].bias is None
+    routes = []
+
+    def spy(*a, **kw):
+        routes.append(chain_blocks(*a, **kw) is not None)
+        return chain_blocks(*a, **kw)
+
+    chain_blocks = kfac_module._chain_blocks
+    monkeypatch.setattr(kfac_module, "_chain_blocks", spy)
+    fast_cov = covariance_factors(prob, layers, rt, fisher=fisher, seed=3)
+    fast = KFACFactors(get_estimator("ekfac").fit(prob, {"fisher": fisher, "seed": 3}, rt))
+    assert routes == [True] * 3  # covariances twice, eigenvalues once
+    monkeypatch.setattr(kfac_module, "_chain_blocks", lambda *a, **kw: None)
+    hooked_cov = covariance_factors(prob, layers, rt, fisher=fisher, seed=3)
+    hooked = KFACFactors(get_estimator("ekfac").fit(prob, {"fisher": fisher, "seed": 3}, rt))
+    for la in layers:
+        torch.testing.assert_close(fast_cov.A[la.module], hooked_cov.A[la.module], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(fast_cov.S[la.module], hooked_cov.S[la.module], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(fast.eigenvalues(la), hooked.eigenvalues(la), rtol=1e-10, atol=1e-14)
+    assert fast_cov.positions == hooked_cov.positions
+    if fisher == "true":
+        torch.testing.assert_close(fast_cov.labels, hooked_cov.labels)
 
 
 def test_expected_fisher_for_mse_makes_kfac_and_ekfac_the_exact_influence():

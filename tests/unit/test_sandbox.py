@@ -219,6 +219,7 @@ def test_child_environment_has_no_credentials_and_its_limits(settings, tmp_path,
     assert not [k for k in env if k.startswith("IA_")]
     assert not [v for v in env.values() if "secret" in v or "pepper" in v]
     assert set(env) <= {
+        "GLIBC_TUNABLES",
         "PATH",
         "HOME",
         "TMPDIR",
@@ -234,6 +235,7 @@ def test_child_environment_has_no_credentials_and_its_limits(settings, tmp_path,
         "LC_CTYPE",  # Python's C-locale coercion may add it
     }
     assert env["HOME"] == meta["cwd"] == str(box.scratch) and env["OMP_NUM_THREADS"] == "1"
+    assert env["GLIBC_TUNABLES"] == sandbox.MALLOC_TUNABLES
     limits = meta["rlimits"]
     assert limits["RLIMIT_CPU"][0] == settings.sandbox_cpu_seconds
     assert limits["RLIMIT_FSIZE"] == [settings.sandbox_max_file_bytes] * 2

@@ -32,14 +32,23 @@ from ..gradients import (
     as_params,
     check_state_finite,
     column_range,
+    gradient_factors,
     metadata,
     n_chunks,
     numpy_dtype,
     query_gradients,
     train_gradients,
+    train_objective,
     validate_problem,
 )
-from ..kfac import DAMPING_POINTER, KFACFactors, fit_factors, parameter_names, tracked_layers
+from ..kfac import (
+    DAMPING_POINTER,
+    KFACFactors,
+    fit_factors,
+    flatten_layer_matrices,
+    parameter_names,
+    tracked_layers,
+)
 
 
 @dataclass
@@ -77,6 +86,21 @@ class KFACParams:
 @dataclass
 class EKFACParams(KFACParams):
     """EK-FAC influence: K-FAC's eigenbasis with eigenvalues refitted from per-example gradients."""
+
+
+def _factored_scores(PQ: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """``(m, b)`` inner products of query gradients ``PQ`` ``(m, p)``, flattened per layer as
+    ``(d_out, d_in)`` matrices with the bias as the last column, with rank-one training gradients
+    ``D_i a~_i^T`` per layer, formed in that layout straight into one buffer (no concatenation) for
+    one matrix product."""
+    b = factors[0][0].shape[0]
+    G = torch.empty(b, PQ.shape[1], dtype=PQ.dtype, device=PQ.device)
+    off = 0
+    for A, D in factors:
+        d_out, d_in = D.shape[1], A.shape[1]
+        torch.mul(D[:, :, None], A[:, None, :], out=G[:, off : off + d_out * d_in].view(b, d_out, d_in))
+        off += d_out * d_in
+    return PQ @ G.T
 
 
 class _KroneckerInfluence(Estimator):
@@ -129,27 +153,47 @@ class _KroneckerInfluence(Estimator):
         dtype = numpy_dtype(runtime.dtype)
         cdt = torch.float64 if runtime.dtype == torch.float64 else torch.float32
 
+        # a plain MLP's training gradients stay factored, D_i a~_i^T per layer (never formed)
+        factored = gradient_factors(
+            problem.model, problem.weights, problem.train_x[lo:hi], problem.train_y[lo:hi],
+            train_objective(problem.task), chunk_size=runtime.chunk_size, device=runtime.device,
+            dtype=runtime.dtype, names=names,
+            what="training examples" if lo == 0 else f"training examples (from row {lo})",
+        )  # fmt: skip
         PQ = None
         if want_scores:
             qt = Ticker(runtime, "query_gradients", n_chunks(m, runtime.chunk_size))
             Q = query_gradients(problem, problem.weights, runtime, qt, names=names)
-            PQ = factors.precondition(Q.to(torch.float64), shifts)
-            if not bool(torch.isfinite(PQ).all()):
+            PQ = factors.precondition_layers(Q.to(torch.float64), shifts)
+            if not all(bool(torch.isfinite(P).all()) for P in PQ):
                 raise NumericalError(
                     "preconditioned query gradients contain NaN/inf: the curvature has zero eigenvalues "
                     "and the damping is too small; increase damping (or leave it null for the heuristic)",
                     parameter=DAMPING_POINTER,
                 )
-            PQ = PQ.to(cdt)
+            PQ = (
+                torch.cat([P.reshape(m, -1) for P in PQ], dim=1)
+                if factored is not None
+                else flatten_layer_matrices(PQ, layers)
+            ).to(cdt)
         scores = np.zeros((m, cols), dtype=dtype) if want_scores else None
         self_inf = np.zeros(cols, dtype=dtype) if want_self_influence else None
         tt = Ticker(runtime, "train_gradients", n_chunks(cols, runtime.chunk_size))
-        for start, stop, G in train_gradients(problem, problem.weights, runtime, train_range, names=names):
-            Gc = G.to(cdt)
+        chunks = factored or train_gradients(problem, problem.weights, runtime, train_range, names=names)
+        for start, stop, G in chunks:
+            if factored is not None:
+                G = [(A.to(cdt), D.to(cdt)) for A, D in G]
+            else:
+                G = G.to(cdt)
             if scores is not None:
-                scores[:, start:stop] = ((PQ @ Gc.T) / n).cpu().numpy()
+                S = _factored_scores(PQ, G) if factored is not None else PQ @ G.T
+                scores[:, start:stop] = (S / n).cpu().numpy()
             if self_inf is not None:
-                si = factors.quadratic(Gc, shifts) / n
+                si = (
+                    factors.quadratic_factors(G, shifts)
+                    if factored is not None
+                    else factors.quadratic(G, shifts)
+                ) / n
                 if not bool(torch.isfinite(si).all()):
                     raise NumericalError(
                         "self-influence contains NaN/inf: increase damping", parameter=DAMPING_POINTER

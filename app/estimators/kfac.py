@@ -61,6 +61,12 @@ backward work (meant for a moderate number of outputs ``k``).
 Everything else (BatchNorm affine parameters, embeddings, grouped
 convolutions, modules whose forward never runs) is ignored; see
 :func:`tracked_layers` and :func:`ignored_parameters`.
+
+Both passes read ``a~`` and ``delta`` from forward hooks and autograd, except for a plain MLP
+(:func:`~app.estimators.gradients.linear_chain`) whose tracked layers are all its linear ones:
+there each example is evaluated once and its pseudo-examples' output gradients are
+back-propagated in closed form (:func:`_chain_blocks`), the same factors at a fraction of the
+work; scoring then keeps the training gradients as their factors ``delta_i a~_i^T``.
 """
 
 from __future__ import annotations

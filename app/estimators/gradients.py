@@ -641,8 +641,8 @@ class _ChainRows:
     """The V-independent quantities of a chunk of rows (see :meth:`ChainHessian.prepare`)."""
 
     __slots__ = (
-        "a", "a_aug", "d1", "s", "delta", "probs", "probs_scaled", "mse", "b", "aT", "d1t", "st", "deltaT",
-        "probst", "probst_scaled", "d1T", "sT", "probsT", "probsT_scaled",
+        "a", "a_aug", "d1", "s", "delta", "probs", "probs_scaled", "mse", "b", "aT", "deltaT", "d1T", "sT",
+        "probsT", "probsT_scaled",
     )  # fmt: skip
 
     def __init__(self, b: int) -> None:
@@ -655,9 +655,7 @@ class _ChainRows:
         self.probs: torch.Tensor | None = None  # softmax outputs (cross-entropy)
         self.probs_scaled: torch.Tensor | None = None  # the same times the scale of the products
         self.mse: float | None = None  # the constant output Hessian 2/k (squared error), times the scale
-        self.probst: torch.Tensor | None = None  # (k, b, 1) layouts of the two above
-        self.probst_scaled: torch.Tensor | None = None
-        self.probsT: torch.Tensor | None = None
+        self.probsT: torch.Tensor | None = None  # (k, b) layouts of the two above
         self.probsT_scaled: torch.Tensor | None = None
 
 
@@ -788,19 +786,14 @@ class ChainHessian:
             for i in range(self.first):
                 ctx.s[i] = None
             ctx.delta = deltas
-            # feature-major copies for the (features, rows, columns) layout of _hvp_feature_major
+            # feature-major (features, rows) copies for the layouts of _hvp_feature_major and _hvp_rows_last
             ctx.aT = [a.T for a in ctx.a]
-            ctx.d1t = [None if d is None else d.T.contiguous()[:, :, None] for d in ctx.d1]
-            ctx.st = [None if d is None else d.T.contiguous()[:, :, None] for d in ctx.s]
             ctx.deltaT = [None if d is None else d.T for d in deltas]
             ctx.d1T = [None if d is None else d.T.contiguous() for d in ctx.d1]
             ctx.sT = [None if d is None else d.T.contiguous() for d in ctx.s]
             if ctx.probs is not None:
                 ctx.probsT = ctx.probs.T.contiguous()
                 ctx.probsT_scaled = ctx.probs_scaled.T.contiguous()
-            if ctx.probs is not None:
-                ctx.probst = ctx.probs.T.contiguous()[:, :, None]
-                ctx.probst_scaled = ctx.probs_scaled.T.contiguous()[:, :, None]
         return ctx
 
     @staticmethod
@@ -959,26 +952,26 @@ class ChainHessian:
             if z is None:
                 Ra = None
                 continue
-            d1 = ctx.d1t[i]
-            if ctx.st[i] is not None:
+            d1 = None if ctx.d1T[i] is None else ctx.d1T[i][:, :, None]
+            if ctx.sT[i] is not None:
                 Rz[i] = z
                 Ra = z * d1
             else:
                 Ra = z if d1 is None else z.mul_(d1)
         if Ra is None:
             return out.zero_()
-        if ctx.probst is not None:
-            P = ctx.probst
-            Re = ctx.probst_scaled * Ra
+        if ctx.probsT is not None:
+            P = ctx.probsT[:, :, None]
+            Re = ctx.probsT_scaled[:, :, None] * Ra
             Re.sub_(P * Re.sum(dim=0, keepdim=True))
         else:
             Re = Ra.mul_(ctx.mse)
         for i in range(L - 1, self.first - 1, -1):
             ly = self.layers[i]
-            d1 = ctx.d1t[i]
+            d1 = None if ctx.d1T[i] is None else ctx.d1T[i][:, :, None]
             Rd = Re if d1 is None else Re.mul_(d1)
-            if ctx.st[i] is not None:
-                Rd.addcmul_(Rz[i], ctx.st[i])
+            if ctx.sT[i] is not None:
+                Rd.addcmul_(Rz[i], ctx.sT[i][:, :, None])
             if ly.w_off is not None:
                 blk = out[ly.w_off : ly.w_off + ly.out * ly.inp].view(ly.out, ly.inp, r)
                 torch.matmul(ctx.aT[i], Rd, out=blk)

@@ -402,12 +402,10 @@ def _fisher_targets(
     def targets(out: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         if fisher == "expected":
             return output_hessian_roots(out, task).to(out.dtype)
-        ys = _to(problem.train_y[start:stop], out.device, out.dtype)
-        ys = (
-            labels(out, ys, start, stop)
-            if isinstance(labels, FisherLabels)
-            else _to(labels[start:stop], out.device, out.dtype)
-        )
+        if isinstance(labels, FisherLabels):
+            ys = labels(out, _to(problem.train_y[start:stop], out.device, out.dtype), start, stop)
+        else:
+            ys = _to(labels[start:stop], out.device, out.dtype)
         with torch.enable_grad():
             o = out.detach().requires_grad_(True)
             (g,) = torch.autograd.grad(per_example_loss(o, ys, task).sum(), o)
@@ -485,24 +483,12 @@ def covariance_factors(
     interact in eval mode). ``ticker`` ticks once per chunk.
     """
     dev = torch.device(runtime.device)
-    model = copy.deepcopy(problem.model).eval()
-    modules = dict(model.named_modules())
-    names, params, fixed = functional_state(model, problem.weights, device=dev, dtype=runtime.dtype)
-    dt = params[names[0]].dtype
-    for layer in layers:
-        params[layer.weight].requires_grad_(True)
-    weights = [params[layer.weight] for layer in layers]
     n = problem.n_train
-    acc = _cdt(dt)
     A = {la.module: torch.zeros(la.d_in, la.d_in, dtype=torch.float64, device=dev) for la in layers}
     S = {la.module: torch.zeros(la.d_out, la.d_out, dtype=torch.float64, device=dev) for la in layers}
-    positions: dict[str, int] = {}
-    called: set[str] = set()
-    inputs: dict[str, list[torch.Tensor]] = {}
-    grads: dict[str, dict[int, torch.Tensor]] = {}
     sampler = FisherLabels(problem.task, fisher, seed, n)
     blocks = _chain_blocks(problem, layers, runtime, fisher, _fisher_targets(problem, fisher, sampler))
-    if blocks is not None:
+    if blocks is not None:  # a plain MLP: no hooks, no copy of the model
         for _, _, last, factors in blocks:
             for la, (a, D) in zip(layers, factors, strict=True):
                 D2 = D.reshape(-1, la.d_out)
@@ -512,6 +498,18 @@ def covariance_factors(
                 ticker.tick()
         _symmetric_means(A, S, n)
         return Covariances(A, S, {la.module: 1 for la in layers}, [], list(layers), sampler.labels, n)
+    model = copy.deepcopy(problem.model).eval()
+    modules = dict(model.named_modules())
+    names, params, fixed = functional_state(model, problem.weights, device=dev, dtype=runtime.dtype)
+    dt = params[names[0]].dtype
+    for layer in layers:
+        params[layer.weight].requires_grad_(True)
+    weights = [params[layer.weight] for layer in layers]
+    acc = _cdt(dt)
+    positions: dict[str, int] = {}
+    called: set[str] = set()
+    inputs: dict[str, list[torch.Tensor]] = {}
+    grads: dict[str, dict[int, torch.Tensor]] = {}
     handles = []
 
     def forward_hook(layer: KFACLayer):

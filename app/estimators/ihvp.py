@@ -22,8 +22,9 @@ forming it:
 
 The methods run Hessian products in the runtime's precision (:func:`product_dtype`:
 float32 by default, float64 when the runtime asks for it), the precision their
-gradients and scores already have; CG's and Arnoldi's own vectors, inner
-products and recurrences stay float64, LiSSA's iterate follows the products.
+gradients and scores already have; CG's blocks follow the products (its small
+matrices and norms are float64), Arnoldi's vectors, inner products and
+recurrences stay float64, LiSSA's iterate follows the products.
 Per-sample gradients are not needed here: these functions only ever hold
 ``p x r`` blocks and a chunk of training rows.
 """
@@ -89,8 +90,8 @@ def product_dtype(runtime: Runtime) -> torch.dtype:
 
     The gradients the solvers are fed (and the scores they produce) carry the runtime's precision;
     float32 products keep a solve as accurate as its float32 right-hand sides while running at twice
-    the matrix-product throughput of float64 on CPU. The solvers' own vectors stay float64 (CG,
-    Arnoldi)."""
+    the matrix-product throughput of float64 on CPU. CG keeps its vectors in this dtype too (its small
+    matrices in float64); Arnoldi's stay float64."""
     return torch.float64 if runtime.dtype == torch.float64 else torch.float32
 
 
@@ -352,7 +353,7 @@ def _orthonormal_basis(Z: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, 
     the others keep an accurate direction."""
     p, s = Z.shape
     if s <= p:
-        dn = G.diagonal().clamp_min(torch.finfo(Z.dtype).tiny).sqrt()
+        dn = G.diagonal().clamp_min(torch.finfo(G.dtype).tiny).sqrt()
         L, info = torch.linalg.cholesky_ex(G / dn[:, None] / dn[None, :])
         d = L.diagonal()
         if (
@@ -360,20 +361,26 @@ def _orthonormal_basis(Z: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, 
             and bool(torch.isfinite(d).all())
             and float(d.min()) >= _CHOLQR_MIN * float(d.max())
         ):
-            eye = torch.eye(s, dtype=Z.dtype, device=Z.device)
+            eye = torch.eye(s, dtype=G.dtype, device=G.device)
             M = torch.linalg.solve_triangular(L, eye, upper=False).T / dn[:, None]  # D^-1 L^-T
-            return Z @ M, M
+            return Z @ M.to(Z.dtype), M
     Zn = Z / torch.linalg.vector_norm(Z, dim=0).clamp_min(torch.finfo(Z.dtype).tiny)
     return torch.linalg.qr(Zn, mode="reduced").Q, None
+
+
+def _gram(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``A^T B`` as float64 (the product itself in the blocks' dtype)."""
+    return (A.T @ B).to(torch.float64)
 
 
 def _search_block(
     Z: torch.Tensor, R: torch.Tensor, ZtZ: torch.Tensor, ZtR: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block CG's next search block ``P``, an orthonormal basis of the columns of ``Z``, and ``P^T R``,
-    from ``Z^T Z`` and ``Z^T R`` (one product with ``p`` rows, or two after a Householder fallback)."""
+    from ``Z^T Z`` and ``Z^T R`` (one product with ``p`` rows, or two after a Householder fallback).
+    The small matrices (``Z^T Z``, ``Z^T R``, ``P^T R``) are float64 whatever the dtype of ``Z``."""
     P, M = _orthonormal_basis(Z, ZtZ)
-    return P, (P.T @ R if M is None else M.T @ ZtR)
+    return P, ((P.T @ R).to(ZtR.dtype) if M is None else M.T @ ZtR)
 
 
 def conjugate_gradient(
@@ -384,6 +391,7 @@ def conjugate_gradient(
     rtol: float = 1e-8,
     *,
     ticker: Ticker | None = None,
+    dtype: torch.dtype = torch.float64,
 ) -> CGResult:
     """Solve ``(H + damping I) X = B`` by block conjugate gradients over the columns of ``B``.
 
@@ -394,7 +402,14 @@ def conjugate_gradient(
     minimises the ``(H + damping I)``-norm of each column's error over the search space, so a column
     converges to the same solution as with independent CG (to ``rtol``). A column stops (leaves the
     block) when ``||r|| <= rtol ||b||``; a zero column is solved exactly at no cost; with one column this
-    is plain CG. Vectors and recurrences are float64 (``hvp`` may compute in float32).
+    is plain CG.
+
+    The ``p``-row blocks (solution, residuals, search block and its product) and their products are
+    in ``dtype``: float64 by default, float32 when ``hvp`` computes in float32 anyway (the caller's
+    choice): the recursive residual still falls geometrically to ``rtol`` (each step's rounding is
+    relative to the residual it updates), the true residual's floor is the float32 products' own, and
+    the block products run twice as fast. The ``r x r`` matrices (Gram matrices, Cholesky factors,
+    step coefficients) and the norms are float64 either way.
 
     Raises :class:`NumericalError` naming ``damping`` when the damped Hessian has non-positive
     curvature on the search space (``P^T (H + damping I) P`` not positive definite), when the residual
@@ -405,10 +420,10 @@ def conjugate_gradient(
     """
     vector = B.dim() == 1
     B = B[:, None] if vector else B
-    B = B.to(torch.float64)
+    bnorm = torch.linalg.vector_norm(B.to(torch.float64), dim=0)
+    B = B.to(dtype)
     p, r = B.shape
-    X = torch.zeros(p, r, dtype=torch.float64, device=B.device)
-    bnorm = torch.linalg.vector_norm(B, dim=0)
+    X = torch.zeros(p, r, dtype=dtype, device=B.device)
     rnorm = bnorm.clone()
     target = rtol * bnorm
     iterations = products = 0
@@ -417,16 +432,16 @@ def conjugate_gradient(
     ia = ((rnorm > target) & (bnorm > 0)).nonzero()[:, 0]
     Ra = B[:, ia].contiguous()
     Xa = torch.zeros_like(Ra)
-    RtR = Ra.T @ Ra
+    RtR = _gram(Ra, Ra)
     P, PtR = _search_block(Ra, Ra, RtR, RtR) if ia.numel() else (None, None)
     for it in range(max_iter):
         if not ia.numel():
             break
-        AP = hvp(P).to(torch.float64)
+        AP = hvp(P).to(dtype)
         products += 1
         if damping:
             AP.add_(P, alpha=damping)
-        PAP = P.T @ AP
+        PAP = _gram(P, AP)
         PAP = 0.5 * (PAP + PAP.T)
         if not bool(torch.isfinite(PAP).all()):
             raise NumericalError(
@@ -446,10 +461,10 @@ def conjugate_gradient(
                 f"minimum. Increase damping well above {max(-curvature, 0.0):.3g}",
                 parameter=_DAMPING,
             )
-        alpha = torch.cholesky_solve(PtR, L)
+        alpha = torch.cholesky_solve(PtR, L).to(dtype)
         Xa.addmm_(P, alpha)
         Ra.addmm_(AP, alpha, alpha=-1.0)
-        RtR = Ra.T @ Ra
+        RtR = _gram(Ra, Ra)
         new = RtR.diagonal().clamp_min(0.0).sqrt()
         rnorm[ia] = new
         iterations = it + 1
@@ -472,13 +487,14 @@ def conjugate_gradient(
         # next search block: the residuals made (H + damping I)-conjugate to the current block,
         # Z = Ra - P beta; P^T Ra = 0 (each step is a Galerkin step on P) and P^T P = I, so
         # Z^T Z = Ra^T Ra + beta^T beta and Z^T Ra = Ra^T Ra: no further products with p rows
-        beta = torch.cholesky_solve(AP.T @ Ra, L)
-        P, PtR = _search_block(torch.addmm(Ra, P, beta, alpha=-1.0), Ra, RtR + beta.T @ beta, RtR)
+        beta = torch.cholesky_solve(_gram(AP, Ra), L)
+        P, PtR = _search_block(torch.addmm(Ra, P, beta.to(dtype), alpha=-1.0), Ra, RtR + beta.T @ beta, RtR)
     if ia.numel():
         X[:, ia] = Xa
     if ticker is not None and iterations < max_iter:
         ticker.tick(max_iter - iterations)
-    rel = torch.where(bnorm > 0, rnorm / bnorm.clamp_min(torch.finfo(B.dtype).tiny), torch.zeros_like(bnorm))
+    tiny = torch.finfo(bnorm.dtype).tiny
+    rel = torch.where(bnorm > 0, rnorm / bnorm.clamp_min(tiny), torch.zeros_like(bnorm))
     done = (rnorm <= target) | (bnorm == 0)
     if r and not bool(done.all()) and float(rel.max()) >= 1.0:
         raise NumericalError(

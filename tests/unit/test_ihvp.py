@@ -144,6 +144,30 @@ def test_cg_matches_linalg_solve_within_p_iterations(mlp):
     assert res.iterations < one.iterations
 
 
+def test_cg_in_float32_reaches_rtol_and_the_float32_products_accuracy(mlp):
+    """With float32 Hessian products, float32 blocks (float64 small matrices) still drive the recursive
+    residual down to rtol, in about the iterations float64 blocks take, and the solution is as accurate
+    as the float32 products allow."""
+    prob, H = mlp
+    p, damping = H.shape[0], 0.05
+    B = torch.randn(p, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    exact = torch.linalg.solve(H + damping * torch.eye(p, dtype=H.dtype), B)
+    f32 = TrainingHessian(prob, Runtime(chunk_size=16), dtype=torch.float32)
+    runs = {
+        dt: conjugate_gradient(f32.matmul, B, damping=damping, max_iter=p, rtol=1e-8, dtype=dt)
+        for dt in (torch.float32, torch.float64)
+    }
+    single, double = runs[torch.float32], runs[torch.float64]
+    assert single.x.dtype == torch.float32 and double.x.dtype == torch.float64
+    assert single.converged and float(single.relative_residual.max()) <= 1e-8
+    assert single.iterations <= double.iterations + 3
+    err = max(_rel(single.x[:, j].double(), exact[:, j]) for j in range(5))
+    err64 = max(_rel(double.x[:, j], exact[:, j]) for j in range(5))
+    print(f"\nfloat32 CG: {single.iterations} iterations (float64 blocks: {double.iterations}), relative "
+          f"error {err:.2e} (float64 blocks: {err64:.2e})")  # fmt: skip
+    assert err < 1e-4 and err < 10 * err64
+
+
 def test_cg_stops_at_max_iter_and_reports_residual(logreg):
     prob, H = logreg
     op = TrainingHessian(prob, F64)

@@ -15,8 +15,9 @@ Same quantity as ``if_exact`` without forming the Hessian:
 
 ``H`` is the Hessian of ``mean_i L(z_i) + weight_decay/2 ||theta||^2``, on all
 training rows or on a fixed random subsample of ``hessian_rows`` of them (seed 0).
-Hessian products run in the runtime's precision (float32 by default), the CG
-recurrences in float64; ``rtol`` bounds CG's recursive residual. Cost per CG
+Hessian products and CG's blocks run in the runtime's precision (float32 by
+default; the small matrices of the recurrences in float64); ``rtol`` bounds CG's
+recursive residual. Cost per CG
 iteration: one Hessian-vector product over the rows for every unconverged
 column; memory O(p x (m + chunk)).
 Nothing is cached (``fit`` returns None): the solve depends on the queries.
@@ -113,7 +114,9 @@ class IFCG(Estimator):
 
         def solve(B: torch.Tensor, ticker: Ticker) -> torch.Tensor:
             nonlocal iterations, worst, converged
-            res = conjugate_gradient(hess.matmul, B, p.damping, p.max_iter, p.rtol, ticker=ticker)
+            res = conjugate_gradient(
+                hess.matmul, B, p.damping, p.max_iter, p.rtol, ticker=ticker, dtype=hess.dtype
+            )
             iterations = max(iterations, res.iterations)
             if res.relative_residual.numel():
                 worst = max(worst, float(res.relative_residual.max()))

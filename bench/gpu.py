@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
           f"projection {args.projection_dim}, {where}, torch {torch.__version__}")  # fmt: skip
     rows = []
     chosen = args.methods.split(",")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for label, (name, params) in methods(args.projection_dim, args.projection).items():
         if label not in chosen:
             continue
@@ -146,10 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
         goal = "-" if target is None else f"< {target:g} s"
         print(f"  {label:10s} {r['time_s']:8.2f} s  peak {peak:>5s} GiB  target {goal}  met {met}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": where, "n_parameters": n_params, "args": vars(args), "rows": rows},
-                              indent=2))  # fmt: skip
+        # written after every method: a run stopped by a time limit keeps what it measured
+        report = {"device": where, "n_parameters": n_params, "args": vars(args), "rows": rows}
+        out.write_text(json.dumps(report, indent=2))
     print(f"rows written to {out}")
     return 0 if all(r["finite"] for r in rows) else 1
 

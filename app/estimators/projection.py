@@ -225,7 +225,12 @@ class SRHTProjector(Projector):
 
 
 class CountSketchProjector(Projector):
-    """CountSketch: coordinate ``i`` is added with sign ``s(i)`` to bucket ``h(i)``."""
+    """CountSketch: coordinate ``i`` is added with sign ``s(i)`` to bucket ``h(i)``.
+
+    The signs never touch ``G``: coordinates go to ``2k`` signed buckets (``h(i)``, plus ``k`` where
+    ``s(i) = -1``) and the result is the first ``k`` minus the last ``k``, so a chunk of gradients is
+    read once and no signed copy of it is made (that copy is as large as the chunk: 13 GB for 512
+    gradients of a 6.6M-parameter model)."""
 
     kind = "countsketch"
 
@@ -233,13 +238,14 @@ class CountSketchProjector(Projector):
         super().__init__(p, k, seed, device, dtype)
         gen = _generator(seed, _KIND_CODE["countsketch"])
         self.buckets = torch.randint(0, k, (p,), generator=gen).to(device)
-        self.signs = (torch.randint(0, 2, (p,), generator=gen, dtype=torch.int8).float() * 2 - 1).to(device)
+        negative = torch.randint(0, 2, (p,), generator=gen, dtype=torch.int8) == 0  # s(i) = -1
+        self._signed_buckets = (self.buckets.cpu() + k * negative).to(device)
 
     def project(self, G: torch.Tensor) -> torch.Tensor:
         self._check(G)
-        out = torch.zeros(G.shape[0], self.k, device=G.device, dtype=G.dtype)
-        signs = self.signs.to(device=G.device, dtype=G.dtype)
-        return out.index_add_(1, self.buckets.to(G.device), G * signs)
+        sums = torch.zeros(G.shape[0], 2 * self.k, device=G.device, dtype=G.dtype)
+        sums.index_add_(1, self._signed_buckets.to(G.device), G)
+        return sums[:, : self.k] - sums[:, self.k :]
 
 
 def make_projector(

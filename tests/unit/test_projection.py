@@ -107,6 +107,17 @@ def test_structured_projections_are_linear_maps(kind):
     torch.testing.assert_close(P.project(G), G @ P.matrix(), rtol=1e-10, atol=1e-12)
 
 
+def test_countsketch_is_one_signed_unit_per_coordinate():
+    """Each row of P (a coordinate) holds a single +-1 in its bucket's column; both signs occur."""
+    p, k = 2000, 16
+    P = make_projector("countsketch", p, k, seed=4, dtype=F64)
+    M = P.matrix()
+    assert torch.equal((M != 0).sum(dim=1), torch.ones(p, dtype=torch.long))
+    values = M[torch.arange(p), P.buckets]
+    assert torch.equal(values.abs(), torch.ones(p, dtype=F64))
+    assert 0.45 < float((values > 0).double().mean()) < 0.55
+
+
 def test_fwht_equals_sylvester_hadamard():
     for N in (1, 2, 8, 64):
         X = _randn(3, N, seed=N)

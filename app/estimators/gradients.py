@@ -995,8 +995,8 @@ class ChainHessian:
         (features, columns, rows): every step of every chunk is one 2-D matrix product (no batched
         ones); a layer's weight and bias blocks act together through its input with a column of ones
         (no separate bias passes); the parameter blocks of ``V`` are permuted once per call and those
-        of the result accumulated in the products' own layout over all chunks, permuted once at the
-        end."""
+        of the result accumulated over all chunks as the outputs of long products, put in place once
+        at the end."""
         r, L = int(V.shape[1]), len(self.layers)
         dt, dev = V.dtype, V.device
         v_fwd: list = [None] * L  # V's weight and bias columns as (out, r, cols)

@@ -237,9 +237,9 @@ class CountSketchProjector(Projector):
     def __init__(self, p: int, k: int, seed: int, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__(p, k, seed, device, dtype)
         gen = _generator(seed, _KIND_CODE["countsketch"])
-        self.buckets = torch.randint(0, k, (p,), generator=gen).to(device)
+        buckets = torch.randint(0, k, (p,), generator=gen)
         negative = torch.randint(0, 2, (p,), generator=gen, dtype=torch.int8) == 0  # s(i) = -1
-        self._signed_buckets = (self.buckets.cpu() + k * negative).to(device)
+        self._signed_buckets = (buckets + k * negative).to(device)
 
     def project(self, G: torch.Tensor) -> torch.Tensor:
         self._check(G)

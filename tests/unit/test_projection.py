@@ -8,7 +8,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from app.estimators import EstimatorError
+from app.estimators import EstimatorError, projection
 from app.estimators.projection import (
     ROW_BLOCK,
     KroneckerProjector,
@@ -107,15 +107,18 @@ def test_structured_projections_are_linear_maps(kind):
     torch.testing.assert_close(P.project(G), G @ P.matrix(), rtol=1e-10, atol=1e-12)
 
 
-def test_countsketch_is_one_signed_unit_per_coordinate():
-    """Each row of P (a coordinate) holds a single +-1 in its bucket's column; both signs occur."""
-    p, k = 2000, 16
-    P = make_projector("countsketch", p, k, seed=4, dtype=F64)
-    M = P.matrix()
-    assert torch.equal((M != 0).sum(dim=1), torch.ones(p, dtype=torch.long))
-    values = M[torch.arange(p), P.buckets]
-    assert torch.equal(values.abs(), torch.ones(p, dtype=F64))
-    assert 0.45 < float((values > 0).double().mean()) < 0.55
+def test_countsketch_matrix_is_its_seeded_definition():
+    """Row i of P (coordinate i) is s(i) e_h(i): bucket h(i), then sign s(i) = 2 u(i) - 1, drawn in that
+    order from the generator of (seed, countsketch). The definition is pinned (projected features
+    cached by one version must match queries projected by the next), signs included."""
+    p, k, seed = 2000, 16, 4
+    gen = torch.Generator().manual_seed(derive_seed(seed, projection._KIND_CODE["countsketch"]))
+    buckets = torch.randint(0, k, (p,), generator=gen)
+    signs = torch.randint(0, 2, (p,), generator=gen, dtype=torch.int8).to(F64) * 2 - 1
+    expected = torch.zeros(p, k, dtype=F64)
+    expected[torch.arange(p), buckets] = signs
+    torch.testing.assert_close(make_projector("countsketch", p, k, seed=seed, dtype=F64).matrix(), expected)
+    assert 0.45 < float((signs > 0).double().mean()) < 0.55
 
 
 def test_fwht_equals_sylvester_hadamard():

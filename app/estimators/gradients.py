@@ -31,6 +31,7 @@ from .base import (
     Runtime,
     TaskSpec,
 )
+from .layerwise import Unsupported, layer_plan, layerwise_gradients
 from .objectives import check_measurement, per_example_loss, query_objective
 
 Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -1230,6 +1231,11 @@ def per_sample_gradients(
     :func:`select_parameters`). The model is put in eval mode. ``what`` names
     the rows in error messages (e.g. "training examples"). Raises
     :class:`NumericalError` when a chunk holds NaN/inf.
+
+    Three routes, one answer: a plain MLP (:func:`linear_chain`) and a net of linear, convolution and
+    batch-norm layers in known containers (:func:`~app.estimators.layerwise.layer_plan`) get their
+    per-example gradients in closed form from one batched forward/backward pass; any other model by
+    ``vmap(grad(...))`` over the rows.
     """
     if chunk_size < 1:
         raise EstimatorError("chunk_size must be at least 1", parameter="/chunk_size")
@@ -1238,6 +1244,7 @@ def per_sample_gradients(
     names, params, fixed = functional_state(model, state, device=dev, dtype=dtype, names=names)
     dt = params[names[0]].dtype
     chain = linear_chain(model)
+    plan = None if chain is not None else layer_plan(model, names)
 
     def one(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
         out = functional_call(model, (p, fixed), (xi.unsqueeze(0),))
@@ -1250,6 +1257,11 @@ def per_sample_gradients(
         xs = _to_input(x[start:stop], dev, dt)
         ys = _to_input(y[start:stop], dev, dt)
         G = None if chain is None else _linear_chain_gradients(chain, params, fixed, names, xs, ys, objective)
+        if G is None and plan is not None:
+            try:
+                G = layerwise_gradients(plan, model, params, fixed, names, xs, ys, objective)
+            except Unsupported:
+                plan = None  # the pass showed the closed forms do not apply: vmap from here on
         if G is None:
             g = per_sample(params, xs, ys)
             G = torch.cat([g[k].reshape(stop - start, -1) for k in names], dim=1)

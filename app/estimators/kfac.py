@@ -78,7 +78,6 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -95,6 +94,7 @@ from .gradients import (
     train_objective,
     trainable_names,
 )
+from .layerwise import conv_patches
 from .objectives import per_example_loss
 
 FisherType = Literal["empirical", "true", "expected"]
@@ -250,23 +250,6 @@ def flatten_layer_matrices(mats: list[torch.Tensor], layers: list[KFACLayer]) ->
 
 
 # ----------------------------------------------------------------------------- layer inputs
-
-
-def conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """Unfolded input patches of a convolution, ``(b, L, C_in * kh * kw)`` (L = output locations).
-
-    Handles stride, dilation, numeric and string (``"same"``/``"valid"``) padding and
-    the non-zero padding modes (the input is padded like the module does).
-    """
-    if x.dim() == 3:
-        x = x.unsqueeze(0)
-    padding: Any = module.padding
-    if isinstance(padding, str) or module.padding_mode != "zeros":
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-        padding = 0
-    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
-    return cols.transpose(1, 2)
 
 
 def _layer_input(layer: KFACLayer, module: nn.Module, a: torch.Tensor) -> torch.Tensor:
@@ -936,7 +919,6 @@ __all__ = [
     "FisherType",
     "KFACFactors",
     "KFACLayer",
-    "conv_patches",
     "covariance_factors",
     "eigendecompose",
     "fit_factors",

@@ -24,6 +24,7 @@ weights) or an in-place change of a captured tensor falls back to ``vmap``: same
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -107,19 +108,82 @@ def conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return cols.transpose(1, 2)
 
 
-def _weight_gradient(m: nn.Module, a: torch.Tensor, d: torch.Tensor, out: torch.Tensor) -> None:
-    """Write the per-example weight gradients of a linear or convolution layer ``m`` (input ``a``,
-    output gradient ``d``) into ``out`` ``(b, numel(weight))``."""
-    b = a.shape[0]
-    if type(m) is nn.Conv2d:
-        d = d.flatten(2)  # (b, C_out, L)
-        torch.bmm(d, conv_patches(m, a), out=out.view(b, d.shape[1], -1))
-    elif type(m) is nn.Linear:
-        if a.dim() == 2:
-            torch.mul(d[:, :, None], a[:, None, :], out=out.view(b, d.shape[1], a.shape[1]))
-        else:
-            a3, d3 = a.reshape(b, -1, a.shape[-1]), d.reshape(b, -1, d.shape[-1])
-            torch.bmm(d3.transpose(1, 2), a3, out=out.view(b, d3.shape[2], a3.shape[2]))
+def input_rows(m: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """A linear or convolution layer's input as rows ``(b, T, d_in)`` (without a bias column): the
+    unfolded patches of a convolution (``T`` output locations), the last axis of a linear layer's input
+    (``T`` = the product of its middle axes, 1 for ``(b, d)`` rows)."""
+    if isinstance(m, nn.Conv2d):
+        return conv_patches(m, a)
+    return a.reshape(a.shape[0], -1, a.shape[-1])
+
+
+def output_rows(m: nn.Module, d: torch.Tensor) -> torch.Tensor:
+    """The gradient with respect to a linear or convolution layer's output as rows ``(b, T, d_out)``,
+    matching :func:`input_rows`: example ``i``'s weight gradient is ``D_i^T A_i``."""
+    if isinstance(m, nn.Conv2d):
+        return (d.unsqueeze(0) if d.dim() == 3 else d).flatten(2).transpose(1, 2)
+    return d.reshape(d.shape[0], -1, d.shape[-1])
+
+
+@dataclass
+class LayerPass:
+    """What one batched pass gives per layer of a :func:`layer_plan`: its input, the gradient of the
+    summed objective with respect to its output, and (batch norm) the running statistics it used."""
+
+    inputs: dict[str, torch.Tensor]
+    output_grads: dict[str, torch.Tensor]
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def layer_pass(
+    plan: list[tuple[str, nn.Module]],
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    fixed: dict[str, torch.Tensor],
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    objective: Objective,
+) -> LayerPass | None:
+    """One forward/backward pass of the rows ``xs`` through a model accepted by :func:`layer_plan`;
+    None when the objective ignores the model's output (every gradient is zero). Raises
+    :class:`Unsupported` when the pass shows the closed forms do not apply (a layer called twice, a
+    captured tensor changed in place)."""
+    captured: dict[str, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def capture(name: str):
+        def hook(m: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if name in captured or len(inputs) != 1:
+                raise Unsupported
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if m.running_mean is None or m.running_var is None:
+                    raise Unsupported
+                stats[name] = (m.running_mean, m.running_var)  # the functional call's buffers
+            captured[name] = (inputs[0], output, inputs[0]._version, output._version)
+
+        return hook
+
+    handles = [m.register_forward_hook(capture(name)) for name, m in plan]
+    try:
+        leaves = {n: t.detach().requires_grad_(True) for n, t in params.items()}
+        with torch.enable_grad():
+            loss = objective(functional_call(model, (leaves, fixed), (xs,)), ys).sum()
+            if len(captured) != len(plan):
+                raise Unsupported
+            for a, out, va, vo in captured.values():
+                if a._version != va or out._version != vo:
+                    raise Unsupported
+            if not loss.requires_grad:
+                return None
+            deltas = torch.autograd.grad(loss, [captured[name][1] for name, _ in plan])
+    finally:
+        for h in handles:
+            h.remove()
+    return LayerPass(
+        inputs={name: captured[name][0].detach() for name, _ in plan},
+        output_grads={name: d for (name, _), d in zip(plan, deltas, strict=True)},
+        stats=stats,
+    )
 
 
 def _batchnorm_scale_gradient(
@@ -149,54 +213,27 @@ def layerwise_gradients(
     objective: Objective,
 ) -> torch.Tensor:
     """Per-example gradients ``(b, p)`` of the parameters ``names`` (columns in that order) for a
-    model accepted by :func:`layer_plan`. Raises :class:`Unsupported` when the pass shows the closed
-    forms do not apply (a layer called twice, a captured tensor changed in place)."""
-    captured: dict[str, tuple[torch.Tensor, torch.Tensor, int, int]] = {}
-    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def capture(name: str):
-        def hook(m: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            if name in captured or len(inputs) != 1:
-                raise Unsupported
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                if m.running_mean is None or m.running_var is None:
-                    raise Unsupported
-                stats[name] = (m.running_mean, m.running_var)  # the functional call's buffers
-            captured[name] = (inputs[0], output, inputs[0]._version, output._version)
-
-        return hook
-
-    handles = [m.register_forward_hook(capture(name)) for name, m in plan]
-    try:
-        leaves = {n: t.detach().requires_grad_(True) for n, t in params.items()}
-        with torch.enable_grad():
-            loss = objective(functional_call(model, (leaves, fixed), (xs,)), ys).sum()
-            if len(captured) != len(plan):
-                raise Unsupported
-            for a, out, va, vo in captured.values():
-                if a._version != va or out._version != vo:
-                    raise Unsupported
-            b, width = int(xs.shape[0]), sum(params[n].numel() for n in names)
-            dt = params[names[0]].dtype
-            if not loss.requires_grad:  # the objective ignores the model's output
-                return torch.zeros(b, width, dtype=dt, device=xs.device)
-            deltas = torch.autograd.grad(loss, [captured[name][1] for name, _ in plan])
-    finally:
-        for h in handles:
-            h.remove()
+    model accepted by :func:`layer_plan`, from one :func:`layer_pass` (which may raise
+    :class:`Unsupported`)."""
+    b, width = int(xs.shape[0]), sum(params[n].numel() for n in names)
+    dt = params[names[0]].dtype
+    lp = layer_pass(plan, model, params, fixed, xs, ys, objective)
+    if lp is None:
+        return torch.zeros(b, width, dtype=dt, device=xs.device)
+    modules = dict(plan)
     G = torch.empty(b, width, dtype=dt, device=xs.device)
-    layer_of = {name: (m, captured[name][0].detach(), d) for (name, m), d in zip(plan, deltas, strict=True)}
     off = 0
     for n in names:
         owner, _, leaf = n.rpartition(".")
         width = params[n].numel()
         cols = G[:, off : off + width]
-        m, a, d = layer_of[owner]
+        m, a, d = modules[owner], lp.inputs[owner], lp.output_grads[owner]
         if leaf == "bias":
             _bias_gradient(m, d, cols)
-        elif owner in stats:
-            _batchnorm_scale_gradient(m, a, d, *stats[owner], cols)
-        else:
-            _weight_gradient(m, a, d, cols)
+        elif owner in lp.stats:
+            _batchnorm_scale_gradient(m, a, d, *lp.stats[owner], cols)
+        else:  # D_i^T A_i, one batched product written in place
+            D = output_rows(m, d)
+            torch.bmm(D.transpose(1, 2), input_rows(m, a), out=cols.view(b, D.shape[2], -1))
         off += width
     return G

@@ -49,6 +49,7 @@ from app.estimators.kfac import (
     parameter_names,
     tracked_layers,
 )
+from app.estimators.kfac import _rotated_squares as kfac_rotated_squares
 from app.estimators.objectives import per_example_loss
 
 torch.set_num_threads(1)
@@ -512,6 +513,55 @@ def test_end_to_end_on_cnn_and_resnet9():
             assert len(bn) == 16 and all(p.bias is None for p in model.modules() if isinstance(p, nn.Conv2d))
     sub = get_estimator("ekfac").attribute(prob, {"layers": ["4", "last"]}, runtime=Runtime(chunk_size=4))
     assert sub.metadata["layers"] == [k for k in convs if k.startswith("4.")] + ["6"]
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "true", "expected"])
+def test_conv_eigenvalues_from_layer_rows_equal_those_from_formed_gradients(fisher, monkeypatch):
+    """EK-FAC's refit eigenvalues of a conv net come from each example's layer rows (``D_i``, ``A~_i``,
+    layerwise.layer_pass), rotated before or after forming ``D_i^T A~_i`` by cost; they equal those
+    from the formed per-example gradients of the shared core, for every Fisher, over several chunks."""
+    import app.estimators.kfac as kfac_module
+
+    g = torch.Generator().manual_seed(11)
+    model = init_model(
+        "resnet9", {"in_channels": 2, "height": 8, "width": 8, "num_classes": 3, "base_channels": 2}, 0
+    ).double()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(13, 2 * 8 * 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (13,), generator=g)
+    prob = InfluenceProblem(
+        model=model, task=CLS, weights=model.state_dict(), train_x=x, train_y=y, query_x=x[:2], query_y=y[:2]
+    )
+    rt = Runtime(dtype=torch.float64, chunk_size=5)
+    plans = []
+
+    def spy(*a, **kw):
+        plans.append(layer_plan(*a, **kw))
+        return plans[-1]
+
+    layer_plan = kfac_module.layer_plan
+    monkeypatch.setattr(kfac_module, "layer_plan", spy)
+    rows = KFACFactors(get_estimator("ekfac").fit(prob, {"fisher": fisher, "seed": 2}, rt))
+    assert plans and all(p is not None for p in plans)
+    monkeypatch.setattr(kfac_module, "layer_plan", lambda *a, **kw: None)
+    formed = KFACFactors(get_estimator("ekfac").fit(prob, {"fisher": fisher, "seed": 2}, rt))
+    for la in rows.layers:
+        torch.testing.assert_close(rows.eigenvalues(la), formed.eigenvalues(la), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("T, d_in, d_out", [(1, 20, 3), (4, 18, 6), (50, 4, 3)])
+def test_rotated_squares_equal_the_rotated_formed_gradients(T, d_in, d_out):
+    g = torch.Generator().manual_seed(T)
+    A = torch.randn(6, T, d_in, generator=g, dtype=torch.float64)
+    D = torch.randn(6, T, d_out, generator=g, dtype=torch.float64)
+    QA = torch.linalg.qr(torch.randn(d_in, d_in, generator=g, dtype=torch.float64)).Q
+    QS = torch.linalg.qr(torch.randn(d_out, d_out, generator=g, dtype=torch.float64)).Q
+    expected = sum((QS.T @ D[i].T @ A[i] @ QA) ** 2 for i in range(6))
+    torch.testing.assert_close(kfac_rotated_squares(A, D, QA, QS), expected, rtol=1e-12, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- state, shards, ordering

@@ -68,3 +68,54 @@ def test_cuda_matches_cpu(problem, method, params):
     torch.testing.assert_close(
         torch.as_tensor(gpu.self_influence), torch.as_tensor(cpu.self_influence), rtol=1e-3, atol=1e-5
     )
+
+
+@pytest.fixture(scope="module")
+def conv_problem() -> InfluenceProblem:
+    """A narrow ResNet-9 on digits (1 x 8 x 8): per-example gradients by the closed forms of
+    ``app.estimators.layerwise`` (unfolded patches, batch norm), EK-FAC's refit from layer rows."""
+    arch = {"in_channels": 1, "height": 8, "width": 8, "num_classes": 10, "base_channels": 4}
+    model = init_model("resnet9", arch, seed=0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    state = model.state_dict()
+    digits = load_digits()
+    x = torch.tensor(digits.data / 16, dtype=torch.float32)
+    y = torch.tensor(digits.target)
+    return InfluenceProblem(
+        model=model,
+        task=TaskSpec(),
+        weights=state,
+        train_x=x[:300],
+        train_y=y[:300],
+        query_x=x[600:610],
+        query_y=y[600:610],
+        weight_decay=1e-2,
+        checkpoints=[Checkpoint(0, 0.1, state)],
+    )
+
+
+@pytest.mark.parametrize(
+    "method,params",
+    [
+        ("grad_dot", {}),
+        ("tracincp", {"projection_dim": 256, "projection": "countsketch"}),
+        ("ekfac", {"damping": 1e-2}),
+    ],
+)
+def test_cuda_matches_cpu_on_a_conv_net(conv_problem, method, params, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the CPU's float32 convolutions
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    estimator = REGISTRY[method]
+    p = validate_params(estimator.Params, params, "")
+    cpu = estimator.attribute(conv_problem, p, want_self_influence=True, runtime=Runtime())
+    gpu = estimator.attribute(
+        conv_problem, p, want_self_influence=True, runtime=Runtime(device=torch.device("cuda"))
+    )
+    torch.testing.assert_close(torch.as_tensor(gpu.scores), torch.as_tensor(cpu.scores), rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(
+        torch.as_tensor(gpu.self_influence), torch.as_tensor(cpu.self_influence), rtol=1e-3, atol=1e-5
+    )

@@ -866,6 +866,9 @@ def fit_lambda(
     for x, y, objective, rows in _lambda_sources(problem, runtime, labels, expected):
         if factored_ok:
             factored_ok = factored_pass(x, y, objective, rows, lam)
+        # formed per-example (layer) gradients are as large as a chunk's: never more rows than a chunk
+        # (the expected Fisher's pseudo-examples come in blocks of up to EXPECTED_ROWS_FACTOR chunks)
+        rows = min(rows, runtime.chunk_size)
         if not factored_ok and layered_ok:
             layered_ok = layered_pass(x, y, objective, rows, lam)
         if not factored_ok and not layered_ok:

@@ -58,6 +58,11 @@ def problem() -> InfluenceProblem:
     ],
 )
 def test_cuda_matches_cpu(problem, method, params):
+    _assert_cuda_matches_cpu(problem, method, params)
+
+
+def _assert_cuda_matches_cpu(problem: InfluenceProblem, method: str, params: dict) -> None:
+    """Scores and self-influence of ``method`` on CUDA equal the CPU's."""
     estimator = REGISTRY[method]
     p = validate_params(estimator.Params, params, "")
     cpu = estimator.attribute(problem, p, want_self_influence=True, runtime=Runtime())
@@ -109,13 +114,4 @@ def conv_problem() -> InfluenceProblem:
 def test_cuda_matches_cpu_on_a_conv_net(conv_problem, method, params, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the CPU's float32 convolutions
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    estimator = REGISTRY[method]
-    p = validate_params(estimator.Params, params, "")
-    cpu = estimator.attribute(conv_problem, p, want_self_influence=True, runtime=Runtime())
-    gpu = estimator.attribute(
-        conv_problem, p, want_self_influence=True, runtime=Runtime(device=torch.device("cuda"))
-    )
-    torch.testing.assert_close(torch.as_tensor(gpu.scores), torch.as_tensor(cpu.scores), rtol=1e-3, atol=1e-5)
-    torch.testing.assert_close(
-        torch.as_tensor(gpu.self_influence), torch.as_tensor(cpu.self_influence), rtol=1e-3, atol=1e-5
-    )
+    _assert_cuda_matches_cpu(conv_problem, method, params)

@@ -31,7 +31,7 @@ from .base import (
     Runtime,
     TaskSpec,
 )
-from .layerwise import Unsupported, layer_plan, layerwise_gradients
+from .layerwise import Unsupported, input_rows, layer_pass, layer_plan, layerwise_gradients, output_rows
 from .objectives import check_measurement, per_example_loss, query_objective
 
 Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -1267,6 +1267,54 @@ def per_sample_gradients(
             G = torch.cat([g[k].reshape(stop - start, -1) for k in names], dim=1)
         _check_finite(G, f"per-example gradients of {what} {start}..{stop - 1}")
         yield start, stop, G
+
+
+def per_sample_layer_rows(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    objective: Objective,
+    *,
+    names: list[str],
+    chunk_size: int = 256,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    what: str = "examples",
+) -> Iterator[tuple[int, int, dict[str, tuple[torch.Tensor, torch.Tensor]]]] | None:
+    """Per-example gradients of the linear and convolution layers owning ``names``, kept as rows: per
+    chunk ``(start, stop, {module: (A, D)})`` with ``A`` ``(b, T, d_in)`` the layer's input rows and ``D``
+    ``(b, T, d_out)`` its output-gradient rows (:func:`~app.estimators.layerwise.input_rows`), so that
+    example ``i``'s weight gradient is ``D_i^T A_i`` and its bias gradient ``D_i^T 1``. None when
+    :func:`~app.estimators.layerwise.layer_plan` refuses the model or a module owning ``names`` is
+    not a linear or convolution layer; the first chunk raises
+    :class:`~app.estimators.layerwise.Unsupported` when the pass refuses it."""
+    plan = layer_plan(model, names)
+    if plan is None or any(not isinstance(m, (nn.Linear, nn.Conv2d)) for _, m in plan):
+        return None
+    dev = _resolve_device(device)
+    model.eval()
+    names, params, fixed = functional_state(model, state, device=dev, dtype=dtype, names=names)
+    dt = params[names[0]].dtype
+
+    def chunks() -> Iterator[tuple[int, int, dict[str, tuple[torch.Tensor, torch.Tensor]]]]:
+        for start in range(0, int(x.shape[0]), chunk_size):
+            stop = min(start + chunk_size, int(x.shape[0]))
+            xs, ys = _to_input(x[start:stop], dev, dt), _to_input(y[start:stop], dev, dt)
+            lp = layer_pass(plan, model, params, fixed, xs, ys, objective)
+            rows = {}
+            for name, m in plan:
+                if lp is None:  # the objective ignores the output: zero gradients
+                    A = torch.zeros(stop - start, 1, m.weight[0].numel(), dtype=dt, device=dev)
+                    D = torch.zeros(stop - start, 1, m.weight.shape[0], dtype=dt, device=dev)
+                else:
+                    A, D = input_rows(m, lp.inputs[name]), output_rows(m, lp.output_grads[name])
+                    for t in (A, D):  # the gradient is D_i^T A_i
+                        _check_finite(t, f"per-example gradients of {what} {start}..{stop - 1}")
+                rows[name] = (A, D)
+            yield start, stop, rows
+
+    return chunks()
 
 
 def objective_value_and_gradient(

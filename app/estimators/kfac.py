@@ -252,7 +252,8 @@ def flatten_layer_matrices(mats: list[torch.Tensor], layers: list[KFACLayer]) ->
 # ----------------------------------------------------------------------------- layer inputs
 
 
-def _with_one(a: torch.Tensor) -> torch.Tensor:
+def with_ones_column(a: torch.Tensor) -> torch.Tensor:
+    """``a`` with a column of ones appended (the bias as the last input of a layer's gradient matrix)."""
     return torch.cat([a, torch.ones(*a.shape[:-1], 1, dtype=a.dtype, device=a.device)], dim=-1)
 
 
@@ -418,7 +419,7 @@ def _chain_blocks(
         for la in layers:
             a, D = by_name[la.module]
             a = a.to(acc)
-            factors.append((_with_one(a) if la.bias else a, D.to(acc)))
+            factors.append((with_ones_column(a) if la.bias else a, D.to(acc)))
         return factors
 
     first = block(*steps[0][:2])
@@ -546,7 +547,7 @@ def covariance_factors(
                         d_parts.append(dk)
                     a, d = torch.cat(a_parts, dim=1), torch.cat(d_parts, dim=1)
                     if layer.bias:
-                        a = _with_one(a)
+                        a = with_ones_column(a)
                     T = a.shape[1]
                     positions[layer.module] = T
                     # the pseudo-examples of one example share its inputs: count them once
@@ -717,6 +718,23 @@ class KFACFactors:
             total += (self.rotate(layer, M) ** 2 / denom).sum(dim=(1, 2))
         return total
 
+    def quadratic_rows(
+        self, rows: list[tuple[torch.Tensor, torch.Tensor]], shifts: dict[str, float]
+    ) -> torch.Tensor:
+        """:meth:`quadratic` for layer gradients given as rows ``(A~, D)`` per layer, ``(b, T, d_in)`` with
+        the bias column when the layer has one and ``(b, T, d_out)``: each example's rotated gradient
+        comes from its rows (:func:`rotated_gradients`), never from the formed gradient when that
+        costs more."""
+        total = None
+        for layer, (A, D) in zip(self.layers, rows, strict=True):
+            m = layer.module
+            R = rotated_gradients(
+                A, D, self.tensors[f"{m}/QA"].to(A.dtype), self.tensors[f"{m}/QS"].to(A.dtype)
+            )
+            part = (R.square_() / (self.eigenvalues(layer) + shifts[m]).to(R.dtype)).sum(dim=(1, 2))
+            total = part if total is None else total + part
+        return total
+
     def dense_block(self, layer: KFACLayer | str) -> torch.Tensor:
         """The explicit ``p_l x p_l`` curvature block ``(Q_S (x) Q_A) diag(vec Lambda) (Q_S (x) Q_A)^T``
         in the row-major order of the layer's gradient matrix (for tests and small layers only)."""
@@ -756,18 +774,21 @@ def _lambda_sources(
         yield x.repeat_interleave(k, dim=0), V.reshape(-1, V.shape[2]).cpu(), linear_output_objective, rows
 
 
-def _rotated_squares(A: torch.Tensor, D: torch.Tensor, QA: torch.Tensor, QS: torch.Tensor) -> torch.Tensor:
-    """``sum_i (Q_S^T D_i^T A_i Q_A)^2`` (float64, ``d_out x d_in``) over a chunk of examples whose layer
-    gradients are given as rows, ``A`` ``(b, T, d_in)`` and ``D`` ``(b, T, d_out)``. The rows are rotated
-    first, ``(D_i Q_S)^T (A_i Q_A)``, when that is cheaper than rotating the formed gradient: for a
+def rotated_gradients(A: torch.Tensor, D: torch.Tensor, QA: torch.Tensor, QS: torch.Tensor) -> torch.Tensor:
+    """``Q_S^T D_i^T A_i Q_A`` ``(b, d_out, d_in)`` for a chunk of examples whose layer gradients are
+    given as rows, ``A`` ``(b, T, d_in)`` and ``D`` ``(b, T, d_out)``. The rows are rotated first,
+    ``(D_i Q_S)^T (A_i Q_A)``, when that is cheaper than rotating the formed gradient: for a
     convolution with few output locations ``T`` and many input channels (ResNet-9's 512-channel
     4 x 4 layers: 14x fewer operations), never for a wide map of narrow channels."""
     T, d_in, d_out = A.shape[1], A.shape[2], D.shape[2]
     if T * (d_in * d_in + d_out * d_out) < d_in * d_out * (d_in + d_out):
-        R = torch.bmm((D @ QS).transpose(1, 2), A @ QA)
-    else:
-        R = QS.T @ torch.bmm(D.transpose(1, 2), A) @ QA
-    return R.square_().sum(dim=0).to(torch.float64)
+        return torch.bmm((D @ QS).transpose(1, 2), A @ QA)
+    return QS.T @ torch.bmm(D.transpose(1, 2), A) @ QA
+
+
+def _rotated_squares(A: torch.Tensor, D: torch.Tensor, QA: torch.Tensor, QS: torch.Tensor) -> torch.Tensor:
+    """``sum_i (Q_S^T D_i^T A_i Q_A)^2`` over the chunk (float64, ``d_out x d_in``)."""
+    return rotated_gradients(A, D, QA, QS).square_().sum(dim=0).to(torch.float64)
 
 
 def fit_lambda(
@@ -854,7 +875,7 @@ def fit_lambda(
                     A = input_rows(m, lp.inputs[layer.module]).to(cdt)
                     D = output_rows(m, lp.output_grads[layer.module]).to(cdt)
                     part[layer.module] += _rotated_squares(
-                        _with_one(A) if layer.bias else A, D, *Qs[layer.module]
+                        with_ones_column(A) if layer.bias else A, D, *Qs[layer.module]
                     )
         except Unsupported:
             return False

@@ -36,6 +36,7 @@ from ..gradients import (
     metadata,
     n_chunks,
     numpy_dtype,
+    per_sample_layer_rows,
     query_gradients,
     train_gradients,
     train_objective,
@@ -48,7 +49,9 @@ from ..kfac import (
     flatten_layer_matrices,
     parameter_names,
     tracked_layers,
+    with_ones_column,
 )
+from ..layerwise import Unsupported
 
 
 @dataclass
@@ -90,15 +93,20 @@ class EKFACParams(KFACParams):
 
 def _factored_scores(PQ: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """``(m, b)`` inner products of query gradients ``PQ`` ``(m, p)``, flattened per layer as
-    ``(d_out, d_in)`` matrices with the bias as the last column, with rank-one training gradients
-    ``D_i a~_i^T`` per layer, formed in that layout straight into one buffer (no concatenation) for
-    one matrix product."""
+    ``(d_out, d_in)`` matrices with the bias as the last column, with training gradients given per
+    layer as ``(A~, D)``: rank-one ``D_i a~_i^T`` (``(b, d_in)``, ``(b, d_out)``) or rows ``D_i^T A~_i``
+    (``(b, T, d_in)``, ``(b, T, d_out)``), formed in that layout straight into one buffer (no
+    concatenation) for one matrix product."""
     b = factors[0][0].shape[0]
     G = torch.empty(b, PQ.shape[1], dtype=PQ.dtype, device=PQ.device)
     off = 0
     for A, D in factors:
-        d_out, d_in = D.shape[1], A.shape[1]
-        torch.mul(D[:, :, None], A[:, None, :], out=G[:, off : off + d_out * d_in].view(b, d_out, d_in))
+        d_out, d_in = D.shape[-1], A.shape[-1]
+        out = G[:, off : off + d_out * d_in].view(b, d_out, d_in)
+        if A.dim() == 3:
+            torch.bmm(D.transpose(1, 2), A, out=out)
+        else:
+            torch.mul(D[:, :, None], A[:, None, :], out=out)
         off += d_out * d_in
     return PQ @ G.T
 
@@ -153,13 +161,20 @@ class _KroneckerInfluence(Estimator):
         dtype = numpy_dtype(runtime.dtype)
         cdt = torch.float64 if runtime.dtype == torch.float64 else torch.float32
 
-        # a plain MLP's training gradients stay factored, D_i a~_i^T per layer (never formed)
+        what = "training examples" if lo == 0 else f"training examples (from row {lo})"
+        x, y, objective = problem.train_x[lo:hi], problem.train_y[lo:hi], train_objective(problem.task)
+        # a plain MLP's training gradients stay factored, D_i a~_i^T per layer (never formed); a net of
+        # linear and convolution layers gets them as rows, D_i^T A~_i (formed for the scores only)
         factored = gradient_factors(
-            problem.model, problem.weights, problem.train_x[lo:hi], problem.train_y[lo:hi],
-            train_objective(problem.task), chunk_size=runtime.chunk_size, device=runtime.device,
-            dtype=runtime.dtype, names=names,
-            what="training examples" if lo == 0 else f"training examples (from row {lo})",
+            problem.model, problem.weights, x, y, objective, chunk_size=runtime.chunk_size,
+            device=runtime.device, dtype=runtime.dtype, names=names, what=what,
         )  # fmt: skip
+        rows = None
+        if factored is None:
+            rows = per_sample_layer_rows(
+                problem.model, problem.weights, x, y, objective, names=names, chunk_size=runtime.chunk_size,
+                device=runtime.device, dtype=runtime.dtype, what=what,
+            )  # fmt: skip
         PQ = None
         if want_scores:
             qt = Ticker(runtime, "query_gradients", n_chunks(m, runtime.chunk_size))
@@ -171,35 +186,56 @@ class _KroneckerInfluence(Estimator):
                     "and the damping is too small; increase damping (or leave it null for the heuristic)",
                     parameter=DAMPING_POINTER,
                 )
-            PQ = (
-                torch.cat([P.reshape(m, -1) for P in PQ], dim=1)
-                if factored is not None
-                else flatten_layer_matrices(PQ, layers)
-            ).to(cdt)
         scores = np.zeros((m, cols), dtype=dtype) if want_scores else None
         self_inf = np.zeros(cols, dtype=dtype) if want_self_influence else None
-        tt = Ticker(runtime, "train_gradients", n_chunks(cols, runtime.chunk_size))
-        chunks = factored or train_gradients(problem, problem.weights, runtime, train_range, names=names)
-        for start, stop, G in chunks:
-            if factored is not None:
-                G = [(A.to(cdt), D.to(cdt)) for A, D in G]
-            else:
-                G = G.to(cdt)
-            if scores is not None:
-                S = _factored_scores(PQ, G) if factored is not None else PQ @ G.T
-                scores[:, start:stop] = (S / n).cpu().numpy()
-            if self_inf is not None:
-                si = (
-                    factors.quadratic_factors(G, shifts)
-                    if factored is not None
-                    else factors.quadratic(G, shifts)
-                ) / n
-                if not bool(torch.isfinite(si).all()):
-                    raise NumericalError(
-                        "self-influence contains NaN/inf: increase damping", parameter=DAMPING_POINTER
-                    )
-                self_inf[start:stop] = si.cpu().numpy()
-            tt.tick()
+
+        def stream(chunks, layered: bool) -> None:
+            """Scores and self-influence from per-layer ``(A~, D)`` (``layered``) or formed gradients."""
+            pq = None
+            if PQ is not None:  # the per-layer matrices' layout, or the parameters' when formed
+                pq = (
+                    torch.cat([P.reshape(m, -1) for P in PQ], dim=1)
+                    if layered
+                    else flatten_layer_matrices(PQ, layers)
+                )
+                pq = pq.to(cdt)
+            tt = Ticker(runtime, "train_gradients", n_chunks(cols, runtime.chunk_size))
+            for start, stop, G in chunks:
+                if factored is not None:
+                    G = [(A.to(cdt), D.to(cdt)) for A, D in G]
+                elif layered:  # rows per tracked layer, the bias as a column of ones
+                    pairs = [G[la.module] for la in layers]
+                    G = [
+                        ((with_ones_column(A) if la.bias else A).to(cdt), D.to(cdt))
+                        for la, (A, D) in zip(layers, pairs, strict=True)
+                    ]
+                else:
+                    G = G.to(cdt)
+                if scores is not None:
+                    S = _factored_scores(pq, G) if layered else pq @ G.T
+                    scores[:, start:stop] = (S / n).cpu().numpy()
+                if self_inf is not None:
+                    if factored is not None:
+                        si = factors.quadratic_factors(G, shifts)
+                    else:
+                        si = factors.quadratic_rows(G, shifts) if layered else factors.quadratic(G, shifts)
+                    si = si / n
+                    if not bool(torch.isfinite(si).all()):
+                        raise NumericalError(
+                            "self-influence contains NaN/inf: increase damping", parameter=DAMPING_POINTER
+                        )
+                    self_inf[start:stop] = si.cpu().numpy()
+                tt.tick()
+
+        if factored is not None or rows is not None:
+            try:
+                stream(factored or rows, layered=True)
+            except Unsupported:  # the pass refused the model (first chunk): formed gradients instead
+                rows = None
+        if factored is None and rows is None:
+            stream(
+                train_gradients(problem, problem.weights, runtime, train_range, names=names), layered=False
+            )
         info = state.info
         return Attribution(
             scores=scores,

@@ -91,10 +91,11 @@ from .gradients import (
     linear_chain_backprop,
     n_chunks,
     per_sample_gradients,
+    per_sample_layer_rows,
     train_objective,
     trainable_names,
 )
-from .layerwise import Unsupported, input_rows, layer_pass, layer_plan, output_rows
+from .layerwise import Unsupported, input_rows, output_rows
 from .objectives import per_example_loss
 
 FisherType = Literal["empirical", "true", "expected"]
@@ -853,30 +854,22 @@ def fit_lambda(
         return {k: v / problem.n_train for k, v in lam.items()}
 
     def layered_pass(x, y, objective, rows, lam) -> bool:
-        """The route of nets of linear and convolution layers (:func:`~.layerwise.layer_pass`): each
-        example's layer gradient stays as its rows, ``D_i^T A~_i``; False (nothing added) when the
-        model does not allow it."""
-        model = problem.model.eval()
-        _, params, fixed = functional_state(
-            model, problem.weights, device=dev, dtype=runtime.dtype, names=names
-        )
-        plan = layer_plan(model, names)
-        if plan is None:
+        """The route of nets of linear and convolution layers: each example's layer gradient stays as
+        its rows, ``D_i^T A~_i`` (:func:`per_sample_layer_rows`); False (nothing added) when the model
+        does not allow it."""
+        chunks = per_sample_layer_rows(
+            problem.model, problem.weights, x, y, objective, names=names, chunk_size=rows,
+            device=runtime.device, dtype=runtime.dtype, what="training examples",
+        )  # fmt: skip
+        if chunks is None:
             return False
-        modules = dict(plan)
-        dt = params[names[0]].dtype
         part = zeros()
         try:
-            for start in range(0, int(x.shape[0]), rows):
-                xs, ys = _to(x[start : start + rows], dev, dt), _to(y[start : start + rows], dev, dt)
-                lp = layer_pass(plan, model, params, fixed, xs, ys, objective)
-                for layer in layers if lp is not None else []:
-                    m = modules[layer.module]
-                    A = input_rows(m, lp.inputs[layer.module]).to(cdt)
-                    D = output_rows(m, lp.output_grads[layer.module]).to(cdt)
-                    part[layer.module] += _rotated_squares(
-                        with_ones_column(A) if layer.bias else A, D, *Qs[layer.module]
-                    )
+            for _, _, per_layer in chunks:
+                for layer in layers:
+                    A, D = per_layer[layer.module]
+                    A = with_ones_column(A) if layer.bias else A
+                    part[layer.module] += _rotated_squares(A.to(cdt), D.to(cdt), *Qs[layer.module])
         except Unsupported:
             return False
         for k, v in part.items():

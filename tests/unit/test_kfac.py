@@ -539,17 +539,17 @@ def test_conv_eigenvalues_from_layer_rows_equal_those_from_formed_gradients(fish
         model=model, task=CLS, weights=model.state_dict(), train_x=x, train_y=y, query_x=x[:2], query_y=y[:2]
     )
     rt = Runtime(dtype=torch.float64, chunk_size=5)
-    plans = []
+    streams = []
 
     def spy(*a, **kw):
-        plans.append(layer_plan(*a, **kw))
-        return plans[-1]
+        streams.append(layer_rows(*a, **kw))
+        return streams[-1]
 
-    layer_plan = kfac_module.layer_plan
-    monkeypatch.setattr(kfac_module, "layer_plan", spy)
+    layer_rows = kfac_module.per_sample_layer_rows
+    monkeypatch.setattr(kfac_module, "per_sample_layer_rows", spy)
     rows = KFACFactors(get_estimator("ekfac").fit(prob, {"fisher": fisher, "seed": 2}, rt))
-    assert plans and all(p is not None for p in plans)
-    monkeypatch.setattr(kfac_module, "layer_plan", lambda *a, **kw: None)
+    assert streams and all(s is not None for s in streams)
+    monkeypatch.setattr(kfac_module, "per_sample_layer_rows", lambda *a, **kw: None)
     formed = KFACFactors(get_estimator("ekfac").fit(prob, {"fisher": fisher, "seed": 2}, rt))
     for la in rows.layers:
         torch.testing.assert_close(rows.eigenvalues(la), formed.eigenvalues(la), rtol=1e-10, atol=1e-14)

@@ -196,10 +196,10 @@ def _batchnorm_scale_gradient(
 
 
 def _bias_gradient(m: nn.Module, d: torch.Tensor, out: torch.Tensor) -> None:
-    if type(m) is nn.Linear:
-        out.copy_(d.reshape(d.shape[0], -1, d.shape[-1]).sum(1))
-    else:  # conv, batch norm: channels second
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):  # channels second
         out.copy_(d.flatten(2).sum(2) if d.dim() > 2 else d)
+    else:  # D_i^T 1
+        out.copy_(output_rows(m, d).sum(1))
 
 
 def layerwise_gradients(

@@ -13,7 +13,8 @@ import click
 from app.settings import get_settings
 
 
-def _worker_argv(queue: str, concurrency: int, loglevel: str) -> list[str]:
+def worker_argv(queue: str, concurrency: int, loglevel: str) -> list[str]:
+    """``celery worker`` arguments; the rest of the configuration is app.dispatch.celery_config."""
     return [
         "worker",
         "--loglevel",
@@ -22,8 +23,6 @@ def _worker_argv(queue: str, concurrency: int, loglevel: str) -> list[str]:
         "prefork",
         "--concurrency",
         str(concurrency),
-        "--max-tasks-per-child",
-        "1",
         "-Q",
         queue,
         "--without-mingle",
@@ -77,7 +76,7 @@ def serve(host: str, port: int, worker: bool | None, api_workers: int, demo: boo
             "celery",
             "-A",
             "worker.celery_app",
-            *_worker_argv(settings.compute_queue, 1, "INFO"),
+            *worker_argv(settings.compute_queue, 1, "INFO"),
         ]
         child = subprocess.Popen(argv, env=os.environ.copy())
         click.echo(f"worker started (pid {child.pid}) on {settings.resolved_broker_url}", err=True)
@@ -144,10 +143,10 @@ def _admin_key(settings) -> str:
 @click.option("--queue", default=None, help="Queue to consume (default: IA_COMPUTE_QUEUE).")
 @click.option("--loglevel", default="INFO", show_default=True)
 def worker(concurrency: int, queue: str | None, loglevel: str) -> None:
-    """Run a Celery worker: prefork, one task per child process, acks late."""
+    """Run a Celery worker: prefork, acks late, each task's compute in a fresh sandboxed process."""
     from worker.celery_app import celery_app
 
-    celery_app.worker_main(_worker_argv(queue or get_settings().compute_queue, concurrency, loglevel))
+    celery_app.worker_main(worker_argv(queue or get_settings().compute_queue, concurrency, loglevel))
 
 
 @main.command()

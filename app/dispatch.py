@@ -50,7 +50,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,  # safe: the DB attempt counter caps re-runs
         "worker_prefetch_multiplier": 1,
-        "worker_max_tasks_per_child": 1,  # a fresh process per job returns its (GPU) memory
+        # Pool processes are reused (tasks compute in a per-task child, which takes its memory, GPU
+        # memory included, when it exits); each starts the next task's child while the current runs.
+        "worker_max_tasks_per_child": settings.worker_max_tasks_per_child or None,
+        "worker_max_memory_per_child": settings.worker_max_memory_bytes // 1024 or None,  # KiB
         # A broker blip must not kill the running job (SIGTERM loses its work, and the runner records
         # it as failed). Redis gives the unacked message back only after the visibility timeout, and
         # the DB lease drops any second delivery, so the job is not run twice in parallel.

@@ -84,6 +84,18 @@ class Settings(BaseSettings):
     requeue_queued_after_seconds: float = Field(
         300.0, description="Re-publish a queued job whose message has not been picked up for this long."
     )
+    worker_max_tasks_per_child: int = Field(
+        100,
+        ge=0,
+        description="Tasks a worker pool process runs before it is replaced (0 = never). Compute runs in a "
+        "fresh sandboxed child per task either way; this only bounds the supervisor's own growth.",
+    )
+    worker_max_memory_bytes: int = Field(
+        2 * 1024**3,
+        ge=0,
+        description="A worker pool process whose peak resident memory passed this is replaced after its "
+        "task (0 = no limit).",
+    )
     task_soft_time_limit: int = Field(3 * 3600, description="Seconds before a task is asked to stop.")
     task_time_limit: int = Field(3 * 3600 + 300, description="Seconds before a task's process is killed.")
     chunk_size: int = Field(256, description="Most examples per per-sample-gradient chunk.")

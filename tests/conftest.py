@@ -16,6 +16,7 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
+from app.cli import worker_argv
 from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +91,7 @@ def integration_settings(integration_env: dict[str, str]) -> Settings:
 
 
 class WorkerProcess:
-    """A real ``celery worker`` process (prefork, one task per child)."""
+    """A real ``celery worker`` process, started as ``influence worker`` starts it."""
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
@@ -106,19 +107,7 @@ class WorkerProcess:
                 "celery",
                 "-A",
                 "worker.celery_app",
-                "worker",
-                "--loglevel",
-                "INFO",
-                "--pool",
-                "prefork",
-                "--concurrency",
-                "1",
-                "--max-tasks-per-child",
-                "1",
-                "-Q",
-                self.env["IA_COMPUTE_QUEUE"],
-                "--without-mingle",
-                "--without-gossip",
+                *worker_argv(self.env["IA_COMPUTE_QUEUE"], 1, "INFO"),
                 "-n",
                 f"test-{uuid.uuid4().hex[:6]}@%h",
             ],

@@ -23,10 +23,11 @@ def _protect_credentials(**_kwargs) -> None:
 
 @worker_process_init.connect
 def _prestart_compute_child(**_kwargs) -> None:
-    """A pool process runs one task; start its sandboxed compute child now, while it waits for one.
+    """Start the pool process's first sandboxed compute child now, while it waits for a task.
 
     The child's interpreter start and torch import (over a second) then overlap the queue wait
-    instead of delaying the job. A finalize task leaves it unused; it is stopped on exit.
+    instead of delaying the job; each task that takes a child starts the next one
+    (``sandbox.acquire``). A finalize task leaves it unused; it is stopped on exit.
     """
     from worker import sandbox
 

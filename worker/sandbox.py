@@ -34,8 +34,10 @@ before the caller stores anything. A train state (possibly larger than memory) i
 whole: it is copied out of the scratch folder, validated in blocks (:func:`copy_state_file`) and
 stored as that very file. The scratch folder is removed afterwards, also on failure.
 
-A fresh interpreter spends over a second importing torch, so each Celery pool process starts its
-child when the pool process starts (:func:`prestart`); the child imports, then waits for ``go``.
+A fresh interpreter spends over a second importing torch, so a Celery pool process always holds
+one child ahead (:func:`prestart`): started when the pool process starts and again whenever a task
+takes it (:func:`acquire`); the child imports, then waits for ``go``. Pool processes are reused
+across tasks, so the next task finds that child warm even when it arrives as the last one ends.
 """
 
 from __future__ import annotations
@@ -848,15 +850,20 @@ def discard() -> None:
 
 
 def acquire(settings: Settings) -> Sandbox:
-    """The prestarted child when it is alive and has these limits, else a new one."""
+    """The prestarted child when it is alive and has these limits, else a new one.
+
+    Either way the next task's child starts now: its imports overlap this task's compute, so a job
+    that follows straight after finds a warm child (pool processes are reused across tasks).
+    """
     global _warm
     box, _warm = _warm, None
     limits = Limits.from_settings(settings)
-    if box is not None and box.limits == limits and box.alive():
-        return box
-    if box is not None:
-        box.close()
-    return Sandbox(limits)
+    if box is None or box.limits != limits or not box.alive():
+        if box is not None:
+            box.close()
+        box = Sandbox(limits)
+    prestart(settings)
+    return box
 
 
 # --- the child ----------------------------------------------------------------------------------

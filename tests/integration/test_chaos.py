@@ -172,7 +172,8 @@ def test_worker_paused_past_its_lease_cannot_commit_late(stack: ChaosStack, jobs
     with stack.client() as client:
         job_id = accepted(client, jobs.slow)
         wait_computing(client, job_id)
-        stale, child = stack.worker_of(job_id)
+        stale, _ = stack.worker_of(job_id)
+        dropped_before = stale.log_path.read_bytes().count(b"'lease-lost'")
         signal_worker(stale, signal.SIGSTOP)
         try:
             done = wait(client, f"/v1/influence-jobs/{job_id}", timeout=180)
@@ -180,8 +181,12 @@ def test_worker_paused_past_its_lease_cannot_commit_late(stack: ChaosStack, jobs
             before = _job_and_result(stack, job_id)
         finally:
             signal_worker(stale, signal.SIGCONT)
-        # With one task per child, the stale delivery is over once its child is gone.
-        wait_until(lambda: child not in stale.children(), 60, "the resumed worker to drop its delivery")
+        # The stale delivery is over once its task has returned 'lease-lost' (Celery logs the result).
+        wait_until(
+            lambda: stale.log_path.read_bytes().count(b"'lease-lost'") > dropped_before,
+            60,
+            "the resumed worker to drop its delivery",
+        )
         assert _job_and_result(stack, job_id) == before, "the stale attempt changed the job"
         # Had the stale delivery reached its final commit, the fencing token refuses it.
         stale_claim = jobs_service.Claim(job_id, "influence", 1)

@@ -57,15 +57,17 @@ def models(api_server) -> dict:
     }
 
 
-def _compute_children(worker: WorkerProcess) -> list[int]:
-    """Processes running ``worker.sandbox`` under the worker's pool processes."""
-    found = []
+def _compute_children(worker: WorkerProcess) -> dict[str, list[int]]:
+    """Processes running ``worker.sandbox`` under the worker's pool processes: "busy" ones hold an
+    assignment (their scratch folder, the cwd, has assignment.json), "warm" ones wait for the next task."""
+    found: dict[str, list[int]] = {"busy": [], "warm": []}
     for pool in worker.children():
         listed = subprocess.run(["pgrep", "-P", str(pool)], capture_output=True, text=True).stdout
         for pid in map(int, listed.split()):
             try:
                 if b"worker.sandbox" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    found.append(pid)
+                    busy = Path(f"/proc/{pid}/cwd/assignment.json").exists()
+                    found["busy" if busy else "warm"].append(pid)
             except OSError:
                 pass
     return found
@@ -92,12 +94,13 @@ def test_child_has_no_credentials_and_cancel_kills_it(client, worker_factory, mo
     location = submit(client, models["slow"]).headers["location"]
     _wait_computing(client, location)
     children = _compute_children(worker)
-    assert len(children) == 1, children
-    child = children[0]
+    assert len(children["busy"]) == 1 and len(children["warm"]) == 1, children  # the next task's child
+    child = children["busy"][0]
     assert "IA_DATABASE_URL" in _environ(worker.proc.pid)
-    env = _environ(child)
-    assert not [k for k in env if k.startswith("IA_")], env
-    assert not [v for v in env.values() if "postgresql" in v or "redis://" in v], env
+    for pid in (child, *children["warm"]):
+        env = _environ(pid)
+        assert not [k for k in env if k.startswith("IA_")], env
+        assert not [v for v in env.values() if "postgresql" in v or "redis://" in v], env
 
     assert client.post(location + "/cancel").status_code == 202
     assert wait(client, location, timeout=30)["state"] == "cancelled"
@@ -105,6 +108,22 @@ def test_child_has_no_credentials_and_cancel_kills_it(client, worker_factory, mo
     while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not Path(f"/proc/{child}").exists(), "the compute child outlived the cancelled job"
+
+
+def test_next_job_runs_in_the_child_started_during_the_previous_one(client, worker_factory, models):
+    """Pool processes are reused, and each task starts the next one's child: back-to-back jobs do not
+    wait for an interpreter to import torch."""
+    worker = worker_factory()
+    first = submit(client, models["slow"]).headers["location"]
+    _wait_computing(client, first)
+    pools, warm = worker.children(), _compute_children(worker)["warm"]
+    assert len(pools) == 1 and len(warm) == 1, (pools, warm)
+    assert wait(client, first, timeout=120)["state"] == "succeeded"
+    second = submit(client, models["slow"]).headers["location"]
+    _wait_computing(client, second)
+    assert worker.children() == pools, "the pool process was replaced"
+    assert _compute_children(worker)["busy"] == warm, "the second job did not take the prestarted child"
+    assert wait(client, second, timeout=120)["state"] == "succeeded"
 
 
 def test_wall_clock_limit_fails_the_job_with_timeout(client, integration_env, tmp_path, models):

@@ -347,7 +347,7 @@ def test_a_memory_mapped_state_goes_through_the_sandbox_and_back(tmp_path):
     payload["runtime"]["memory_budget_bytes"] = 2048  # 40 x 8 float32 features (1280 B) are mapped
     results = []
     for run in range(2):
-        with sandbox.acquire(settings) as box:
+        with sandbox.Sandbox(sandbox.Limits.from_settings(settings)) as box:
             out = box.run("worker.compute:influence", payload, inputs, Recorder())
             results.append((out.array("scores", (3, 40)), out.array("self_influence", (40,))))
             if run == 0:

@@ -186,8 +186,13 @@ def settings(tmp_path) -> Settings:
     )
 
 
+def fresh(settings: Settings) -> sandbox.Sandbox:
+    """A child of its own (``acquire`` would also start the next task's child)."""
+    return sandbox.Sandbox(sandbox.Limits.from_settings(settings))
+
+
 def run(settings: Settings, task: str, payload: dict | None = None, reporter=None, inputs=None):
-    with sandbox.acquire(settings) as box:
+    with fresh(settings) as box:
         out = box.run(f"{HERE}:{task}", payload or {}, inputs or {}, reporter or Recorder())
         return out.meta, box
 
@@ -288,7 +293,7 @@ def test_cancel_kills_the_child_at_once(settings, tmp_path):
     settings = settings.model_copy(update={"sandbox_filesystem": False})  # the pid file is outside scratch
     pid_file = tmp_path / "child.pid"
     reporter = Recorder(cancel_at=5)
-    with sandbox.acquire(settings) as box:
+    with fresh(settings) as box:
         with pytest.raises(Cancelled):
             box.run(f"{HERE}:child_tick", {"pid_file": str(pid_file)}, {}, reporter)
         assert not box.alive()
@@ -400,7 +405,7 @@ def test_errors_map_to_problems(settings):
     ],
 )
 def test_outputs_are_validated(settings, payload, code):
-    with sandbox.acquire(settings) as box:
+    with fresh(settings) as box:
         out = box.run(f"{HERE}:child_arrays", payload, {}, Recorder())
         if code is None:
             np.testing.assert_array_equal(out.array("scores", (2, 3)), np.arange(6).reshape(2, 3))
@@ -475,7 +480,7 @@ def _linear_problem_files(tmp_path: Path) -> tuple[dict, dict, dict]:
 def test_influence_task_matches_the_estimator_in_process(settings, tmp_path):
     payload, inputs, data = _linear_problem_files(tmp_path)
     reporter = Recorder()
-    with sandbox.acquire(settings) as box:
+    with fresh(settings) as box:
         out = box.run("worker.compute:influence", payload, inputs, reporter)
         scores = out.array("scores", (3, 40))
         self_influence = out.array("self_influence", (40,))
@@ -516,7 +521,7 @@ def test_training_task_returns_weights_that_fit_the_architecture(settings, tmp_p
         task="classification",
         loss="cross_entropy",
     )
-    with sandbox.acquire(settings) as box:
+    with fresh(settings) as box:
         out = box.run(
             "worker.compute:training",
             {"model": payload["model"], "recipe": recipe, "device": "cpu"},
@@ -542,7 +547,23 @@ def test_prestarted_child_is_reused_and_stale_scratch_is_swept(settings, tmp_pat
         assert warm is not None and not stale.exists()
         with sandbox.acquire(settings) as box:
             assert box is warm
+            following = sandbox._warm  # the next task's child starts while this one computes
+            assert following is not None and following is not box and following.alive()
+            box.run(f"{HERE}:child_arrays", {"dtype": "float32", "shape": [2, 3]}, {}, Recorder())
+        with sandbox.acquire(settings) as box:
+            assert box is following
             box.run(f"{HERE}:child_arrays", {"dtype": "float32", "shape": [2, 3]}, {}, Recorder())
     finally:
         sandbox.discard()
     assert list((tmp_path / "scratch").iterdir()) == []
+
+
+def test_a_dead_prestarted_child_is_replaced(settings):
+    sandbox.prestart(settings)
+    try:
+        sandbox._warm.kill()
+        with sandbox.acquire(settings) as box:
+            assert box.alive()
+            assert box.run(f"{HERE}:child_arrays", {"dtype": "float32", "shape": [2, 3]}, {}, Recorder()).meta
+    finally:
+        sandbox.discard()

@@ -188,6 +188,8 @@ class Estimator:
     """Scores are a sum over checkpoints, so a job may be sharded by checkpoint and summed."""
     shardable_by_rows: ClassVar[bool] = True
     """``attribute`` honours ``train_range``, so a job may be split into training-row shards."""
+    group_orders: ClassVar[tuple[str, ...]] = ("first",)
+    """Orders of :meth:`group_scores` (see :mod:`.group`); beyond "first" they need the Hessian."""
 
     def fit(
         self, problem: InfluenceProblem, params: Any, runtime: Runtime | None = None
@@ -227,6 +229,34 @@ class Estimator:
         ``hi - lo`` long, while normalisations still use the full ``n``.
         """
         raise NotImplementedError
+
+    def group_scores(
+        self,
+        problem: InfluenceProblem,
+        params: Any,
+        groups: list[list[int]] | list[np.ndarray],
+        order: str = "first",
+        *,
+        runtime: Runtime | None = None,
+        state: TrainState | None = None,
+    ) -> np.ndarray:
+        """``m x G``: the effect on each query of removing each group of training rows (:mod:`.group`).
+
+        First order (every estimator that scores): the sum of the group's pointwise scores.
+        """
+        from .group import GROUPS_PARAMETER, as_groups, sum_over_groups
+
+        if order not in self.group_orders:
+            raise EstimatorError(
+                f"{self.name} gives group influence of order {', '.join(self.group_orders)}, not {order!r}"
+                + ("; if_exact gives second and newton" if order in ("second", "newton") else ""),
+                parameter=f"{GROUPS_PARAMETER}/order",
+            )
+        idx = as_groups(groups, problem.n_train)
+        scores = self.attribute(problem, params, runtime=runtime, state=state).scores
+        if scores is None:
+            raise EstimatorError(f"{self.name} gives no m x n scores to sum", parameter=GROUPS_PARAMETER)
+        return sum_over_groups(scores, idx)
 
     def check(self, problem_size: ProblemSize, params: Any) -> None:
         """Refuse at submit time what cannot run (e.g. an explicit Hessian that is too big)."""

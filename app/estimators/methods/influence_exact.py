@@ -46,6 +46,7 @@ from ..gradients import (
     train_gradients,
     validate_problem,
 )
+from ..group import GROUP_ORDERS, as_groups, group_scores_from_changes, parameter_changes
 
 
 @dataclass
@@ -67,6 +68,7 @@ class IFExact(Estimator):
     name = "if_exact"
     summary = "influence functions with the explicit Hessian and a Cholesky solve (Koh & Liang 2017)"
     Params = IFExactParams
+    group_orders = GROUP_ORDERS
 
     def check(self, problem_size: ProblemSize, params) -> None:
         p = as_params(self.Params, params)
@@ -187,3 +189,15 @@ class IFExact(Estimator):
                 objective_grad_norm=state.info["objective_grad_norm"],
             ),
         )
+
+    def group_scores(self, problem, params, groups, order="first", *, runtime=None, state=None):
+        """First, second or newton order from the explicit Hessian (:mod:`..group`)."""
+        p = as_params(self.Params, params)
+        runtime = runtime or Runtime()
+        validate_problem(problem, need_queries=True)
+        idx = as_groups(groups, problem.n_train)
+        state = state or self.fit(problem, p, runtime)
+        dev = torch.device(runtime.device)
+        changes = parameter_changes(problem, state.tensors["cholesky"].to(dev), idx, order, runtime)
+        Q = query_gradients(problem, problem.weights, runtime)
+        return group_scores_from_changes(Q, changes)

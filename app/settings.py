@@ -46,6 +46,9 @@ class Settings(BaseSettings):
         50_000_000, description="Refuse weights with more parameters than this."
     )
     max_query_indices: int = Field(100_000, description="Most query indices a job may list.")
+    max_group_rows: int = Field(
+        1_000_000, ge=1, description="Most training rows a job's groups may list, over all groups."
+    )
 
     # Tenants, API keys and quotas (defaults; a tenant's own limits override them).
     api_key_pepper: SecretStr | None = Field(

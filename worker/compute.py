@@ -308,6 +308,16 @@ def influence(payload: dict, inputs: dict[str, Path], out: Path, progress: Progr
             runtime=runtime,
             state=state,
         )
+    group_scores = None
+    if payload.get("groups"):
+        group_scores = estimator.group_scores(
+            problem,
+            params,
+            payload["groups"]["rows"],
+            payload["groups"]["order"],
+            runtime=runtime,
+            state=state,
+        )
     meta.update(
         compute_seconds=round(time.perf_counter() - started, 4),
         device=str(runtime.device),
@@ -327,6 +337,7 @@ def influence(payload: dict, inputs: dict[str, Path], out: Path, progress: Progr
         self_influence=attribution.self_influence,
         values=attribution.values,
         values_stderr=attribution.values_stderr,
+        group_scores=group_scores,
     )
     return meta
 

@@ -367,6 +367,7 @@ def _merge(settings: Settings, claim, parts: list) -> object:
         details=details,
         values=values,
         values_stderr=values_stderr,
+        groups=spec["output"].get("groups"),
     )
     return prepared.write(job_id, claim.attempt)
 
@@ -492,6 +493,7 @@ def _prepare(settings: Settings, store: ArtifactStore, job_id: str) -> _Job:
             "memory_budget_bytes": settings.memory_budget_bytes,
         },
         "self_influence": bool(spec["output"]["self_influence"]),
+        "groups": _hessian_groups(spec),
         "fit_state": state is not None and state.uri is None,
         "subsets": {"cached": reuse.own.hit is not None} if reuse.own is not None else None,
         "evaluation": (
@@ -507,7 +509,9 @@ def _prepare(settings: Settings, store: ArtifactStore, job_id: str) -> _Job:
         ),
         "sharding": {
             "subsets_per_shard": execution.get("subsets_per_shard"),
-            "train_shard_size": execution.get("train_shard_size") or settings.train_shard_size or None,
+            "train_shard_size": None
+            if _hessian_groups(spec)  # the group terms need the whole training set (checked at submit)
+            else execution.get("train_shard_size") or settings.train_shard_size or None,
             "by_checkpoint": bool(execution.get("shard_by_checkpoint")),
         },
     }
@@ -523,6 +527,15 @@ def _prepare(settings: Settings, store: ArtifactStore, job_id: str) -> _Job:
         loaded.train.n_examples,
         _tuning_parameter(estimator),
     )
+
+
+def _hessian_groups(spec: dict) -> dict | None:
+    """The job's groups when their order needs the estimator's Hessian (computed in the child); first
+    order is summed from the validated scores here (:func:`results_service.prepare`)."""
+    groups = spec["output"].get("groups")
+    if groups is None or groups["order"] == "first":
+        return None
+    return {"rows": list(groups["members"].values()), "order": groups["order"]}
 
 
 def _store_state(settings: Settings, store: ArtifactStore, job: _Job, out: sandbox.Outputs) -> dict:
@@ -575,6 +588,10 @@ def _influence(settings: Settings, store: ArtifactStore, claim, reporter: Report
         values_stderr = (
             out.optional_array("values_stderr", (n_train,), parameter) if values is not None else None
         )
+        groups = job.payload["groups"]
+        group_scores = (
+            out.array("group_scores", (job.n_query, len(groups["rows"])), parameter) if groups else None
+        )
         if scores is None and self_influence is None and values is None:
             raise sandbox.invalid_output("the computation returned neither scores, self-influence nor values")
         details = dict(out.mapping("metadata"))
@@ -619,6 +636,8 @@ def _influence(settings: Settings, store: ArtifactStore, claim, reporter: Report
         details=details,
         values=values,
         values_stderr=values_stderr,
+        groups=loaded.job.spec["output"].get("groups"),
+        group_scores=group_scores,
     )
     return prepared.write(claim.job_id, claim.attempt), _done()
 

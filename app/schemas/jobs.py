@@ -15,12 +15,31 @@ class MethodSpec(RequestModel):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class GroupSpec(RequestModel):
+    """Group influence: the effect on each query of removing a whole set of training rows at once
+    (a data source, an annotator, a class), ESTIMATORS.md 2.22."""
+
+    members: dict[str, list[int]] = Field(
+        min_length=1,
+        max_length=1000,
+        description="Group name -> rows of the training dataset (distinct, at least one each).",
+    )
+    order: Literal["first", "second", "newton"] = Field(
+        "first",
+        description="first: the sum of the group's pointwise scores (every estimator that scores); "
+        "second: adds the interactions between the group's members (Basu et al. 2020); newton: one "
+        "Newton step on the objective without the group, exact for ridge regression. second and newton "
+        "need if_exact and run unsharded.",
+    )
+
+
 class OutputSpec(RequestModel):
     top_k: int = Field(10, ge=1, le=1000, description="Proponents and opponents kept per query.")
     keep_full_matrix: bool = Field(
         False, description="Store the full query-major m x n score matrix as an artifact."
     )
     self_influence: bool = Field(False, description="Also compute each training example's self-influence.")
+    groups: GroupSpec | None = Field(None, description="Also score named groups of training rows.")
 
 
 class ExecutionSpec(RequestModel):
@@ -188,4 +207,28 @@ class ValuesPage(ReadModel):
     order: Literal["asc", "desc"]
     n_train: int
     items: list[DataValue]
+    next_page_token: str | None = None
+
+
+class GroupRead(ReadModel):
+    name: str
+    size: int = Field(description="Training rows in the group.")
+
+
+class GroupScoresRead(ReadModel):
+    query_index: int = Field(description="Position of the query in this job (0..n_queries-1).")
+    query_row: int = Field(description="Row of the query dataset.")
+    scores: list[float] = Field(description="One score per group, in the order of `groups`.")
+
+
+class GroupInfluencePage(ReadModel):
+    job_id: str
+    method: str
+    measurement: str
+    order: Literal["first", "second", "newton"]
+    sign_convention: str = Field(
+        description="positive = removing the group would raise the query loss (lower its margin)"
+    )
+    groups: list[GroupRead]
+    items: list[GroupScoresRead]
     next_page_token: str | None = None

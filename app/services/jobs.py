@@ -121,6 +121,7 @@ def _validate(session: Session, settings: Settings, owner: Principal, body: JobC
             [FieldError("/query_indices", "too many queries for this model and training set")],
         )
     cost += _validate_evaluation(body, estimator, params, size, cost, owner.limits.max_job_cost)
+    _validate_groups(body, estimator, params, train.n_examples, settings)
     try:
         estimator.check(size, params)
     except EstimatorError as exc:
@@ -164,6 +165,49 @@ def _validate_evaluation(
             [FieldError("/evaluation/lds/n_masks", "too many subsets for this model and training set")],
         )
     return lds_cost
+
+
+def _validate_groups(body: JobCreate, estimator, params, n_train: int, settings: Settings) -> None:
+    """Rows in range and distinct per group, a bounded total, and an order this estimator gives."""
+    spec = body.output.groups
+    if spec is None:
+        return
+    if not returns_scores(estimator, params):
+        raise invalid_field(
+            "/output/groups", f"{estimator.name} returns data values, not per-query scores to group"
+        )
+    total = 0
+    for name, rows in spec.members.items():
+        pointer = f"/output/groups/members/{_pointer_token(name)}"
+        if not rows:
+            raise invalid_field(pointer, "a group needs at least one training row")
+        bad = [i for i in rows if not 0 <= i < n_train]
+        if bad:
+            raise invalid_field(pointer, f"rows out of range [0, {n_train}): {bad[:5]}")
+        if len(set(rows)) != len(rows):
+            raise invalid_field(pointer, "a training row is listed twice")
+        total += len(rows)
+    if total > settings.max_group_rows:
+        raise invalid_field(
+            "/output/groups/members", f"at most {settings.max_group_rows} rows over all groups"
+        )
+    if spec.order not in estimator.group_orders:
+        raise invalid_field(
+            "/output/groups/order",
+            f"{estimator.name} gives group influence of order {', '.join(estimator.group_orders)}; "
+            "second and newton need the explicit Hessian of if_exact",
+        )
+    if spec.order != "first" and body.execution.train_shard_size:
+        raise invalid_field(
+            "/execution/train_shard_size",
+            f"{spec.order}-order group influence needs the whole training set in one task; "
+            "drop train_shard_size",
+        )
+
+
+def _pointer_token(name: str) -> str:
+    """``name`` escaped as one JSON-pointer segment (RFC 6901)."""
+    return name.replace("~", "~0").replace("/", "~1")
 
 
 def _outputs(model: Model) -> int:

@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.db.models import Dataset, InfluenceResult, Job, QueryResult
+from app.estimators.group import sum_over_groups
 from app.problems import ProblemError
 from app.storage.artifacts import ArtifactStore
 
@@ -25,6 +26,7 @@ class PreparedResult:
     values_uri: str | None
     details: dict
     rows: list[dict]
+    group_scores_uri: str | None = None
 
     def write(self, job_id: str, attempt: int):
         def _write(session: Session) -> None:
@@ -37,6 +39,7 @@ class PreparedResult:
                     scores_uri=self.scores_uri,
                     self_influence_uri=self.self_influence_uri,
                     values_uri=self.values_uri,
+                    group_scores_uri=self.group_scores_uri,
                     details=self.details,
                 )
             )
@@ -69,7 +72,12 @@ def prepare(
     details: dict,
     values: np.ndarray | None = None,
     values_stderr: np.ndarray | None = None,
+    groups: dict | None = None,
+    group_scores: np.ndarray | None = None,
 ) -> PreparedResult:
+    """Top-k rows and artifacts of an attribution. ``groups`` (the job's ``output.groups``): the
+    ``m x G`` group scores are ``group_scores`` when the child computed them (second/newton order),
+    else the sums of the validated ``scores`` over each group (first order)."""
     rows: list[dict] = []
     scores_uri = self_uri = values_uri = None
     if scores is not None:
@@ -122,7 +130,56 @@ def prepare(
         values_uri = store.put_npz(
             value=np.asarray(values, np.float64), stderr=np.asarray(stderr, np.float64)
         ).uri
-    return PreparedResult(len(query_rows), n_train, scores_uri, self_uri, values_uri, details, rows)
+    group_uri = None
+    if groups is not None:
+        group_uri = _store_group_scores(store, groups, scores, group_scores)
+        members = groups["members"]
+        details = {
+            **details,
+            "groups": {
+                "order": groups["order"],
+                "names": list(members),
+                "sizes": [len(r) for r in members.values()],
+            },
+        }
+    return PreparedResult(
+        len(query_rows), n_train, scores_uri, self_uri, values_uri, details, rows, group_uri
+    )
+
+
+def _store_group_scores(
+    store: ArtifactStore, groups: dict, scores: np.ndarray | None, group_scores: np.ndarray | None
+) -> str:
+    if group_scores is None:
+        if scores is None or groups["order"] != "first":  # refused at submit
+            raise ProblemError(500, "group-scores-missing", "Group scores missing", "no scores to group")
+        group_scores = sum_over_groups(scores, [np.asarray(r) for r in groups["members"].values()])
+    if not np.isfinite(group_scores).all():
+        raise ProblemError(
+            500,
+            "numerical-instability",
+            "Group scores are not finite",
+            "the group influence produced NaN or infinite scores; try more damping",
+        )
+    return store.put_npy(np.ascontiguousarray(group_scores, dtype=np.float64)).uri
+
+
+def group_page(
+    store: ArtifactStore, result: InfluenceResult, query_rows: list[int], page_size: int, offset: int
+) -> tuple[dict, list[dict], bool]:
+    """The group scores of queries ``offset ..`` (a page): the groups, one row of G scores per query."""
+    if result.group_scores_uri is None:
+        raise ProblemError(
+            404, "no-group-scores", "No group scores", "this job had no output.groups; submit with them"
+        )
+    matrix = np.load(store.path(result.group_scores_uri), mmap_mode="r", allow_pickle=False)
+    info = result.details["groups"]
+    stop = min(offset + page_size, matrix.shape[0])
+    items = [
+        {"query_index": j, "query_row": int(query_rows[j]), "scores": [float(v) for v in matrix[j]]}
+        for j in range(offset, stop)
+    ]
+    return info, items, stop < matrix.shape[0]
 
 
 def get_result(session: Session, job: Job) -> InfluenceResult:

@@ -9,7 +9,12 @@ import time
 import httpx
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
+
+from app.estimators import Checkpoint, InfluenceProblem, TaskSpec, get_architecture, init_model
+from app.services.validation import validate_params
+from app.storage.artifacts import ArtifactStore
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
@@ -117,3 +122,26 @@ def assert_problem(response: httpx.Response, status: int, code: str | None = Non
     if code is not None:
         assert body["code"] == code, body
     return body
+
+
+def library_problem(settings, client, model, train, test, query_indices, measurement="loss"):
+    """The job's problem loaded straight from the artifact store, for calling the library directly."""
+    store = ArtifactStore(settings.resolved_artifact_dir)
+    arch = get_architecture(model["architecture"])
+    module = init_model(arch, validate_params(arch.Params, model["architecture_params"], ""), seed=0)
+    tr, te = store.load_npz(train["uri"]), store.load_npz(test["uri"])
+    ckpts = client.get(f"/v1/models/{model['id']}/checkpoints").json()["items"]
+    return InfluenceProblem(
+        model=module,
+        task=TaskSpec(),
+        weights=load_file(str(store.path(model["weights_uri"]))),
+        train_x=torch.as_tensor(tr["X"]),
+        train_y=torch.as_tensor(tr["y"]),
+        query_x=torch.as_tensor(te["X"][query_indices]),
+        query_y=torch.as_tensor(te["y"][query_indices]),
+        measurement=measurement,
+        weight_decay=model["recipe"]["weight_decay"],
+        checkpoints=[
+            Checkpoint(c["step"], c["learning_rate"], load_file(str(store.path(c["uri"])))) for c in ckpts
+        ],
+    )

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from app.estimators import REGISTRY, Checkpoint, InfluenceProblem, TaskSpec, get_architecture, init_model
+from app.estimators import REGISTRY
 from app.services.validation import validate_params
-from app.storage.artifacts import ArtifactStore
-from tests.integration.flows import assert_problem, builtin, scores, submit, train_digits_model, wait
+from tests.integration.flows import (
+    assert_problem,
+    builtin,
+    library_problem,
+    scores,
+    submit,
+    train_digits_model,
+    wait,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -28,30 +34,6 @@ def trained(api_server, integration_env, tmp_path_factory):
         model = train_digits_model(client, train["id"])
         yield client, train, test, model
     worker.stop()
-
-
-def _problem(settings, client, model, train, test, query_indices, measurement="loss"):
-    from safetensors.torch import load_file
-
-    store = ArtifactStore(settings.resolved_artifact_dir)
-    arch = get_architecture(model["architecture"])
-    module = init_model(arch, validate_params(arch.Params, model["architecture_params"], ""), seed=0)
-    tr, te = store.load_npz(train["uri"]), store.load_npz(test["uri"])
-    ckpts = client.get(f"/v1/models/{model['id']}/checkpoints").json()["items"]
-    return InfluenceProblem(
-        model=module,
-        task=TaskSpec(),
-        weights=load_file(str(store.path(model["weights_uri"]))),
-        train_x=torch.as_tensor(tr["X"]),
-        train_y=torch.as_tensor(tr["y"]),
-        query_x=torch.as_tensor(te["X"][query_indices]),
-        query_y=torch.as_tensor(te["y"][query_indices]),
-        measurement=measurement,
-        weight_decay=model["recipe"]["weight_decay"],
-        checkpoints=[
-            Checkpoint(c["step"], c["learning_rate"], load_file(str(store.path(c["uri"])))) for c in ckpts
-        ],
-    )
 
 
 @pytest.mark.parametrize(
@@ -85,7 +67,7 @@ def test_job_results_equal_direct_call(trained, integration_settings, method, pa
     assert job["attempt"] == 1 and job["progress"]["fraction"] == 1.0
 
     got = scores(client, job["id"])
-    problem = _problem(integration_settings, client, model, train, test, queries, measurement)
+    problem = library_problem(integration_settings, client, model, train, test, queries, measurement)
     estimator = REGISTRY[method]
     want = estimator.attribute(
         problem, validate_params(estimator.Params, params, ""), want_self_influence=method != "grad_cos"
@@ -250,6 +232,6 @@ def test_exact_influence_on_service_trained_logistic_regression(trained, integra
     assert job["state"] == "succeeded", job
     results = client.get(f"/v1/influence-jobs/{job['id']}/results").json()
     assert results["details"]["objective_grad_norm"] < 1e-4, "L-BFGS on the service must reach the optimum"
-    problem = _problem(integration_settings, client, model, train, test, queries)
+    problem = library_problem(integration_settings, client, model, train, test, queries)
     want = REGISTRY["if_exact"].attribute(problem, REGISTRY["if_exact"].Params(), want_self_influence=True)
     np.testing.assert_allclose(scores(client, job["id"]), want.scores, rtol=1e-4, atol=1e-7)

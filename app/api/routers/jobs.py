@@ -28,6 +28,9 @@ from app.schemas.common import Page
 from app.schemas.jobs import (
     DataValue,
     EstimatorRead,
+    GroupInfluencePage,
+    GroupRead,
+    GroupScoresRead,
     JobCreate,
     JobRead,
     JobState,
@@ -207,18 +210,26 @@ def get_results(
     )
 
 
+_KEPT_BY = {
+    "scores": ("scores_uri", "submit with output.keep_full_matrix=true"),
+    "self_influence": ("self_influence_uri", "submit with output.self_influence=true"),
+    "group_scores": ("group_scores_uri", "submit with output.groups"),
+}
+
+
 def _artifact(
-    session, store, tenant_id: str, job_id: str, which: Literal["scores", "self_influence"], fmt: str
+    session,
+    store,
+    tenant_id: str,
+    job_id: str,
+    which: Literal["scores", "self_influence", "group_scores"],
+    fmt: str,
 ):
     job = service.get(session, tenant_id, job_id)
     result = results_service.get_result(session, job)
-    uri = result.scores_uri if which == "scores" else result.self_influence_uri
+    column, hint = _KEPT_BY[which]
+    uri = getattr(result, column)
     if uri is None:
-        hint = (
-            "submit with output.keep_full_matrix=true"
-            if which == "scores"
-            else "submit with output.self_influence=true"
-        )
         raise ProblemError(
             404, "artifact-not-kept", "Artifact not kept", f"this job did not keep {which}; {hint}"
         )
@@ -262,6 +273,54 @@ def get_self_influence(
     caller: ReadAccess, job_id: str, session: SessionDep, store: StoreDep, format: ArtifactFormat = "npy"
 ):
     return _artifact(session, store, caller.tenant_id, job_id, "self_influence", format)
+
+
+@router.get(
+    "/v1/influence-jobs/{job_id}/artifacts/group-scores",
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}}}, **problems(404, 409)},
+    summary="The query-major m x G group-score matrix (jobs with output.groups)",
+)
+def get_group_scores_artifact(
+    caller: ReadAccess, job_id: str, session: SessionDep, store: StoreDep, format: ArtifactFormat = "npy"
+):
+    return _artifact(session, store, caller.tenant_id, job_id, "group_scores", format)
+
+
+@router.get(
+    "/v1/influence-jobs/{job_id}/group-influence",
+    response_model=GroupInfluencePage,
+    responses=problems(404, 409),
+    summary="Each query's score for each group of training rows (jobs with output.groups)",
+)
+def get_group_influence(
+    caller: ReadAccess,
+    job_id: str,
+    session: SessionDep,
+    store: StoreDep,
+    page_size: PageSize = DEFAULT_PAGE,
+    page_token: str | None = None,
+):
+    """The predicted change of each query's loss (or minus its margin) when a whole group is removed."""
+    job = service.get(session, caller.tenant_id, job_id)
+    result = results_service.get_result(session, job)
+    offset = 0
+    if page_token:
+        (offset,) = decode_token(page_token)
+        if not isinstance(offset, int) or offset < 0:
+            raise invalid_field("/page_token", "page_token is not a token this service issued")
+    query_rows = job.spec.get("query_indices") or range(result.n_queries)
+    info, items, more = results_service.group_page(store, result, query_rows, page_size, offset)
+    return GroupInfluencePage(
+        job_id=job.id,
+        method=job.spec["method"]["name"],
+        measurement=job.spec["measurement"],
+        order=info["order"],
+        sign_convention=SIGN_CONVENTION,
+        groups=[GroupRead(name=n, size=k) for n, k in zip(info["names"], info["sizes"], strict=True)],
+        items=[GroupScoresRead(**i) for i in items],
+        next_page_token=encode_token(offset + page_size) if more else None,
+    )
 
 
 @router.get(

@@ -18,6 +18,7 @@ class InfluenceResult(TimestampMixin, Base):
     scores_uri: Mapped[str | None] = mapped_column(String(500))
     self_influence_uri: Mapped[str | None] = mapped_column(String(500))
     values_uri: Mapped[str | None] = mapped_column(String(500))  # npz: value, stderr (data valuation)
+    group_scores_uri: Mapped[str | None] = mapped_column(String(500))  # npy: m x G (output.groups)
     details: Mapped[dict] = mapped_column(default=dict)  # sign convention, orientation, timings, ...
 
 

@@ -694,6 +694,42 @@ def test_sign_convention_by_leave_k_out_retraining(logreg):
     )
 
 
+OTHERS = {
+    "grad_dot": {},
+    "kfac": {"damping": 1e-3},
+    "ekfac": {"damping": 1e-3},
+    "logra": {"k_in": 6, "k_out": 2, "projection": "identity", "damping": 1e-3},
+    "trak": {"projection": "identity", "use_checkpoints": False},
+    "representer": {"l2": LR_WD},
+}
+
+
+@pytest.mark.parametrize("name", list(OTHERS))
+def test_sign_convention_of_the_other_scoring_methods_by_retraining(logreg, name):
+    """ESTIMATORS.md 3.6 for the estimators not tied to if_exact above: retraining without a query's
+    top-k proponents raises its loss, and by more than removing k random points (mean of 3 draws)."""
+    prob, _ = logreg
+    n, k = prob.n_train, 10
+    base = _query_losses(prob, prob.weights)
+    rng = np.random.default_rng(0)
+    random_rise = np.mean(
+        [
+            (
+                _query_losses(prob, _retrain(prob, torch.tensor(np.setdiff1d(np.arange(n), drop)))) - base
+            ).numpy()
+            for drop in (rng.choice(n, k, replace=False) for _ in range(3))
+        ],
+        0,
+    )
+    scores = get_estimator(name).attribute(prob, OTHERS[name], runtime=F64).scores
+    rises = []
+    for j in range(prob.n_query):
+        keep = torch.tensor(np.setdiff1d(np.arange(n), np.argsort(-scores[j])[:k]))
+        rises.append(float((_query_losses(prob, _retrain(prob, keep)) - base)[j]))
+    assert all(r > 0 for r in rises), rises
+    assert all(r > rr for r, rr in zip(rises, random_rise, strict=True)), (rises, random_rise)
+
+
 @pytest.mark.parametrize("name,phase", [("if_cg", "cg"), ("if_lissa", "lissa"), ("if_arnoldi", "arnoldi")])
 def test_cancel_during_solver(logreg, name, phase):
     prob, H = logreg

@@ -346,3 +346,35 @@ def test_if_exact_check_refuses_too_many_parameters():
     with pytest.raises(EstimatorError) as e:
         est.attribute(prob, {"max_parameters": 1000})
     assert e.value.parameter == "/method/name"
+
+
+def test_tracin_step_score_is_the_query_loss_drop_of_that_sgd_step():
+    """ESTIMATORS.md 2.23, TracIn's definition: with batch-size-1 SGD at a small learning rate, the
+    TracInCP score of z_i at the checkpoint before the step that trained on z_i (learning rate eta)
+    equals the query-loss drop that step caused, to first order in eta (here within 1%)."""
+    x, y = _data(40, 3, d=4, k=3)
+    qx, qy = _data(3, 4, d=4, k=3)
+    model = init_model("linear", {"in_features": 4, "num_classes": 3}, 0).double()
+    names = trainable_names(model)
+    theta = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    eta = 1e-3
+
+    def query_loss(state):
+        return per_example_loss(torch.func.functional_call(model, state, (qx,)), qy, CLS)
+
+    checked = 0
+    for i in np.random.default_rng(0).permutation(40)[:12]:
+        before = {k: v.clone() for k, v in theta.items()}
+        params = {k: before[k].clone().requires_grad_(True) for k in names}
+        loss = per_example_loss(torch.func.functional_call(model, params, (x[i : i + 1],)), y[i : i + 1], CLS)
+        grads = torch.autograd.grad(loss.sum(), [params[k] for k in names])
+        theta = {**before, **{k: before[k] - eta * g for k, g in zip(names, grads, strict=True)}}
+        drop = (query_loss(before) - query_loss(theta)).numpy()
+        prob = InfluenceProblem(
+            model=model, task=CLS, weights=theta, train_x=x, train_y=y, query_x=qx, query_y=qy,
+            checkpoints=[Checkpoint(step=0, learning_rate=eta, state=before)],
+        )  # fmt: skip
+        score = get_estimator("tracincp").attribute(prob, {}, runtime=F64).scores[:, i]
+        np.testing.assert_allclose(score, drop, rtol=1e-2)
+        checked += int(np.all(np.abs(drop) > 1e-7))
+    assert checked >= 10  # the drops are not all vanishing

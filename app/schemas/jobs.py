@@ -190,6 +190,9 @@ class EstimatorRead(ReadModel):
     summary: str
     needs_checkpoints: bool
     supports_self_influence: bool
+    group_orders: list[str] = Field(
+        description="Orders of output.groups this estimator gives (none: data values)."
+    )
     params_schema: dict[str, Any]
 
 

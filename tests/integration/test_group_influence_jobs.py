@@ -109,6 +109,9 @@ def test_hessian_orders_equal_the_library(cancer, integration_settings, order):
 
 def test_groups_are_validated_at_submit(cancer):
     client, train, test, model = cancer
+    catalog = {e["name"]: e["group_orders"] for e in client.get("/v1/estimators").json()}
+    assert catalog["if_exact"] == ["first", "second", "newton"] and catalog["grad_dot"] == ["first"]
+    assert catalog["tmc_shapley"] == []
     n = train["n_examples"]
     cases = [
         ({"name": "grad_dot"}, {"a/b": [0, n]}, "first", {}, "/output/groups/members/a~1b"),

@@ -369,6 +369,7 @@ def list_estimators(caller: ReadAccess):
             summary=e.summary,
             needs_checkpoints=e.needs_checkpoints,
             supports_self_influence=e.supports_self_influence,
+            group_orders=list(e.group_orders),
             params_schema=json_schema(e.Params),
         )
         for e in sorted(REGISTRY.values(), key=lambda e: e.name)

@@ -724,6 +724,7 @@ def returns_scores(estimator: Estimator, params: Any) -> bool:
 
 class _Valuation(_Retraining):
     valuation = True
+    group_orders = ()  # data values, no per-query scores to group
 
     def _finish(self, problem, p, values, stderr, train_range, runtime, **extra) -> Attribution:
         if not (np.isfinite(values).all() and np.isfinite(stderr).all()):

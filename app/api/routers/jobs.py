@@ -248,6 +248,16 @@ def _artifact(
     )
 
 
+def _offset(page_token: str | None) -> int:
+    """The position an offset-paged listing resumes at (0 without a token)."""
+    if not page_token:
+        return 0
+    (offset,) = decode_token(page_token)
+    if not isinstance(offset, int) or offset < 0:
+        raise invalid_field("/page_token", "page_token is not a token this service issued")
+    return offset
+
+
 ArtifactFormat = Annotated[Literal["npy", "safetensors"], Query(description="File format of the download.")]
 
 
@@ -304,11 +314,7 @@ def get_group_influence(
     """The predicted change of each query's loss (or minus its margin) when a whole group is removed."""
     job = service.get(session, caller.tenant_id, job_id)
     result = results_service.get_result(session, job)
-    offset = 0
-    if page_token:
-        (offset,) = decode_token(page_token)
-        if not isinstance(offset, int) or offset < 0:
-            raise invalid_field("/page_token", "page_token is not a token this service issued")
+    offset = _offset(page_token)
     query_rows = job.spec.get("query_indices") or range(result.n_queries)
     info, items, more = results_service.group_page(store, result, query_rows, page_size, offset)
     return GroupInfluencePage(
@@ -341,11 +347,7 @@ def get_values(
     """Lowest values first: the training examples most likely mislabeled or harmful."""
     job = service.get(session, caller.tenant_id, job_id)
     result = results_service.get_result(session, job)
-    offset = 0
-    if page_token:
-        (offset,) = decode_token(page_token)
-        if not isinstance(offset, int) or offset < 0:
-            raise invalid_field("/page_token", "page_token is not a token this service issued")
+    offset = _offset(page_token)
     train_ids = results_service.train_ids(session, store, job)
     items, more = results_service.values_page(
         store, result, train_ids, order=order, page_size=page_size, offset=offset

@@ -473,6 +473,7 @@ def _prepare(settings: Settings, store: ArtifactStore, job_id: str) -> _Job:
     if reuse.own is not None and reuse.own.hit is not None:
         inputs["subset_outputs"] = store.path(reuse.own.hit.uri)
     execution = spec.get("execution") or {}
+    hessian_groups = _hessian_groups(spec)
     payload = {
         "model": _model_spec(model),
         "recipe": dict(model.recipe),
@@ -493,7 +494,7 @@ def _prepare(settings: Settings, store: ArtifactStore, job_id: str) -> _Job:
             "memory_budget_bytes": settings.memory_budget_bytes,
         },
         "self_influence": bool(spec["output"]["self_influence"]),
-        "groups": _hessian_groups(spec),
+        "groups": hessian_groups,
         "fit_state": state is not None and state.uri is None,
         "subsets": {"cached": reuse.own.hit is not None} if reuse.own is not None else None,
         "evaluation": (
@@ -510,7 +511,7 @@ def _prepare(settings: Settings, store: ArtifactStore, job_id: str) -> _Job:
         "sharding": {
             "subsets_per_shard": execution.get("subsets_per_shard"),
             "train_shard_size": None
-            if _hessian_groups(spec)  # the group terms need the whole training set (checked at submit)
+            if hessian_groups  # the group terms need the whole training set (checked at submit)
             else execution.get("train_shard_size") or settings.train_shard_size or None,
             "by_checkpoint": bool(execution.get("shard_by_checkpoint")),
         },

@@ -19,7 +19,7 @@ The second and newton orders need the explicit Hessian (``if_exact``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -31,19 +31,25 @@ GROUP_ORDERS = ("first", "second", "newton")
 GROUPS_PARAMETER = "/output/groups"
 
 
-def as_groups(groups: Sequence[Sequence[int]], n_train: int) -> list[np.ndarray]:
-    """Each group as an int64 index array; refuses empty groups, rows out of range and repeated rows."""
+def as_groups(
+    groups: Mapping[str, Sequence[int]] | Sequence[Sequence[int]], n_train: int
+) -> list[np.ndarray]:
+    """Each group as an int64 index array; refuses empty groups, rows out of range and repeated rows.
+
+    ``groups`` maps names to rows (a job's ``output.groups.members``) or lists them; an error names the
+    group by its JSON pointer, ``/output/groups/members/<name or position>``.
+    """
+    named = groups.items() if isinstance(groups, Mapping) else enumerate(groups)
     out = []
-    for g, rows in enumerate(groups):
+    for name, rows in named:
+        where = f"{GROUPS_PARAMETER}/members/{str(name).replace('~', '~0').replace('/', '~1')}"
         idx = np.asarray(rows, dtype=np.int64).reshape(-1)
         if idx.size == 0:
-            raise EstimatorError(f"group {g} is empty", parameter=GROUPS_PARAMETER)
+            raise EstimatorError(f"group {name!r} is empty", parameter=where)
         if idx.min() < 0 or idx.max() >= n_train:
-            raise EstimatorError(
-                f"group {g} has training rows outside [0, {n_train})", parameter=GROUPS_PARAMETER
-            )
+            raise EstimatorError(f"group {name!r} has training rows outside [0, {n_train})", parameter=where)
         if np.unique(idx).size != idx.size:
-            raise EstimatorError(f"group {g} lists a training row twice", parameter=GROUPS_PARAMETER)
+            raise EstimatorError(f"group {name!r} lists a training row twice", parameter=where)
         out.append(idx)
     return out
 
@@ -51,9 +57,7 @@ def as_groups(groups: Sequence[Sequence[int]], n_train: int) -> list[np.ndarray]
 def sum_over_groups(scores: np.ndarray, groups: Sequence[np.ndarray]) -> np.ndarray:
     """First-order group scores, ``m x G``: each group's pointwise scores summed (float64)."""
     scores = np.asarray(scores)
-    return np.stack([scores[:, idx].sum(axis=1, dtype=np.float64) for idx in groups], axis=1).reshape(
-        scores.shape[0], len(groups)
-    )
+    return np.stack([scores[:, idx].sum(axis=1, dtype=np.float64) for idx in groups], axis=1)
 
 
 def parameter_changes(
@@ -77,6 +81,7 @@ def parameter_changes(
     dev = cholesky.device
     L = cholesky.to(torch.float64)
     n = problem.n_train
+    H = L @ L.T if order == "newton" else None
     changes = torch.empty(len(groups), L.shape[0], dtype=torch.float64, device=dev)
     ticker = Ticker(runtime, "group_influence", len(groups))
     for g, idx in enumerate(groups):
@@ -105,7 +110,7 @@ def parameter_changes(
                 v = torch.cholesky_solve(g_u, L)
                 changes[g] = (v + torch.cholesky_solve(H_u @ v, L)).squeeze(1)
             else:
-                changes[g] = _newton_step(L @ L.T - H_u, g_u, g).squeeze(1)
+                changes[g] = _newton_step(H - H_u, g_u, g).squeeze(1)
         ticker.tick()
     return changes
 

@@ -23,6 +23,7 @@ from app.db.base import utcnow
 from app.db.models import TERMINAL_STATES, Checkpoint, Dataset, Job, JobShard, Model
 from app.db.session import retry_transaction, session_scope
 from app.estimators import EstimatorError, ProblemSize, get_estimator
+from app.estimators.group import as_groups
 from app.estimators.valuation import LDSParams, returns_scores
 from app.problems import FieldError, ProblemError, invalid_field
 from app.schemas.jobs import JobCreate
@@ -176,21 +177,14 @@ def _validate_groups(body: JobCreate, estimator, params, n_train: int, settings:
         raise invalid_field(
             "/output/groups", f"{estimator.name} returns data values, not per-query scores to group"
         )
-    total = 0
-    for name, rows in spec.members.items():
-        pointer = f"/output/groups/members/{_pointer_token(name)}"
-        if not rows:
-            raise invalid_field(pointer, "a group needs at least one training row")
-        bad = [i for i in rows if not 0 <= i < n_train]
-        if bad:
-            raise invalid_field(pointer, f"rows out of range [0, {n_train}): {bad[:5]}")
-        if len(set(rows)) != len(rows):
-            raise invalid_field(pointer, "a training row is listed twice")
-        total += len(rows)
-    if total > settings.max_group_rows:
+    if sum(len(rows) for rows in spec.members.values()) > settings.max_group_rows:
         raise invalid_field(
             "/output/groups/members", f"at most {settings.max_group_rows} rows over all groups"
         )
+    try:
+        as_groups(spec.members, n_train)
+    except EstimatorError as exc:
+        raise estimator_problem(exc) from None
     if spec.order not in estimator.group_orders:
         raise invalid_field(
             "/output/groups/order",
@@ -203,11 +197,6 @@ def _validate_groups(body: JobCreate, estimator, params, n_train: int, settings:
             f"{spec.order}-order group influence needs the whole training set in one task; "
             "drop train_shard_size",
         )
-
-
-def _pointer_token(name: str) -> str:
-    """``name`` escaped as one JSON-pointer segment (RFC 6901)."""
-    return name.replace("~", "~0").replace("/", "~1")
 
 
 def _outputs(model: Model) -> int:

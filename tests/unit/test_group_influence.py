@@ -130,7 +130,10 @@ def test_bad_groups_and_orders_are_refused(ridge):
     for groups, text in (([[]], "empty"), ([[0, N]], "outside"), ([[1, 1]], "twice")):
         with pytest.raises(EstimatorError, match=text) as info:
             as_groups(groups, N)
-        assert info.value.parameter == "/output/groups"
+        assert info.value.parameter == "/output/groups/members/0"
+    with pytest.raises(EstimatorError, match="'a/b' has training rows outside") as info:
+        as_groups({"a/b": [N]}, N)
+    assert info.value.parameter == "/output/groups/members/a~1b"
     with pytest.raises(EstimatorError, match="if_exact gives second") as info:
         get_estimator("grad_dot").group_scores(problem, {}, [[0, 1]], "second", runtime=F64)
     assert info.value.parameter == "/output/groups/order"

@@ -249,7 +249,7 @@ class Estimator:
         if order not in self.group_orders:
             raise EstimatorError(
                 f"{self.name} gives group influence of order {', '.join(self.group_orders)}, not {order!r}"
-                + ("; if_exact gives second and newton" if order in ("second", "newton") else ""),
+                + group_order_hint(order),
                 parameter=f"{GROUPS_PARAMETER}/order",
             )
         idx = as_groups(groups, problem.n_train)
@@ -282,6 +282,12 @@ def register(cls: type[Estimator]) -> type[Estimator]:
         raise TypeError(f"{cls.__name__}.Params must be a dataclass")
     REGISTRY[cls.name] = cls()
     return cls
+
+
+def group_order_hint(order: str) -> str:
+    """``"; if_cg and if_exact give <order>"``: where else a group order is available (for errors)."""
+    names = sorted(e.name for e in REGISTRY.values() if order in e.group_orders)
+    return f"; {' and '.join(names)} give {order}" if names else ""
 
 
 def get_estimator(name: str) -> Estimator:

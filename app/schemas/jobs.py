@@ -29,7 +29,7 @@ class GroupSpec(RequestModel):
         description="first: the sum of the group's pointwise scores (every estimator that scores); "
         "second: adds the interactions between the group's members (Basu et al. 2020); newton: one "
         "Newton step on the objective without the group, exact for ridge regression. second and newton "
-        "need if_exact and run unsharded.",
+        "need the Hessian (if_exact, or if_cg's Hessian-vector products) and run unsharded.",
     )
 
 

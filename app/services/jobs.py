@@ -23,6 +23,7 @@ from app.db.base import utcnow
 from app.db.models import TERMINAL_STATES, Checkpoint, Dataset, Job, JobShard, Model
 from app.db.session import retry_transaction, session_scope
 from app.estimators import EstimatorError, ProblemSize, get_estimator
+from app.estimators.base import group_order_hint
 from app.estimators.group import as_groups
 from app.estimators.valuation import LDSParams, returns_scores
 from app.problems import FieldError, ProblemError, invalid_field
@@ -188,8 +189,8 @@ def _validate_groups(body: JobCreate, estimator, params, n_train: int, settings:
     if spec.order not in estimator.group_orders:
         raise invalid_field(
             "/output/groups/order",
-            f"{estimator.name} gives group influence of order {', '.join(estimator.group_orders)}; "
-            "second and newton need the explicit Hessian of if_exact",
+            f"{estimator.name} gives group influence of order {', '.join(estimator.group_orders)}"
+            + group_order_hint(spec.order),
         )
     if spec.order != "first" and body.execution.train_shard_size:
         raise invalid_field(

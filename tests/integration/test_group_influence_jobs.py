@@ -93,15 +93,17 @@ def test_first_order_groups_are_sums_of_the_scores_also_when_sharded(cancer):
         np.testing.assert_allclose(np.load(io.BytesIO(raw)), matrix, rtol=1e-12)
 
 
-@pytest.mark.parametrize("order", ["second", "newton"])
-def test_hessian_orders_equal_the_library(cancer, integration_settings, order):
+@pytest.mark.parametrize(
+    ("estimator", "order"), [("if_exact", "second"), ("if_exact", "newton"), ("if_cg", "second")]
+)
+def test_hessian_orders_equal_the_library(cancer, integration_settings, estimator, order):
     client, train, test, model = cancer
     groups = _groups(train["n_examples"])
-    method = {"name": "if_exact", "params": {"damping": 0.001}}
+    method = {"name": estimator, "params": {"damping": 0.001}}
     job = _run(client, _body(model, train, test, method, groups, order))
     _, matrix = _group_matrix(client, job["id"])
     problem = library_problem(integration_settings, client, model, train, test, [0, 3, 7, 11, 19])
-    want = REGISTRY["if_exact"].group_scores(problem, method["params"], list(groups.values()), order)
+    want = REGISTRY[estimator].group_scores(problem, method["params"], list(groups.values()), order)
     np.testing.assert_allclose(matrix, want, rtol=1e-4, atol=1e-8)
     first = np.stack([scores(client, job["id"])[:, r].sum(1) for r in groups.values()], 1)
     assert not np.allclose(matrix[:, -1], first[:, -1], rtol=1e-3)  # the quarter's interactions count
@@ -110,7 +112,8 @@ def test_hessian_orders_equal_the_library(cancer, integration_settings, order):
 def test_groups_are_validated_at_submit(cancer):
     client, train, test, model = cancer
     catalog = {e["name"]: e["group_orders"] for e in client.get("/v1/estimators").json()}
-    assert catalog["if_exact"] == ["first", "second", "newton"] and catalog["grad_dot"] == ["first"]
+    assert catalog["if_exact"] == catalog["if_cg"] == ["first", "second", "newton"]
+    assert catalog["grad_dot"] == ["first"]
     assert catalog["tmc_shapley"] == []
     n = train["n_examples"]
     cases = [

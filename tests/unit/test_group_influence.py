@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from app.estimators import EstimatorError, InfluenceProblem, Runtime, TaskSpec, get_estimator, init_model
-from app.estimators.group import as_groups, parameter_changes, sum_over_groups
+from app.estimators.group import CholeskyGroupSolver, as_groups, parameter_changes, sum_over_groups
 
 stats = pytest.importorskip("scipy.stats")
 
@@ -66,20 +66,21 @@ def ridge():
         keep[idx] = 0
         actual.append(_ridge(xa[:N], problem.train_y, keep) - theta)
     state = get_estimator("if_exact").fit(problem, {}, F64)
-    return problem, xa, theta, groups, torch.stack(actual), state.tensors["cholesky"]
+    solver = CholeskyGroupSolver(problem, state.tensors["cholesky"], F64)
+    return problem, xa, theta, groups, torch.stack(actual), solver
 
 
 def test_newton_order_is_exact_for_ridge_regression(ridge):
-    problem, _, _, groups, actual, chol = ridge
-    changes = parameter_changes(problem, chol, groups, "newton", F64)
+    problem, _, _, groups, actual, solver = ridge
+    changes = parameter_changes(problem, solver, groups, "newton", F64)
     rel = (changes - actual).norm(dim=1) / actual.norm(dim=1)
     assert float(rel.max()) < 1e-8
 
 
 def test_second_order_beats_first_order_on_large_groups(ridge):
-    problem, _, _, groups, actual, chol = ridge
-    first = parameter_changes(problem, chol, groups, "first", F64)
-    second = parameter_changes(problem, chol, groups, "second", F64)
+    problem, _, _, groups, actual, solver = ridge
+    first = parameter_changes(problem, solver, groups, "first", F64)
+    second = parameter_changes(problem, solver, groups, "second", F64)
     large = [g for g, idx in enumerate(groups) if idx.size >= 0.1 * N]
     assert len(large) >= 10
     for g in large:
@@ -118,10 +119,10 @@ def test_first_order_is_the_sum_of_pointwise_scores(ridge):
 
 def test_second_order_of_a_single_example_adds_its_own_curvature(ridge):
     """One example: second order = (I + H^-1 H_i / n) times the pointwise IF change, to first order in 1/n."""
-    problem, *_, chol = ridge
-    first = parameter_changes(problem, chol, [np.array([3])], "first", F64)
-    second = parameter_changes(problem, chol, [np.array([3])], "second", F64)
-    newton = parameter_changes(problem, chol, [np.array([3])], "newton", F64)
+    problem, *_, solver = ridge
+    first = parameter_changes(problem, solver, [np.array([3])], "first", F64)
+    second = parameter_changes(problem, solver, [np.array([3])], "second", F64)
+    newton = parameter_changes(problem, solver, [np.array([3])], "newton", F64)
     assert float((second - newton).norm()) < float((first - newton).norm()) * 0.05
 
 
@@ -134,7 +135,7 @@ def test_bad_groups_and_orders_are_refused(ridge):
     with pytest.raises(EstimatorError, match="'a/b' has training rows outside") as info:
         as_groups({"a/b": [N]}, N)
     assert info.value.parameter == "/output/groups/members/a~1b"
-    with pytest.raises(EstimatorError, match="if_exact gives second") as info:
+    with pytest.raises(EstimatorError, match="if_cg and if_exact give second") as info:
         get_estimator("grad_dot").group_scores(problem, {}, [[0, 1]], "second", runtime=F64)
     assert info.value.parameter == "/output/groups/order"
 
@@ -145,4 +146,54 @@ def test_newton_order_refuses_a_group_whose_removal_leaves_no_minimum():
     problem.weight_decay = 0.0
     with pytest.raises(EstimatorError, match="not positive definite") as info:
         get_estimator("if_exact").group_scores(problem, {}, [np.arange(N)], "newton", runtime=F64)
+    assert info.value.parameter == "/method/params/damping"
+
+
+# ----------------------------------------------------------------------------- if_cg
+
+
+def _mlp_problem() -> InfluenceProblem:
+    """A tanh MLP trained briefly on blobs: non-convex, so damping keeps its Hessian positive definite."""
+    from app.estimators import Recipe, train
+
+    g = torch.Generator().manual_seed(4)
+    y = torch.randint(0, 3, (120,), generator=g)
+    x = torch.randn(3, 4, generator=g, dtype=torch.float64)[y] + torch.randn(
+        120, 4, generator=g, dtype=torch.float64
+    )
+    model = init_model("mlp", {"in_features": 4, "hidden": [8], "num_classes": 3, "activation": "tanh"}, 0)
+    model = model.double()
+    recipe = Recipe(learning_rate=0.2, epochs=20, batch_size=16, weight_decay=0.01, num_checkpoints=0)
+    weights = train(model, CLS, x[:100], y[:100], recipe).weights
+    return InfluenceProblem(
+        model=model, task=CLS, weights=weights, train_x=x[:100], train_y=y[:100],
+        query_x=x[100:], query_y=y[100:], weight_decay=0.01,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("order", ["first", "second", "newton"])
+def test_cg_group_orders_equal_the_explicit_hessian(ridge, order):
+    """if_cg's Hessian-vector products and CG solves give if_exact's group scores, on ridge regression
+    (where newton is also the retrained answer) and on a non-convex MLP at the same damping."""
+    problem, xa, theta, groups, *_ = ridge
+    cg = get_estimator("if_cg").group_scores(problem, {"rtol": 1e-12}, groups, order, runtime=F64)
+    exact = get_estimator("if_exact").group_scores(problem, {"damping": 0.001}, groups, order, runtime=F64)
+    np.testing.assert_allclose(cg, exact, rtol=1e-7, atol=1e-10 * np.abs(exact).max())
+    mlp = _mlp_problem()
+    mlp_groups = _random_groups(3, count=6)
+    mlp_groups = [idx[idx < 100] for idx in mlp_groups if (idx < 100).sum() > 0]
+    params = {"damping": 0.1}
+    cg = get_estimator("if_cg").group_scores(mlp, {**params, "rtol": 1e-12}, mlp_groups, order, runtime=F64)
+    exact = get_estimator("if_exact").group_scores(mlp, params, mlp_groups, order, runtime=F64)
+    np.testing.assert_allclose(cg, exact, rtol=1e-6, atol=1e-9 * np.abs(exact).max())
+    if order == "first":  # and first order is still the sum of if_cg's own pointwise scores
+        pointwise = get_estimator("if_cg").attribute(mlp, {**params, "rtol": 1e-12}, runtime=F64).scores
+        np.testing.assert_allclose(cg, sum_over_groups(pointwise, mlp_groups), rtol=1e-6)
+
+
+def test_cg_newton_order_refuses_a_group_whose_removal_leaves_no_minimum():
+    problem, *_ = _ridge_problem()
+    problem.weight_decay = 0.0
+    with pytest.raises(EstimatorError, match="without group 0 .* not positive definite") as info:
+        get_estimator("if_cg").group_scores(problem, {"damping": 0.0}, [np.arange(N)], "newton", runtime=F64)
     assert info.value.parameter == "/method/params/damping"

@@ -21,6 +21,10 @@ recursive residual. Cost per CG
 iteration: one Hessian-vector product over the rows for every unconverged
 column; memory O(p x (m + chunk)).
 Nothing is cached (``fit`` returns None): the solve depends on the queries.
+
+Group influence of every order (:mod:`app.estimators.group`) solves with the same operator: one
+block solve for all groups' gradients (first), a second one after each group's own Hessian
+product over its rows (second), or one CG per group on ``H + damping I - H_U/n`` (newton).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from ..gradients import (
     query_gradients,
     validate_problem,
 )
+from ..group import GROUP_ORDERS, IterativeGroupSolver, as_groups, hessian_group_scores
 from ..ihvp import TrainingHessian, conjugate_gradient, product_dtype, solver_scores, subsample_rows
 
 HESSIAN_ROWS_SEED = 0
@@ -80,6 +85,7 @@ class IFCG(Estimator):
         "(Koh & Liang 2017; no explicit Hessian)"
     )
     Params = IFCGParams
+    group_orders = GROUP_ORDERS
 
     def state_params(self, params) -> dict:
         return {}
@@ -160,3 +166,14 @@ class IFCG(Estimator):
                 hessian_vector_passes=hess.products,
             ),
         )
+
+    def group_scores(self, problem, params, groups, order="first", *, runtime=None, state=None):
+        """Any order with CG solves and Hessian-vector products (:class:`..group.IterativeGroupSolver`)."""
+        p = as_params(self.Params, params)
+        runtime = runtime or Runtime()
+        validate_problem(problem, need_queries=True)
+        idx = as_groups(groups, problem.n_train)
+        rows = subsample_rows(problem.n_train, p.hessian_rows, HESSIAN_ROWS_SEED)
+        hess = TrainingHessian(problem, runtime, rows=rows, dtype=product_dtype(runtime))
+        solver = IterativeGroupSolver(hess, problem.n_train, p.damping, p.max_iter, p.rtol)
+        return hessian_group_scores(problem, solver, idx, order, runtime)

@@ -46,7 +46,7 @@ from ..gradients import (
     train_gradients,
     validate_problem,
 )
-from ..group import GROUP_ORDERS, as_groups, group_scores_from_changes, parameter_changes
+from ..group import GROUP_ORDERS, CholeskyGroupSolver, as_groups, hessian_group_scores
 
 
 @dataclass
@@ -197,7 +197,6 @@ class IFExact(Estimator):
         validate_problem(problem, need_queries=True)
         idx = as_groups(groups, problem.n_train)
         state = state or self.fit(problem, p, runtime)
-        dev = torch.device(runtime.device)
-        changes = parameter_changes(problem, state.tensors["cholesky"].to(dev), idx, order, runtime)
-        Q = query_gradients(problem, problem.weights, runtime)
-        return group_scores_from_changes(Q, changes)
+        cholesky = state.tensors["cholesky"].to(torch.device(runtime.device))
+        solver = CholeskyGroupSolver(problem, cholesky, runtime)
+        return hessian_group_scores(problem, solver, idx, order, runtime)

@@ -288,14 +288,18 @@ def _store_subsets(store: ArtifactStore, out: sandbox.Outputs, rows: int) -> str
 
 
 def finalize_job(settings: Settings, job_id: str) -> str:
-    """Merge a fanned-out job's shards into its result; idempotent: the current attempt commits once."""
+    """Merge a fanned-out job's shards into its result; idempotent: the current attempt commits once.
+
+    Any other error leaves the job running: the sweeper re-publishes the merge, and
+    :func:`shards_service.finalize_claim` fails the job once ``max_attempts`` merges have started."""
     ready = shards_service.finalize_claim(settings, job_id)
     if ready is None:
         return "skipped"
     claim, parts = ready
     _threads(settings)
     try:
-        write = _merge(settings, claim, parts)
+        with Reporter(settings, claim, beat=shards_service.merge_heartbeat):  # the merge is live
+            write = _merge(settings, claim, parts)
     except (ProblemError, EstimatorError) as exc:  # deterministic: a re-published finalize would fail again
         stored = jobs_service.finish(settings, claim, "failed", error=_problem_for(exc))
         return "failed" if stored else "skipped"

@@ -20,7 +20,7 @@ from app.db.models import Job, JobShard
 from app.db.session import retry_transaction, session_scope
 from app.estimators.sharding import ShardPlan
 from app.problems import ProblemError
-from app.services.jobs import Claim, LeaseLost
+from app.services.jobs import Claim, LeaseLost, finish
 from app.settings import Settings
 
 
@@ -55,6 +55,7 @@ def fan_out(settings: Settings, claim: Claim, plans: list[ShardPlan]) -> bool:
             .values(
                 shards_total=len(plans),
                 shards_done=0,
+                merge_attempts=0,
                 lease_expires_at=None,
                 updated_at=now,
                 progress={
@@ -234,7 +235,13 @@ def _end_job(session, job_id: str, state: str, error: dict | None, now) -> None:
 
 
 def finalize_claim(settings: Settings, job_id: str) -> tuple[Claim, list[ShardOutput]] | None:
-    """The job's claim (current attempt) and its shards' partial results, if it is ready to merge."""
+    """The job's claim (current attempt) and its shards' partial results, if it is ready to merge.
+
+    Each call that returns a claim starts a merge and counts it in ``job.merge_attempts``; None while
+    another merge of the job heartbeats (a duplicate delivery), and once ``max_attempts`` merges have
+    started without finishing (their worker died each time) the job fails with ``merge-failed``.
+    """
+    now = utcnow()
     with session_scope(settings) as session:
         job = session.get(Job, job_id)
         if (
@@ -249,10 +256,52 @@ def finalize_claim(settings: Settings, job_id: str) -> tuple[Claim, list[ShardOu
         ).all()
         if any(s.state != "succeeded" for s in shards):
             return None
-        outputs = [
-            ShardOutput(_plan(s), s.scores_uri, s.self_influence_uri, s.compute_seconds) for s in shards
-        ]
-        return Claim(job.id, job.kind, job.attempt), outputs
+        claim = Claim(job.id, job.kind, job.attempt)
+        started, limit = job.merge_attempts, job.max_attempts
+        beat = job.heartbeat_at
+        if started and beat is not None and beat > now - timedelta(seconds=settings.lease_seconds):
+            return None  # an earlier merge still heartbeats: this delivery is a duplicate
+        if started < limit:
+            moved = session.execute(
+                update(Job)
+                .where(
+                    Job.id == job_id,
+                    Job.state == "running",
+                    Job.attempt == job.attempt,
+                    Job.merge_attempts == started,
+                )
+                .values(merge_attempts=started + 1, heartbeat_at=now, updated_at=now)
+            ).rowcount
+            if moved != 1:
+                return None
+            outputs = [
+                ShardOutput(_plan(s), s.scores_uri, s.self_influence_uri, s.compute_seconds) for s in shards
+            ]
+            return claim, outputs
+    problem = ProblemError(
+        500,
+        "merge-failed",
+        "Merging the job's shards failed",
+        f"the merge of the shards' results stopped before finishing on all {limit} attempts",
+    )
+    finish(settings, claim, "failed", error=problem.to_dict())
+    return None
+
+
+def merge_heartbeat(settings: Settings, claim: Claim, progress: dict | None) -> bool:
+    """Mark the job's merge as live (and keep the sweeper from re-publishing it); True when the job's
+    cancellation was requested. LeaseLost when the job is no longer running this attempt."""
+    now = utcnow()
+    with session_scope(settings) as session:
+        row = session.execute(
+            update(Job)
+            .where(Job.id == claim.job_id, Job.attempt == claim.attempt, Job.state == "running")
+            .values(heartbeat_at=now, updated_at=now)
+            .returning(Job.cancel_requested_at)
+        ).first()
+    if row is None:
+        raise LeaseLost(claim.job_id)
+    return row.cancel_requested_at is not None
 
 
 def sweep(settings: Settings) -> tuple[list[str], list[str]]:

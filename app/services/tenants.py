@@ -162,6 +162,11 @@ def running_slot_free(session: Session, settings: Settings, job_id: str) -> bool
     running = session.scalar(  # a running row whose lease expired is a dead worker's: it computes nothing
         select(func.count())
         .select_from(Job)
-        .where(Job.tenant_id == row.Tenant.id, Job.state == "running", Job.lease_expires_at > utcnow())
+        .where(
+            Job.tenant_id == row.Tenant.id,
+            Job.state == "running",
+            # a fanned-out job holds no lease of its own: its shards and merge run under theirs
+            (Job.lease_expires_at > utcnow()) | (Job.shards_total > 0),
+        )
     )
     return int(running) < effective_limits(settings, row.Tenant).max_running_jobs

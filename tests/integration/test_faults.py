@@ -157,3 +157,48 @@ def test_kill9_during_sharded_job_loses_at_most_a_shard(
     assert [s.state for s in shards] == ["succeeded"] * 3
     assert max(s.attempt for s in shards) == 2, "the killed shard ran again"
     assert n_results == 1
+
+
+def test_merges_of_a_fanned_out_job_are_capped(client, slow_job_body, integration_settings):
+    """A merge whose worker dies leaves the job running; each re-published merge counts, a duplicate of a
+    live (heartbeating) merge is turned away, and after max_attempts dead merges the job fails."""
+    from datetime import timedelta
+
+    from sqlalchemy.orm import Session
+
+    from app.db.base import utcnow
+    from app.db.models import Job, JobShard
+    from app.services import shards as shards_service
+
+    job = submit(client, slow_job_body).json()  # no worker consumes here: it stays queued
+    engine = create_engine(integration_settings.resolved_database_url)
+
+    def update_job(**values) -> None:
+        with Session(engine) as session, session.begin():
+            session.execute(Job.__table__.update().where(Job.id == job["id"]).values(**values))
+
+    with Session(engine) as session, session.begin():
+        row = session.get(Job, job["id"])
+        row.state, row.attempt, row.shards_total, row.shards_done = "running", 1, 2, 2
+        session.add_all(
+            JobShard(job_id=job["id"], index=i, train_lo=i, train_hi=i + 1, state="succeeded")
+            for i in range(2)
+        )
+    limit = integration_settings.max_attempts
+    long_ago = utcnow() - timedelta(seconds=10 * integration_settings.lease_seconds)
+    for merge in range(1, limit + 1):
+        ready = shards_service.finalize_claim(integration_settings, job["id"])
+        assert ready is not None and len(ready[1]) == 2
+        assert shards_service.finalize_claim(integration_settings, job["id"]) is None  # live: a duplicate
+        shards_service.merge_heartbeat(integration_settings, ready[0], None)
+        with Session(engine) as session:
+            assert session.get(Job, job["id"]).merge_attempts == merge
+        update_job(heartbeat_at=long_ago, updated_at=long_ago)  # its worker died mid-merge
+        _, republished = shards_service.sweep(integration_settings)
+        assert job["id"] in republished  # the sweeper hands the merge out again
+        update_job(heartbeat_at=long_ago)
+    assert shards_service.finalize_claim(integration_settings, job["id"]) is None
+    failed = client.get(f"/v1/influence-jobs/{job['id']}").json()
+    engine.dispose()
+    assert failed["state"] == "failed", failed
+    assert failed["error"]["type"].endswith("merge-failed") and str(limit) in failed["error"]["detail"]

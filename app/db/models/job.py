@@ -58,6 +58,8 @@ class Job(IdMixin, TimestampMixin, Base):
 
     shards_total: Mapped[int] = mapped_column(default=0, server_default="0")  # 0: the job runs as one task
     shards_done: Mapped[int] = mapped_column(default=0, server_default="0")
+    # merges of the shards' results started (finalize deliveries); capped at max_attempts
+    merge_attempts: Mapped[int] = mapped_column(default=0, server_default="0")
 
     # One of the tenant's max_active_jobs admission slots while queued or running (influence jobs).
     quota_slot: Mapped[int | None] = mapped_column()

@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     max_job_cost: float = Field(
         2e14, description="Refuse jobs with n_train * n_query * n_parameters above this."
     )
+    max_score_cells: float = Field(
+        2e8,
+        gt=0,
+        description="Refuse jobs that score n_train * n_query cells above this (4 bytes a cell in float32: "
+        "the worker holds the whole m x n matrix)",
+    )
     max_model_parameters: int = Field(
         50_000_000, description="Refuse weights with more parameters than this."
     )
@@ -98,6 +104,13 @@ class Settings(BaseSettings):
         ge=0,
         description="A worker pool process whose peak resident memory passed this is replaced after its "
         "task (0 = no limit).",
+    )
+    worker_soft_shutdown_timeout: float = Field(
+        8.0,
+        ge=0,
+        description="On a cold shutdown (SIGQUIT, or SIGTERM with REMAP_SIGTERM=SIGQUIT) a worker gives its "
+        "running tasks this many seconds to finish, then cancels them so their messages go back to the queue "
+        "(0 = cancel at once). Keep it below the supervisor's kill grace period (Docker's default: 10 s).",
     )
     task_soft_time_limit: int = Field(3 * 3600, description="Seconds before a task is asked to stop.")
     task_time_limit: int = Field(3 * 3600 + 300, description="Seconds before a task's process is killed.")

@@ -19,6 +19,7 @@ class TenantLimits(RequestModel):
     read_requests_per_second: int | None = Field(None, ge=1, description="GET/HEAD requests per second.")
     write_requests_per_second: int | None = Field(None, ge=1, description="Other requests per second.")
     max_job_cost: float | None = Field(None, gt=0, description="n_train * n_query * n_parameters cap.")
+    max_score_cells: float | None = Field(None, gt=0, description="n_train * n_query cap (score matrix).")
 
 
 class TenantCreate(RequestModel):
@@ -37,6 +38,7 @@ class EffectiveLimits(ReadModel):
     read_requests_per_second: int
     write_requests_per_second: int
     max_job_cost: float
+    max_score_cells: float
 
 
 class TenantRead(ReadModel):

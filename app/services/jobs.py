@@ -112,7 +112,18 @@ def _validate(session: Session, settings: Settings, owner: Principal, body: JobC
 
     n_query = len(body.query_indices) if body.query_indices is not None else query.n_examples
     size = ProblemSize(train.n_examples, n_query, model.n_parameters, len(checkpoints))
-    cost = float(size.n_train) * size.n_query * size.n_parameters * max(1, size.n_checkpoints)
+    cells = float(size.n_train) * size.n_query
+    if returns_scores(estimator, params) and cells > owner.limits.max_score_cells:
+        raise ProblemError(
+            422,
+            "job-too-large",
+            "The job's score matrix is too large",
+            f"n_train x n_query = {cells:.3g} scores exceed the limit {owner.limits.max_score_cells:.3g} "
+            f"(about {4 * cells / 2**30:.3g} GiB in float32); list fewer queries in query_indices, or "
+            "split the query set over several jobs",
+            [FieldError("/query_indices", "too many queries for this training set")],
+        )
+    cost = cells * size.n_parameters * max(1, size.n_checkpoints)
     if cost > owner.limits.max_job_cost:
         raise ProblemError(
             422,

@@ -33,6 +33,7 @@ def effective_limits(settings: Settings, tenant: Tenant) -> EffectiveLimits:
         "read_requests_per_second": settings.tenant_read_requests_per_second,
         "write_requests_per_second": settings.tenant_write_requests_per_second,
         "max_job_cost": settings.max_job_cost,
+        "max_score_cells": settings.max_score_cells,
     }
     return EffectiveLimits(**{**defaults, **overrides})
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import save as save_tensors
 
-from tests.integration.flows import DIGITS_MLP, assert_problem, builtin, register_model
+from app.estimators import init_model
+from tests.integration.flows import DIGITS_MLP, assert_problem, builtin, register_model, submit
 
 pytestmark = pytest.mark.integration
 
@@ -212,3 +213,32 @@ def test_unknown_routes_and_methods_are_problems(client):
     assert_problem(client.delete("/v1/datasets"), 405)
     body = assert_problem(client.post("/v1/datasets/builtin", json={"builtin": "sklearn:iris"}), 422)
     assert body["errors"][0]["pointer"] == "/builtin"
+
+
+def test_a_million_by_a_million_score_matrix_is_refused_at_submit(client):
+    """RELIABILITY.md: a 10^6 x 10^6 request is 4 TB of scores; with the default limits it gets 422 before
+    anything is queued, although its n_train x n_query x p cost (4e12 for a 4-parameter model) is within
+    IA_MAX_JOB_COST. Listing fewer queries brings it under the cap."""
+    rows = 1_000_000
+    data = _npz(X=np.zeros((rows, 1), np.float32), y=(np.arange(rows) % 2).astype(np.int32))
+    response = _upload(client, "million.npz", data, name="million")
+    assert response.status_code == 201, response.text
+    dataset = response.json()
+    model = init_model("linear", {"in_features": 1, "num_classes": 2})
+    spec = {"name": "one-feature", "architecture": {"name": "linear", "params": {"in_features": 1}}}
+    response = register_model(client, spec, weights=model.state_dict())
+    assert response.status_code == 201, response.text
+    body = {
+        "model_id": response.json()["id"],
+        "train_dataset_id": dataset["id"],
+        "query_dataset_id": dataset["id"],
+        "method": {"name": "grad_dot"},
+    }
+    jobs_before = client.get("/v1/influence-jobs", params={"page_size": 500}).json()["items"]
+    problem = assert_problem(submit(client, body), 422, "job-too-large")
+    assert "1e+12 scores exceed the limit 2e+08" in problem["detail"], problem
+    assert [e["pointer"] for e in problem["errors"]] == ["/query_indices"]
+    assert client.get("/v1/influence-jobs", params={"page_size": 500}).json()["items"] == jobs_before
+    queued = submit(client, {**body, "query_indices": list(range(100))})
+    assert queued.status_code == 202, queued.text
+    assert client.post(queued.headers["location"] + "/cancel").json()["state"] == "cancelled"

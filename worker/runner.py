@@ -71,7 +71,9 @@ class Reporter:
     """Progress callback (fed by the compute child's progress lines) plus a background heartbeat.
 
     The heartbeat thread extends the lease every ``heartbeat_seconds`` and
-    writes the latest progress; the callback itself never touches the DB, it
+    writes the latest progress; once no heartbeat has succeeded for ``lease_seconds`` (the database
+    unreachable), the lease has run out and the sweeper may give the work to another worker, so this
+    one stops. The callback itself never touches the DB, it
     only raises :class:`Cancelled` or :class:`LeaseLost` once the thread has
     seen the flag, and the sandbox then kills the child. Cancel latency is
     therefore about one heartbeat.
@@ -128,15 +130,23 @@ class Reporter:
             return dict(self._progress) if self._progress else None
 
     def _beat(self) -> None:
+        last_ok = time.monotonic()
         while not self._stop.wait(self.settings.heartbeat_seconds):
             try:
                 if self._beat_fn(self.settings, self.claim, self.last_progress):
                     self.cancel.set()
+                last_ok = time.monotonic()
             except jobs_service.LeaseLost:
                 self.lost.set()
                 return
-            except Exception:  # noqa: BLE001 - DB blip: keep computing, the lease has slack
+            except Exception:  # noqa: BLE001 - DB blip: keep computing while the lease has slack
                 log.warning("heartbeat failed for %s", self.claim, exc_info=True)
+                if time.monotonic() - last_ok >= self.settings.lease_seconds:
+                    # the lease has run out: the sweeper may hand the work to another worker, so stop
+                    log.error("no heartbeat for %s in %.0f s: giving up the work", self.claim,
+                              self.settings.lease_seconds)  # fmt: skip
+                    self.lost.set()
+                    return
 
 
 @dataclass

@@ -48,6 +48,11 @@ class Settings(BaseSettings):
         description="Refuse jobs that score n_train * n_query cells above this (4 bytes a cell in float32: "
         "the worker holds the whole m x n matrix)",
     )
+    idempotency_key_ttl_seconds: float = Field(
+        24 * 3600.0,
+        gt=0,
+        description="How long an Idempotency-Key names its job; after that the key may name a new request.",
+    )
     max_model_parameters: int = Field(
         50_000_000, description="Refuse weights with more parameters than this."
     )

@@ -231,7 +231,7 @@ def submit_influence(
     request_hash = _request_hash(body)
     for _ in range(SUBMIT_ATTEMPTS):
         if idempotency_key:
-            existing = _by_idempotency_key(session, owner.tenant_id, idempotency_key, request_hash)
+            existing = _by_idempotency_key(session, settings, owner.tenant_id, idempotency_key, request_hash)
             if existing is not None:
                 return existing, False
         model, spec = _validate(session, settings, owner, body)
@@ -262,8 +262,23 @@ def submit_influence(
     raise collision
 
 
-def _by_idempotency_key(session: Session, tenant_id: str, key: str, request_hash: str) -> Job | None:
+def _by_idempotency_key(
+    session: Session, settings: Settings, tenant_id: str, key: str, request_hash: str
+) -> Job | None:
+    """The job an Idempotency-Key names, while the key is kept (``idempotency_key_ttl_seconds`` after
+    its submission); an older job gives the key up, so it can name a new request.
+
+    A concurrent request with the same key cannot see it "in flight": the job's INSERT is the whole
+    submission, so the key becomes visible with the finished job (the unique index makes the loser
+    re-read it and answer with the original)."""
     job = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
+    kept_since = utcnow() - timedelta(seconds=settings.idempotency_key_ttl_seconds)
+    if job is not None and job.created_at < kept_since:
+        session.execute(
+            update(Job).where(Job.id == job.id, Job.idempotency_key == key).values(idempotency_key=None)
+        )
+        session.commit()
+        return None
     if job is not None and job.request_hash != request_hash:
         raise ProblemError(
             422,

@@ -3,9 +3,14 @@ PostgreSQL and Redis; results must equal calling the estimator library directly.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import numpy as np
 import pytest
+from sqlalchemy import create_engine, update
 
+from app.db.base import utcnow
+from app.db.models import Job
 from app.estimators import REGISTRY
 from app.services.validation import validate_params
 from tests.integration.flows import (
@@ -122,7 +127,7 @@ def test_results_paging_and_formats(trained):
     assert again.status_code == 304
 
 
-def test_idempotency_key(trained):
+def test_idempotency_key(trained, integration_settings):
     client, train, test, model = trained
     body = {
         "model_id": model["id"],
@@ -138,6 +143,22 @@ def test_idempotency_key(trained):
     other = submit(client, {**body, "query_indices": [2]}, **{"Idempotency-Key": "k-123"})
     assert_problem(other, 422, "idempotency-key-reused")
     wait(client, first.headers["location"])
+    # a key is kept for 24 h: a day later it names a new request (the old job keeps its id and result)
+    engine = create_engine(integration_settings.resolved_database_url)
+    with engine.begin() as conn:
+        conn.execute(
+            update(Job).where(Job.id == first.json()["id"]).values(created_at=utcnow() - timedelta(hours=25))
+        )
+    engine.dispose()
+    later = submit(client, {**body, "query_indices": [2]}, **{"Idempotency-Key": "k-123"})
+    assert later.status_code == 202, later.text
+    assert later.json()["id"] != first.json()["id"]
+    assert (
+        submit(client, {**body, "query_indices": [2]}, **{"Idempotency-Key": "k-123"}).json()["id"]
+        == (later.json()["id"])
+    )
+    assert client.get(first.headers["location"]).json()["state"] == "succeeded"
+    wait(client, later.headers["location"])
 
 
 def test_submit_time_refusals(trained):

@@ -108,7 +108,7 @@ async def submit_job(
     """Validated and costed at submit time; runs asynchronously on a worker.
 
     Same ``Idempotency-Key`` and body returns the original job; same key with a
-    different body is a 422.
+    different body is a 422. A key is kept for ``IA_IDEMPOTENCY_KEY_TTL_SECONDS`` (24 h).
     """
     settings = request.app.state.settings
     job = await in_session(request, _submit, settings, owner, body, idempotency_key, autocommit=True)

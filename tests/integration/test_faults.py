@@ -202,3 +202,32 @@ def test_merges_of_a_fanned_out_job_are_capped(client, slow_job_body, integratio
     engine.dispose()
     assert failed["state"] == "failed", failed
     assert failed["error"]["type"].endswith("merge-failed") and str(limit) in failed["error"]["detail"]
+
+
+def test_a_job_whose_worker_is_lost_on_every_attempt_fails_with_worker_lost(
+    client, slow_job_body, integration_settings
+):
+    """The sweeper re-queues a running job whose lease expired until max_attempts, then fails it."""
+    from datetime import timedelta
+
+    from sqlalchemy.orm import Session
+
+    from app.db.base import utcnow
+    from app.db.models import Job
+    from app.services import jobs as jobs_service
+
+    job = submit(client, slow_job_body).json()  # no worker consumes here
+    engine = create_engine(integration_settings.resolved_database_url)
+    expired = utcnow() - timedelta(seconds=1)
+    limit = integration_settings.max_attempts
+    for attempt in range(1, limit + 1):
+        with Session(engine) as session, session.begin():  # a worker claims it, then dies
+            row = session.get(Job, job["id"])
+            assert row.state == "queued", row.state
+            row.state, row.attempt, row.lease_expires_at, row.worker_id = "running", attempt, expired, "w"
+        jobs_service.sweep(integration_settings)
+    engine.dispose()
+    failed = client.get(f"/v1/influence-jobs/{job['id']}").json()
+    assert failed["state"] == "failed", failed
+    assert failed["error"]["type"].endswith("worker-lost")
+    assert f"on all {limit} attempts" in failed["error"]["detail"]

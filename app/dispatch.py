@@ -58,6 +58,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # it as failed). Redis gives the unacked message back only after the visibility timeout, and
         # the DB lease drops any second delivery, so the job is not run twice in parallel.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
+        # A cold shutdown waits this long for running tasks, then cancels them; their unacked messages go
+        # back to the queue at once instead of after the visibility timeout (RELIABILITY.md 4.1).
+        "worker_soft_shutdown_timeout": settings.worker_soft_shutdown_timeout,
         "task_soft_time_limit": settings.task_soft_time_limit,
         "task_time_limit": settings.task_time_limit,
         "task_default_queue": "default",
@@ -65,11 +68,21 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+# A publisher gives a hung broker this long per socket operation (a consuming worker keeps
+# celery_config's 5 s): with one retry a submit answers within seconds, and the sweeper re-publishes
+# what did not go out (the job row is committed first).
+PUBLISH_SOCKET_TIMEOUT = 2.0
+
+
 @lru_cache(maxsize=4)
 def _client(settings_json: str) -> Celery:
     settings = Settings.model_validate_json(settings_json)
     app = Celery("influence-client")
-    app.conf.update(celery_config(settings))
+    config = celery_config(settings)
+    options = config["broker_transport_options"]
+    if "socket_timeout" in options:
+        options.update(socket_timeout=PUBLISH_SOCKET_TIMEOUT, socket_connect_timeout=PUBLISH_SOCKET_TIMEOUT)
+    app.conf.update(config)
     return app
 
 
@@ -96,7 +109,7 @@ def _publish(settings: Settings, task: str, object_id: str, countdown: float | N
             queue=settings.compute_queue,
             countdown=countdown,
             retry=True,
-            retry_policy={"max_retries": 2, "interval_start": 0.2},
+            retry_policy={"max_retries": 1, "interval_start": 0.2},
         )
         return True
     except Exception:  # noqa: BLE001 - broker down: the sweeper retries (outbox)

@@ -7,9 +7,11 @@ from celery.signals import worker_init, worker_process_init, worker_process_shut
 
 from app.dispatch import celery_config
 from app.settings import get_settings
+from worker.acks import RetryFailedAcks
 
 celery_app = Celery("influence-worker", include=["worker.tasks"])
 celery_app.conf.update(celery_config(get_settings()))
+celery_app.steps["consumer"].add(RetryFailedAcks)
 app = celery_app
 
 

@@ -266,6 +266,8 @@ class ChaosStack:
             self.pg.start()
         if not self.redis.running():
             self.redis.start()
+        else:
+            os.kill(self.redis.proc.pid, signal.SIGCONT)  # a hang scenario that failed half-way
         for worker in self.live_workers():
             signal_worker(worker, signal.SIGCONT)
         if not self.live_workers():

@@ -1,5 +1,6 @@
-"""Fault injection on real processes: private PostgreSQL and Redis crashed and restarted, a worker's
-pool child killed, a worker paused past its lease, a full artifact disk, a model that emits NaN.
+"""Fault injection on real processes: private PostgreSQL and Redis crashed and restarted, Redis hung,
+PostgreSQL's connections terminated, a worker's pool child killed, a worker paused past its lease, a
+full artifact disk, a model that emits NaN.
 
 After each fault the invariant checker (``ChaosStack.check_invariants``) asserts that every
 accepted job ended, that no job has two results or lost its result, that no running job holds an
@@ -19,7 +20,7 @@ from datetime import timedelta
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
@@ -78,8 +79,10 @@ def jobs(stack: ChaosStack) -> Jobs:
     with stack.client() as client:
         train = builtin(client, "sklearn:digits", "train")["id"]
         cnn = {"name": "slow", "architecture": SLOW_NET}
-        cnn["checkpoints"] = [{"step": 10 * i, "learning_rate": 0.1} for i in range(2)]
-        slow = _model(client, cnn, _states("cnn", range(3)))
+        # six checkpoints: several seconds of per-example gradients even on a fast core, so a scenario
+        # can act while the job computes
+        cnn["checkpoints"] = [{"step": 10 * i, "learning_rate": 0.1} for i in range(6)]
+        slow = _model(client, cnn, _states("cnn", range(7)))
         quick = _model(client, {"name": "quick", "architecture": DIGITS_MLP}, _states("mlp", range(1)))
         # Finite weights pass upload validation; 1e30 overflows float32 logits to inf, so the loss is NaN.
         nan = _model(client, {"name": "nan", "architecture": DIGITS_MLP}, _states("mlp", range(1), 1e30))
@@ -299,3 +302,50 @@ def _held_job(stack: ChaosStack, like: str) -> jobs_service.Claim:
         session.add(job)
         session.flush()
         return jobs_service.Claim(job.id, "influence", 1)
+
+
+def test_redis_hang_mid_run(stack: ChaosStack, jobs: Jobs):
+    """Redis stops answering (SIGSTOP: connections open, no replies) for eight seconds mid-run: submits
+    and polls still answer in bounded time, and every job ends once it answers again."""
+    with stack.client() as client:
+        running_id = accepted(client, jobs.slow)
+        wait_computing(client, running_id)
+        os.kill(stack.redis.proc.pid, signal.SIGSTOP)
+        try:
+            hung = time.monotonic()
+            started = time.monotonic()
+            during = accepted(client, jobs.quick)  # committed; published now or by the sweeper later
+            assert time.monotonic() - started < 15, "a publish to a hung broker must time out, not hang"
+            assert client.get(f"/v1/influence-jobs/{running_id}").status_code == 200
+            time.sleep(max(0.0, 8 - (time.monotonic() - hung)))
+        finally:
+            os.kill(stack.redis.proc.pid, signal.SIGCONT)
+        checked = stack.check_invariants([running_id, during])
+    assert all(j["state"] == "succeeded" for j in checked.values()), outcomes(checked)
+
+
+def test_postgres_connections_terminated_mid_run(stack: ChaosStack, jobs: Jobs):
+    """Every client connection to PostgreSQL is killed (pg_terminate_backend) twice mid-run: the API
+    answers 200 or 503 problem+json (never 500) and recovers, and the workers' heartbeats and commits
+    reconnect."""
+    kill = text(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'"
+    )
+    with stack.client() as client:
+        running_id = accepted(client, jobs.slow)
+        wait_computing(client, running_id)
+        queued = accepted(client, jobs.quick)
+        for _ in range(2):
+            with stack.engine.begin() as conn:
+                assert conn.execute(kill).scalar() >= 1
+            for path in (f"/v1/influence-jobs/{running_id}", "/v1/influence-jobs", "/readyz"):
+                response = client.get(path)
+                assert response.status_code in (200, 503), f"{path}: {response.status_code} {response.text}"
+                if response.status_code == 503:
+                    assert_problem(response, 503)
+            time.sleep(1.0)
+        recovered = lambda: client.get(f"/v1/influence-jobs/{running_id}").status_code == 200  # noqa: E731
+        wait_until(recovered, 30, "the API to recover")
+        checked = stack.check_invariants([running_id, queued])
+    assert all(j["state"] == "succeeded" for j in checked.values()), outcomes(checked)

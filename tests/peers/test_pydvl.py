@@ -211,8 +211,9 @@ def test_if_arnoldi_full_rank_matches_arnoldi_influence_and_exact():
 def test_if_arnoldi_low_rank_same_subspace():
     """Rank 50 of p = 650 on digits. pyDVL's ARPACK (tol 1e-10) converges the top-50 eigenpairs; our
     Lanczos needs n_iter = 3 x rank here (the eigengap at 50 is ~1%), after which both keep the same
-    subspace and agree to round-off. At our default n_iter = 2 x rank it has not converged yet (the
-    figure is printed, not asserted). Both are far from exact IF at this rank (section 9)."""
+    subspace and agree to round-off (3 x rank is our default). At n_iter = 2 x rank it has not
+    converged yet (the figure is printed, not asserted). Both are far from exact IF at this rank
+    (section 9)."""
     w = logreg_digits()
     rank = 50
     inf = pydvl_torch.ArnoldiInfluence(

@@ -239,6 +239,47 @@ def test_if_lissa_close_to_exact_on_logistic_regression(logreg):
     assert md["scale"] == params["scale"] and md["depth"] == params["depth"] and md["repeats"] == 10
 
 
+def test_if_lissa_close_to_exact_on_mlp(mlp):
+    """ESTIMATORS.md 2.12 on the CG test's model (damped tanh MLP, p = 131, n = 80): s = 1.5 lambda_max and
+    r = 20 kappa of H + damping I, mini-batches of 64 rows drawn with replacement; per-query relative error
+    of the score vector vs if_exact < 5 %.
+
+    The doc's R = 10 repeats are not enough here: the error is the recursion's sampling variance (it falls
+    as 1/sqrt(repeats x batch), no bias), and at R = 10 the worst query's error over seeds 0-4 was
+    6.1-9.2 % with batch 64 (batch 16: 13-21 %, 32: 8-16 %, 128: 3.6-7.8 %, 256: 2.3-5.6 %). So this test
+    uses R = 40 with batch 64: worst query over seeds 0-4 2.0-4.1 % (seed 0, used here: 2.0 %), ~10 s.
+    """
+    H = objective_hessian(mlp.model, mlp.weights, mlp.train_x, mlp.train_y, CLS, MLP_WD)
+    ev = torch.linalg.eigvalsh(H) + MLP_DAMPING
+    lam_max, kappa = float(ev[-1]), float(ev[-1] / ev[0])
+    assert float(ev[0]) > 0  # the damped Hessian is positive definite (the raw one is not)
+    params = {
+        "damping": MLP_DAMPING,
+        "scale": 1.5 * lam_max,
+        "depth": int(20 * kappa),
+        "repeats": 40,
+        "batch_size": 64,
+        "seed": 0,
+    }
+    ref = get_estimator("if_exact").attribute(mlp, {"damping": MLP_DAMPING}, runtime=F64)
+    t = time.perf_counter()
+    out = get_estimator("if_lissa").attribute(
+        mlp, params, runtime=Runtime(dtype=torch.float64, chunk_size=256)
+    )
+    dt = time.perf_counter() - t
+    err = np.linalg.norm(out.scores - ref.scores, axis=1) / np.linalg.norm(ref.scores, axis=1)
+    print(
+        f"\nif_lissa vs if_exact (MLP p=131, damping {MLP_DAMPING}, kappa={kappa:.1f}, scale=1.5 lambda_max, "
+        f"depth={params['depth']}, 40 repeats, batch 64 of 80): per-query relative error {np.round(err, 4)}, "
+        f"{dt:.2f}s"
+    )
+    assert out.scores.shape == (6, 80)
+    assert err.max() < 0.05
+    md = out.metadata
+    assert md["lissa_max_growth"] <= 1.0 and md["depth"] == int(20 * kappa) and md["repeats"] == 40
+    assert abs(md["estimated_lambda_max"] + MLP_DAMPING - lam_max) < 1e-3 * lam_max
+
+
 def test_if_lissa_small_scale_or_indefinite_raises(logreg, mlp):
     prob, H = logreg
     lam_max = float(torch.linalg.eigvalsh(H)[-1])
@@ -314,6 +355,48 @@ def test_if_arnoldi_low_rank_and_parameter_checks(logreg):
         est.check(ProblemSize(10, 1, 1000, 0), est.Params(rank=50, n_iter=20))
     assert e.value.parameter == "/method/params/n_iter"
     est.check(ProblemSize(10, 1, 12, 0), est.Params(rank=50, n_iter=20))  # both capped at p = 12
+
+
+def test_if_arnoldi_default_n_iter_is_three_times_rank(mlp):
+    """ESTIMATORS.md 2.13: top-k Arnoldi eigenvalues match eigh to 1e-4 relative. n_iter=None means
+    3 x rank (capped at p). Measured on this MLP, rank 10, seeds 0-4: max relative error of the top-10
+    1e-13 to 5e-11 at n_iter 30 (3 x rank), but 7e-5 to 6.3e-2 at n_iter 20 (2 x rank; seed 0, used here,
+    is the 6.3e-2 one, asserted > 1e-3 to show why the default is not 2 x rank)."""
+    est = get_estimator("if_arnoldi")
+    assert est.Params().n_iter is None and est.Params().rank == 50
+    H = objective_hessian(mlp.model, mlp.weights, mlp.train_x, mlp.train_y, CLS, MLP_WD)
+    ev = torch.linalg.eigvalsh(H)
+    top = ev[torch.argsort(ev.abs(), descending=True)][:10]
+
+    def rel_err(n_iter):
+        state = est.fit(mlp, {"rank": 10, "n_iter": n_iter}, F64)
+        assert state.info["n_iter"] == (30 if n_iter is None else n_iter)
+        return float(((state.tensors["eigenvalues"] - top).abs() / top.abs()).max())
+
+    default, twice = rel_err(None), rel_err(20)
+    print(
+        f"\nif_arnoldi top-10 eigenvalues vs eigh (MLP p=131): n_iter=None (30) {default:.1e}, 20 {twice:.1e}"
+    )
+    assert default < 1e-4 and twice > 1e-3
+
+    # rank 50 (the default): n_iter resolves to 150 before it enters the cache key ...
+    key = est.state_params(est.Params())
+    assert key["n_iter"] == 150 and key == est.state_params(est.Params(n_iter=150))
+    assert est.state_params(est.Params(n_iter=100)) != key
+    # ... and in the metadata (a p = 2 x 81 = 162 logistic regression, so 150 is not capped at p)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 80, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (40,), generator=g)
+    model = init_model("linear", {"in_features": 80, "num_classes": 2}, 0).double()
+    prob = _problem(model, CLS, model.state_dict(), x, y, x[:2], y[:2], LR_WD)
+    md = est.attribute(prob, None, runtime=F64).metadata
+    assert md["n_parameters"] == 162 and md["rank"] == 50 and md["n_iter"] == 150
+    # capped at p: on the p = 131 MLP the default rank 50 runs 131 iterations
+    assert est.fit(mlp, None, F64).info["n_iter"] == 131
+    with pytest.raises(EstimatorError) as e:  # rank 50 > n_iter 20 < p: refused, naming n_iter
+        est.check(ProblemSize(10, 1, 1000, 0), est.Params(n_iter=20))
+    assert e.value.parameter == "/method/params/n_iter"
+    est.check(ProblemSize(10, 1, 1000, 0), est.Params())
 
 
 # ----------------------------------------------------------------------------- datainf
@@ -547,7 +630,7 @@ def test_new_estimators_registered_with_params():
             "batch_size": 32,
             "seed": 0,
         },
-        "if_arnoldi": {"rank": 50, "n_iter": 100, "damping": 0.0, "seed": 0, "hessian_rows": None},
+        "if_arnoldi": {"rank": 50, "n_iter": None, "damping": 0.0, "seed": 0, "hessian_rows": None},
         "datainf": {"damping_scale": 0.1, "layers": None},
     }
     for name, d in defaults.items():

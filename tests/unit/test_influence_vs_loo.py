@@ -1,7 +1,8 @@
 """Key validation: exact-Hessian influence vs actual leave-one-out retraining (ESTIMATORS.md 2.10, 4.1).
 
 L2-regularised logistic regression (2-class softmax ``linear`` model) on the
-breast-cancer data, float64. The model is trained with the library's L-BFGS and
+breast-cancer data, float64, n = 500 training rows (the lower end of the doc's
+n = 500-1000; the other 69 rows are the query pool). The model is trained with the library's L-BFGS and
 polished with damped Newton steps; each leave-one-out model is retrained from
 the optimum with Newton steps to a gradient norm below 1e-10, so the ground
 truth has no optimiser noise. The test's own gradient/Hessian are written out
@@ -20,18 +21,21 @@ stats = pytest.importorskip("scipy.stats")
 from app.estimators import InfluenceProblem, Recipe, Runtime, TaskSpec, get_estimator, init_model, train  # noqa: E402
 from app.estimators.gradients import objective_hessian  # noqa: E402
 
+torch.set_num_threads(1)
+
 WD = 1e-2
 TOL = 1e-10
 N_QUERIES = 8
 TOP = 20
 N_RANDOM = 30
+TOP_DOC = 50  # ESTIMATORS.md 2.10: Pearson >= 0.95 on the top-50 |score| set
 CLS = TaskSpec("classification", "cross_entropy")
 
 
 def _data():
     X, y = sklearn_datasets.load_breast_cancer(return_X_y=True)
     perm = np.random.default_rng(0).permutation(len(y))
-    n_train = int(0.8 * len(y))
+    n_train = 500
     tr, te = perm[:n_train], perm[n_train:]
     mu, sd = X[tr].mean(0), X[tr].std(0)
     X = (X - mu) / sd
@@ -95,6 +99,15 @@ def _to_theta(state: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def test_if_exact_matches_leave_one_out():
+    """ESTIMATORS.md 2.10 validation plus pooled checks, against real n-1 retraining.
+
+    Doc check: per query the 50 training points with the largest |score| are removed one at a time and
+    retrained; Pearson(predicted, actual loss change) over those 50, mean over the 8 queries >= 0.95.
+    Measured (n = 500, seed as here): mean 0.9759, min 0.9524 over queries (118 distinct removals).
+    Before the fixture was enlarged to n = 500 (80 % split, n = 455) the same check gave mean 0.9729,
+    min 0.9303. Pooled set (top-20 per query + 30 random, 79 removals): Spearman 0.9944 (min 0.9826),
+    Pearson 0.9746 (min 0.9504); its older, looser bounds are kept unchanged.
+    """
     x, y, qx_all, qy_all = _data()
     n, d = x.shape
     model = init_model("linear", {"in_features": d, "num_classes": 2}, seed=0).double()
@@ -141,17 +154,26 @@ def test_if_exact_matches_leave_one_out():
         chosen |= set(np.argsort(-np.abs(scores[j]))[:TOP].tolist())
     chosen = np.array(sorted(chosen))
 
+    # ESTIMATORS.md 2.10's set: per query, the TOP_DOC training points with the largest |score|
+    top_doc = np.argsort(-np.abs(scores), axis=1)[:, :TOP_DOC]
+
     qobj = Softmax(qx, qy)
     before = qobj.losses(theta_star)
-    # actual[:, c]: query-loss change when retraining on the mean over the n-1 kept points (a real rerun);
-    # upweight[:, c]: the same with the objective still divided by n (the epsilon = -1/n removal that the
-    # influence function linearises). They differ by a per-query constant from the n/(n-1) rescaling.
-    actual = np.empty((N_QUERIES, len(chosen)))
+    # loo[i]: query-loss change when retraining on the mean over the n-1 kept points (a real rerun, warm
+    # started at theta*), for every removal either check needs.
+    loo: dict[int, np.ndarray] = {}
+    for i in sorted(set(chosen.tolist()) | set(top_doc.reshape(-1).tolist())):
+        w = ones.clone()
+        w[i] = 0.0
+        loo[i] = (qobj.losses(obj.newton(theta_star, w)) - before).numpy()
+    # actual[:, c]: loo on the pooled set; upweight[:, c]: the same with the objective still divided by n
+    # (the epsilon = -1/n removal that the influence function linearises). They differ by a per-query
+    # constant from the n/(n-1) rescaling.
+    actual = np.stack([loo[int(i)] for i in chosen], 1)
     upweight = np.empty((N_QUERIES, len(chosen)))
     for c, i in enumerate(chosen):
         w = ones.clone()
         w[i] = 0.0
-        actual[:, c] = (qobj.losses(obj.newton(theta_star, w)) - before).numpy()
         upweight[:, c] = (qobj.losses(obj.newton(theta_star, w, denom=float(n))) - before).numpy()
 
     predicted = scores[:, chosen]
@@ -169,13 +191,20 @@ def test_if_exact_matches_leave_one_out():
     sp_u, _, pe_u, _ = corr(upweight)
     top = np.abs(predicted) >= np.sort(np.abs(predicted), axis=1)[:, -5:-4]  # top-5 |score| per query
     top_sign = float((np.sign(predicted[top]) == np.sign(actual[top])).mean())
+    # the doc's check, per query on its own top-50 set, against the real n-1 retrain
+    pe_doc = [
+        stats.pearsonr(scores[j, top_doc[j]], np.array([loo[int(i)][j] for i in top_doc[j]]))[0]
+        for j in range(N_QUERIES)
+    ]
     print(
         f"\nIF vs LOO on breast cancer (n={n}, p={2 * (d + 1)}, {len(chosen)} removals, "
         f"{N_QUERIES} queries): mean over n-1 retrain: Spearman {sp:.4f} (min {sp_min:.4f}), "
         f"Pearson {pe:.4f} (min {pe_min:.4f}), sign agreement {signs(actual):.3f} "
         f"(top-5 |score|: {top_sign:.3f}); 1/n-normalised removal: Spearman {sp_u:.4f}, "
-        f"Pearson {pe_u:.4f}, sign agreement {signs(upweight):.3f}"
+        f"Pearson {pe_u:.4f}, sign agreement {signs(upweight):.3f}; top-{TOP_DOC} |score| per query "
+        f"({len(loo)} distinct removals): Pearson mean {np.mean(pe_doc):.4f} (min {np.min(pe_doc):.4f})"
     )
+    assert np.mean(pe_doc) >= 0.95
     assert sp >= 0.95
     assert pe >= 0.8
     assert sp_u >= 0.95 and pe_u >= 0.95

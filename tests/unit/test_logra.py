@@ -268,3 +268,55 @@ def test_layer_selection_errors(trained):
     with pytest.raises(EstimatorError) as e:
         get_estimator("logra").fit(prob, {"k_in": 65, "k_out": 65})
     assert e.value.parameter == "/method/params/k_in"
+
+
+def test_unsupported_parameters_are_reported_as_ignored(trained):
+    """LoGra projects only nn.Linear gradients: the conv layers of the 'cnn' architecture and the conv
+    and BatchNorm parameters of 'resnet9' are listed in the metadata as ignored_parameters (as ekfac
+    does), and the tracked ones account for the rest of the model's parameters."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(10, 16, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,), generator=g)
+    cnn = init_model(
+        "cnn", {"in_channels": 1, "height": 4, "width": 4, "num_classes": 3, "channels": [2, 3]}, 0
+    )
+    res = init_model(
+        "resnet9", {"in_channels": 1, "height": 4, "width": 4, "num_classes": 3, "base_channels": 2}, 0
+    )
+    for model in (cnn.double(), res.double()):
+        prob = InfluenceProblem(
+            model=model,
+            task=CLS,
+            weights=model.state_dict(),
+            train_x=x,
+            train_y=y,
+            query_x=x[:2],
+            query_y=y[:2],
+        )
+        md = get_estimator("logra").attribute(prob, {"k_in": 2, "k_out": 2}, runtime=F64).metadata
+        linear = [k for k, m in model.named_modules() if isinstance(m, nn.Linear)]
+        assert [d["name"] for d in md["layers"]] == linear and len(linear) == 1
+        expected = [
+            f"{k}.{leaf}"
+            for k, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))
+            for leaf in ("weight", "bias")
+            if getattr(m, leaf) is not None
+        ]
+        assert md["ignored_parameters"] == expected and expected
+        assert all(model.get_parameter(n).requires_grad for n in expected)
+        assert md["n_tracked_parameters"] == sum(
+            q.numel() for q in model.get_submodule(linear[0]).parameters()
+        )
+        ignored = sum(model.get_parameter(n).numel() for n in expected)
+        assert md["n_tracked_parameters"] + ignored == md["n_parameters"]
+        bn = [k for k, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+        assert len(bn) == (0 if model is cnn else 8)  # resnet9: BatchNorm weight and bias are ignored too
+        assert {f"{k}.{leaf}" for k in bn for leaf in ("weight", "bias")} <= set(expected)
+    # an MLP with every linear layer selected ignores nothing; selecting the last layer ignores the others
+    full = get_estimator("logra").attribute(_problem(trained), {"k_in": 2, "k_out": 2}, runtime=F64)
+    assert full.metadata["ignored_parameters"] == []
+    last = get_estimator("logra").attribute(
+        _problem(trained), {"k_in": 2, "k_out": 2, "layers": ["last"]}, runtime=F64
+    )
+    assert last.metadata["ignored_parameters"] == ["1.weight", "1.bias", "3.weight", "3.bias"]

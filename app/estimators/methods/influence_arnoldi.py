@@ -13,7 +13,12 @@ i.e. ``H^-1 ~ V diag(1 / (lambda + damping)) V^T`` on the retained subspace;
 directions outside it (the low-curvature ones) are dropped, which is the
 method's known weakness. A retained eigenvalue with ``lambda_k + damping <= 0``
 (negative curvature) is refused. ``rank`` and ``n_iter`` are capped at ``p``;
-with ``rank = p`` on a positive-definite Hessian the scores equal ``if_exact``'s.
+``n_iter`` defaults (``None``) to ``3 x rank``: on the unit tests' tanh MLP (p = 131, rank 10, seeds
+0-4) the top-10 eigenvalues are off by up to 6 % (relative) after ``2 x rank`` steps and by at most
+5e-11 after ``3 x rank``. ``None`` is resolved before it
+enters the cache key (:meth:`IFArnoldi.state_params`), so ``n_iter=None`` and ``n_iter=3*rank`` share
+a cached state; the metadata's ``n_iter`` is the resolved (and capped) value.
+With ``rank = p`` on a positive-definite Hessian the scores equal ``if_exact``'s.
 Cost: ``n_iter`` Hessian passes + O(n_iter^2 p) once; O((n + m) rank p) per job.
 The Hessian products run in the runtime's precision (float32 by default), the
 Lanczos basis and its re-orthogonalisation in float64.
@@ -64,10 +69,12 @@ class IFArnoldiParams:
             "description": "eigenpairs kept (largest |eigenvalue|); capped at the number of parameters"
         },
     )
-    n_iter: Annotated[int, Ge(1)] = field(
-        default=100,
+    n_iter: Annotated[int, Ge(1)] | None = field(
+        default=None,
         metadata={
-            "description": "Arnoldi iterations (Hessian-vector passes), >= rank; 2-4 x rank is typical"
+            "description": "Arnoldi iterations (Hessian-vector passes), >= rank; null = 3 x rank (capped "
+            "at the number of parameters); 2-4 x rank is typical, 2 x rank can leave the top eigenvalues "
+            "unconverged"
         },
     )
     damping: Annotated[float, Ge(0)] = field(
@@ -90,9 +97,21 @@ LEADING_RESIDUAL_LIMIT = 0.1  # beyond this even the top eigenpair is noise: fai
 CONVERGED_RESIDUAL = 1e-2
 
 
-def effective_rank(rank: int, n_iter: int, p: int, *, prefix: str = "/method/params") -> tuple[int, int]:
-    """``(rank, n_iter)`` capped at ``p``; EstimatorError (naming ``n_iter``) when ``n_iter < rank``."""
-    k, it = min(int(rank), p), min(int(n_iter), p)
+DEFAULT_ITER_FACTOR = 3  # n_iter=None -> 3 x rank
+
+
+def resolved_n_iter(rank: int, n_iter: int | None) -> int:
+    """``n_iter``, or ``DEFAULT_ITER_FACTOR x rank`` for ``None`` (before capping at ``p``)."""
+    return DEFAULT_ITER_FACTOR * int(rank) if n_iter is None else int(n_iter)
+
+
+def effective_rank(
+    rank: int, n_iter: int | None, p: int, *, prefix: str = "/method/params"
+) -> tuple[int, int]:
+    """``(rank, n_iter)`` capped at ``p`` (``n_iter=None``: ``3 x rank``); EstimatorError (naming
+    ``n_iter``) when ``n_iter < rank``."""
+    n_iter = resolved_n_iter(rank, n_iter)
+    k, it = min(int(rank), p), min(n_iter, p)
     if it < k:
         raise EstimatorError(
             f"n_iter={n_iter} is smaller than rank={rank}: Arnoldi needs at least rank iterations "
@@ -107,7 +126,7 @@ def fit_arnoldi(
     runtime: Runtime,
     *,
     rank: int,
-    n_iter: int,
+    n_iter: int | None,
     seed: int,
     hessian_rows: int | None,
 ) -> TrainState:
@@ -139,6 +158,7 @@ def fit_arnoldi(
         info={
             "weight_decay": float(problem.weight_decay),
             "rank": k,
+            "n_iter": it,
             "iterations": res.iterations,
             "restarts": res.restarts,
             "hessian_rows": hess.n_rows,
@@ -184,7 +204,13 @@ class IFArnoldi(Estimator):
 
     def state_params(self, params) -> dict:
         p = as_params(self.Params, params)
-        return {"rank": p.rank, "n_iter": p.n_iter, "seed": p.seed, "hessian_rows": p.hessian_rows}
+        # n_iter=None resolves here, so it shares a cache entry with the explicit 3 x rank
+        return {
+            "rank": p.rank,
+            "n_iter": resolved_n_iter(p.rank, p.n_iter),
+            "seed": p.seed,
+            "hessian_rows": p.hessian_rows,
+        }
 
     def fit(self, problem, params=None, runtime=None) -> TrainState:
         p = as_params(self.Params, params)
@@ -255,6 +281,9 @@ class IFArnoldi(Estimator):
                 damping=p.damping,
                 weight_decay=state.info.get("weight_decay", float(problem.weight_decay)),
                 rank=int(ev.numel()),
+                n_iter=state.info.get(
+                    "n_iter", min(resolved_n_iter(p.rank, p.n_iter), n_parameters(problem.model))
+                ),
                 arnoldi_iterations=state.info.get("iterations"),
                 arnoldi_restarts=state.info.get("restarts"),
                 hessian_rows=state.info.get("hessian_rows"),

@@ -37,7 +37,10 @@ the L2 logistic regression, LDS 0.21 -> 0.44 on the MLP).
 
 Only ``nn.Linear`` modules are supported; ``layers`` selects module-name
 prefixes (``"last"`` = the last linear layer), default all trainable linear
-layers. A factor's ``k`` at least the layer dimension, or ``projection =
+layers. Every other trainable parameter (convolutions, BatchNorm affine parameters, embeddings,
+unselected linear layers) gets no projected gradient and does not contribute to the scores; the
+metadata lists them as ``ignored_parameters`` (as ``ekfac`` does; :func:`ignored_parameters`) next to
+``n_tracked_parameters``. A factor's ``k`` at least the layer dimension, or ``projection =
 "identity"``, uses that factor unprojected. The model must treat examples
 independently along the leading dimension (eval mode: BatchNorm uses running
 statistics). Train-side state (:meth:`fit`): the projected training gradients
@@ -113,7 +116,8 @@ class LoGraParams:
         default=None,
         metadata={
             "description": "module name prefixes of the nn.Linear layers to use ('last' = the last linear "
-            "layer); null: all trainable linear layers"
+            "layer); null: all trainable linear layers. Other parameters (convolutions, BatchNorm, ...) "
+            "are ignored and listed in the metadata's ignored_parameters"
         },
     )
     seed: Annotated[int, Ge(0)] = field(default=0, metadata={"description": "seed of the projections"})
@@ -138,6 +142,19 @@ def linear_layers(model: nn.Module, layers: list[str] | None) -> list[tuple[str,
             parameter="/method/params/layers",
         )
     return chosen
+
+
+def _layer_parameter_names(name: str, mod: nn.Linear) -> list[str]:
+    prefix = f"{name}." if name else ""
+    return [f"{prefix}weight"] + ([f"{prefix}bias"] if mod.bias is not None else [])
+
+
+def ignored_parameters(model: nn.Module, layers: list[tuple]) -> list[str]:
+    """Trainable parameters outside the selected linear layers (``layers``: ``(name, module, ...)``
+    tuples, e.g. from :func:`layer_projectors`), in ``model.named_parameters()`` order: LoGra projects
+    no gradient for them, so they do not contribute to the scores."""
+    kept = {n for name, mod, *_ in layers for n in _layer_parameter_names(name, mod)}
+    return [n for n, q in model.named_parameters() if q.requires_grad and n not in kept]
 
 
 def layer_projectors(
@@ -450,5 +467,9 @@ class LoGra(Estimator):
                 curvature_blocks=p.blocks,
                 weight_decay=state.info.get("weight_decay", 0.0),
                 layers=state.info["layers"],
+                n_tracked_parameters=sum(
+                    q.numel() for _, mod, _ in layers for q in mod.parameters() if q.requires_grad
+                ),
+                ignored_parameters=ignored_parameters(problem.model, layers),
             ),
         )

@@ -54,7 +54,7 @@ from ..gradients import (
     train_gradients,
     validate_problem,
 )
-from .influence_arnoldi import damped_eigenvalues, effective_rank, fit_arnoldi
+from .influence_arnoldi import damped_eigenvalues, effective_rank, fit_arnoldi, resolved_n_iter
 from .influence_exact import IFExact, IFExactParams
 
 
@@ -84,8 +84,11 @@ class RelatIFParams:
     rank: Annotated[int, Ge(1)] = field(
         default=50, metadata={"description": "inverse=arnoldi: eigenpairs kept (capped at p)"}
     )
-    n_iter: Annotated[int, Ge(1)] = field(
-        default=100, metadata={"description": "inverse=arnoldi: Arnoldi iterations, >= rank"}
+    n_iter: Annotated[int, Ge(1)] | None = field(
+        default=None,
+        metadata={
+            "description": "inverse=arnoldi: Arnoldi iterations, >= rank; null = 3 x rank (capped at p)"
+        },
     )
     seed: Annotated[int, Ge(0)] = field(
         default=0, metadata={"description": "inverse=arnoldi: seed for the start vector and row subsample"}
@@ -123,7 +126,7 @@ class RelatIF(Estimator):
         return {
             "inverse": "arnoldi",
             "rank": p.rank,
-            "n_iter": p.n_iter,
+            "n_iter": resolved_n_iter(p.rank, p.n_iter),  # None shares state with the explicit 3 x rank
             "seed": p.seed,
             "hessian_rows": p.hessian_rows,
         }

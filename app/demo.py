@@ -7,84 +7,48 @@ and writes one PNG per query: the query beside its proponents and opponents.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import httpx
 
+from app.client import InfluenceClient
+
 QUERIES = [0, 1, 2, 3]
 TOP_K = 5
-
-
-def _wait(client: httpx.Client, path: str, done: set[str], timeout: float = 600) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        body = client.get(path).raise_for_status().json()
-        if body["state"] in done:
-            return body
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} still {body['state']} after {timeout}s")
-        time.sleep(0.5)
 
 
 def run_demo(base_url: str, output: str, api_key: str) -> list[Path]:
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    headers = {"Authorization": f"Bearer {api_key}"}
-    with httpx.Client(base_url=base_url, timeout=60, headers=headers) as client:
-        train = (
-            client.post("/v1/datasets/builtin", json={"builtin": "sklearn:digits", "split": "train"})
-            .raise_for_status()
-            .json()
-        )
-        test = (
-            client.post("/v1/datasets/builtin", json={"builtin": "sklearn:digits", "split": "test"})
-            .raise_for_status()
-            .json()
-        )
-        spec = {
-            "name": "digits-mlp",
-            "architecture": {"name": "mlp", "params": {"in_features": 64, "hidden": [64], "num_classes": 10}},
-            "recipe": {
-                "optimizer": "sgd",
-                "learning_rate": 0.1,
-                "momentum": 0.9,
-                "epochs": 20,
-                "batch_size": 64,
-                "weight_decay": 1e-3,
-                "seed": 0,
-                "num_checkpoints": 5,
-            },
-            "train_dataset_id": train["id"],
+    with InfluenceClient(base_url, api_key, timeout=60) as ia:
+        train = ia.builtin_dataset("sklearn:digits", "train")
+        test = ia.builtin_dataset("sklearn:digits", "test")
+        recipe = {
+            "optimizer": "sgd",
+            "learning_rate": 0.1,
+            "momentum": 0.9,
+            "epochs": 20,
+            "batch_size": 64,
+            "weight_decay": 1e-3,
+            "seed": 0,
+            "num_checkpoints": 5,
         }
-        model = client.post("/v1/models", data={"spec": json.dumps(spec)}).raise_for_status().json()
+        architecture = {"name": "mlp", "params": {"in_features": 64, "hidden": [64], "num_classes": 10}}
+        model = ia.register_model("digits-mlp", architecture, recipe=recipe, train_dataset_id=train["id"])
         print(f"model {model['id']} is training ...")
-        training = _wait(
-            client, f"/v1/training-jobs/{model['training_job_id']}", {"succeeded", "failed", "cancelled"}
-        )
-        if training["state"] != "succeeded":
-            raise RuntimeError(f"training {training['state']}: {training['error']}")
-        job = (
-            client.post(
-                "/v1/influence-jobs",
-                json={
-                    "model_id": model["id"],
-                    "train_dataset_id": train["id"],
-                    "query_dataset_id": test["id"],
-                    "query_indices": QUERIES,
-                    "method": {"name": "tracincp", "params": {}},
-                    "output": {"top_k": TOP_K},
-                },
-            )
-            .raise_for_status()
-            .json()
+        ia.wait_model(model["id"], timeout=600)
+        job = ia.submit_job(
+            model["id"],
+            train["id"],
+            "tracincp",
+            query_dataset_id=test["id"],
+            query_indices=QUERIES,
+            output={"top_k": TOP_K},
         )
         print(f"influence job {job['id']} submitted (TracInCP over 5 checkpoints)")
-        job = _wait(client, f"/v1/influence-jobs/{job['id']}", {"succeeded", "failed", "cancelled"})
-        if job["state"] != "succeeded":
-            raise RuntimeError(f"influence job {job['state']}: {job['error']}")
-        results = client.get(f"/v1/influence-jobs/{job['id']}/results").raise_for_status().json()
+        ia.wait(job["id"], timeout=600)
+        results = ia.results_page(job["id"])
     return _report(results, out)
 
 

@@ -584,8 +584,13 @@ def filesystem_confined(limits: Limits) -> bool:
 MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=68719476736"
 
 
-def child_env(scratch: Path, threads: int) -> dict[str, str]:
-    """Everything the child's environment holds; inherited only: which GPU, and where its libraries are."""
+def child_env(scratch: Path) -> dict[str, str]:
+    """Everything the child's environment holds; inherited only: which GPU, and where its libraries are.
+
+    One thread for OpenMP, MKL and OpenBLAS: with more, importing torch or numpy already starts their
+    thread pools, and Landlock confines only the threads a process starts after it (the child's
+    imports run before its task's inputs are known). The child sets its real thread count once it is
+    confined (``main``)."""
     env = {
         "GLIBC_TUNABLES": MALLOC_TUNABLES,
         "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -595,7 +600,7 @@ def child_env(scratch: Path, threads: int) -> dict[str, str]:
         "PYTHONPATH": str(ROOT),
         "PYTHONNOUSERSITE": "1",
         "PYTHONDONTWRITEBYTECODE": "1",
-        **{name: str(threads) for name in THREAD_VARIABLES},
+        **{name: "1" for name in THREAD_VARIABLES},
     }
     for name in ("CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH"):
         if name in os.environ:
@@ -670,7 +675,7 @@ class Sandbox:
                 stdout=subprocess.PIPE,
                 stderr=self._stderr,
                 cwd=self.scratch,
-                env=child_env(self.scratch, limits.threads),
+                env=child_env(self.scratch),
                 start_new_session=True,
                 preexec_fn=_preexec(limits),  # only syscalls; prctl was resolved before the fork
             )
@@ -955,12 +960,14 @@ def main(argv: list[str]) -> int:
         assignment = json.loads((scratch / "assignment.json").read_text())
         import torch
 
-        torch.set_num_threads(int(assignment["threads"]))
         module, _, name = assignment["task"].partition(":")
         task = getattr(import_module(module), name)
         inputs = {key: Path(path) for key, path in assignment["inputs"].items()}
         if assignment["confine"]:  # before the first byte of tenant data is read
             landlock.confine(_runtime_paths() | {str(p) for p in inputs.values()}, [scratch], DEVICES)
+        # after confine (see child_env): more than one thread starts the intra-op pool at once, and
+        # confine() covers only the calling thread and the threads it starts afterwards
+        torch.set_num_threads(int(assignment["threads"]))
         meta = task(assignment["payload"], inputs, out, _Progress(progress_fd))
         (out / "meta.json").write_text(json.dumps(meta if meta is not None else {}, allow_nan=False))
         return 0

@@ -131,6 +131,33 @@ def child_probe_files(payload, inputs, out, progress) -> dict:
     }
 
 
+def child_threads(payload, inputs, out, progress) -> dict:
+    """A confined child with several compute threads: torch's pool and a new thread are confined too."""
+    import threading
+
+    import torch
+
+    seen: dict = {}
+
+    def probe() -> None:
+        try:
+            Path(payload["neighbour"]).read_bytes()
+            seen["denied"] = False
+        except PermissionError:
+            seen["denied"] = True
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    thread.join()
+    a = torch.randn(256, 256)
+    return {
+        "threads": torch.get_num_threads(),
+        "tasks": len(os.listdir("/proc/self/task")),
+        "product_ok": bool(torch.allclose(a @ a.T, (a @ a.T).T)),
+        "thread_denied": seen["denied"],
+    }
+
+
 def child_arrays(payload, inputs, out, progress) -> dict:
     scores = np.arange(6, dtype=payload["dtype"]).reshape(payload["shape"])
     if payload.get("nan"):
@@ -371,6 +398,19 @@ def test_a_confined_child_reads_its_inputs_and_nothing_else(settings, tmp_path):
         "scratch_write": True,
     }
     assert not (tmp_path / "planted.txt").exists()
+
+
+def test_a_confined_child_with_several_threads(settings, tmp_path):
+    """torch starts its intra-op threads as soon as it is told to use more than one, so the child sets
+    the thread count after confining itself (the README's first command runs with all cores)."""
+    if not sandbox.filesystem_confined(sandbox.Limits.from_settings(settings)):
+        pytest.skip("Landlock is not available here")
+    neighbour = tmp_path / "another-tenant.txt"
+    neighbour.write_text("not yours")
+    meta, _ = run(
+        settings.model_copy(update={"torch_threads": 2}), "child_threads", {"neighbour": str(neighbour)}
+    )
+    assert meta["threads"] == 2 and meta["product_ok"] and meta["thread_denied"]
 
 
 def test_errors_map_to_problems(settings):

@@ -16,7 +16,7 @@ from app.problems import FieldError, ProblemError, invalid_field
 from app.schemas.models import CheckpointMeta, ModelCreate
 from app.services import tenants
 from app.services.api_keys import Principal
-from app.services.pagination import paginate
+from app.services.pagination import decode_token, encode_token, paginate
 from app.services.validation import estimator_problem, validate_params
 from app.settings import Settings
 from app.storage.artifacts import ArtifactStore
@@ -228,6 +228,25 @@ def get(session: Session, tenant_id: str, model_id: str) -> Model:
 
 def list_page(session: Session, tenant_id: str, page_size: int, page_token: str | None):
     return paginate(session, select(Model).where(Model.tenant_id == tenant_id), Model, page_size, page_token)
+
+
+def checkpoints_page(session: Session, model: Model, page_size: int, page_token: str | None):
+    """Return (checkpoints, next_page_token) of ``model`` in step order, the order TracInCP sums them in.
+
+    The cursor is the last step served (steps are unique per model), in the same opaque token format as
+    the other listings.
+    """
+    stmt = select(Checkpoint).where(Checkpoint.model_id == model.id)
+    if page_token:
+        values = decode_token(page_token)
+        if len(values) != 1 or type(values[0]) is not int or not 0 <= values[0] < 2**63:
+            raise invalid_field("/page_token", "page_token is not a token this service issued")
+        stmt = stmt.where(Checkpoint.step > values[0])
+    rows = list(session.scalars(stmt.order_by(Checkpoint.step).limit(page_size + 1)))
+    if len(rows) <= page_size:
+        return rows, None
+    rows = rows[:page_size]
+    return rows, encode_token(rows[-1].step)
 
 
 def rename(session: Session, model: Model, name: str) -> Model:

@@ -165,9 +165,17 @@ def add_checkpoint(
 
 
 @router.get("/v1/models/{model_id}/checkpoints", response_model=Page[CheckpointRead], responses=problems(404))
-def list_checkpoints(caller: ReadAccess, model_id: str, session: SessionDep):
+def list_checkpoints(
+    caller: ReadAccess,
+    model_id: str,
+    session: SessionDep,
+    page_size: PageSize = DEFAULT_PAGE,
+    page_token: PageToken = None,
+):
+    """The model's checkpoints in ascending step order, cursor-paged like the other listings."""
     model = service.get(session, caller.tenant_id, model_id)
-    return Page[CheckpointRead](items=[CheckpointRead.model_validate(c) for c in model.checkpoints])
+    rows, token = service.checkpoints_page(session, model, page_size, page_token)
+    return Page[CheckpointRead](items=[CheckpointRead.model_validate(c) for c in rows], next_page_token=token)
 
 
 @router.get("/v1/architectures", response_model=ArchitectureCatalog, tags=["catalog"])

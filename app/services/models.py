@@ -238,10 +238,8 @@ def checkpoints_page(session: Session, model: Model, page_size: int, page_token:
     """
     stmt = select(Checkpoint).where(Checkpoint.model_id == model.id)
     if page_token:
-        values = decode_token(page_token)
-        if len(values) != 1 or type(values[0]) is not int or not 0 <= values[0] < 2**63:
-            raise invalid_field("/page_token", "page_token is not a token this service issued")
-        stmt = stmt.where(Checkpoint.step > values[0])
+        (after,) = decode_token(page_token, int)
+        stmt = stmt.where(Checkpoint.step > after)
     rows = list(session.scalars(stmt.order_by(Checkpoint.step).limit(page_size + 1)))
     if len(rows) <= page_size:
         return rows, None

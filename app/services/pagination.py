@@ -21,25 +21,43 @@ def encode_token(*values: Any) -> str:
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
-def decode_token(token: str) -> list[Any]:
+def _not_ours() -> Exception:
+    return invalid_field("/page_token", "page_token is not a token this service issued")
+
+
+def decode_token(token: str, *kinds: type) -> list[Any]:
+    """The values of a token from :func:`encode_token`: exactly one per entry of ``kinds``, each of that
+    type (``int`` excludes booleans; ``datetime`` is an ISO string with a time zone, returned parsed).
+    A token of another listing, or made up, is a 422 naming ``/page_token``, never a 500."""
     try:
         padded = token + "=" * (-len(token) % 4)
         values = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        if not isinstance(values, list):
-            raise ValueError
-        return values
     except ValueError:
-        raise invalid_field("/page_token", "page_token is not a token this service issued") from None
+        raise _not_ours() from None
+    if not isinstance(values, list) or len(values) != len(kinds):
+        raise _not_ours()
+    out: list[Any] = []
+    for value, kind in zip(values, kinds, strict=True):
+        if kind is datetime:
+            try:
+                value = datetime.fromisoformat(value)
+            except (TypeError, ValueError):
+                raise _not_ours() from None
+            if value.tzinfo is None:
+                raise _not_ours()
+        elif kind is int:
+            if type(value) is not int or not 0 <= value < 2**63:
+                raise _not_ours()
+        elif not isinstance(value, kind):
+            raise _not_ours()
+        out.append(value)
+    return out
 
 
 def paginate(session: Session, stmt: Select, entity: Any, page_size: int, page_token: str | None):
     """Return (rows, next_page_token) for ``stmt`` ordered by (created_at, id) descending."""
     if page_token:
-        created, row_id = decode_token(page_token)
-        try:
-            created_at = datetime.fromisoformat(created)
-        except (TypeError, ValueError):
-            raise invalid_field("/page_token", "page_token is not a token this service issued") from None
+        created_at, row_id = decode_token(page_token, datetime, str)
         stmt = stmt.where(
             or_(entity.created_at < created_at, (entity.created_at == created_at) & (entity.id < row_id))
         )

@@ -304,6 +304,35 @@ def test_checkpoint_paging_rejects_bad_parameters(world, params):
     assert body["errors"], body
 
 
+@pytest.mark.parametrize(
+    ("token", "int_cursor_lists_too"),
+    [
+        (encode_token(3), False),  # a checkpoints/results token: valid there, foreign to the others
+        (encode_token("2020-01-01T00:00:00+00:00", "some-id", 7), True),  # one value too many
+        (encode_token("2020-01-01T00:00:00", "some-id"), True),  # no time zone
+        (encode_token(5, "some-id"), True),
+        (encode_token("2020-01-01T00:00:00+00:00", 5), True),
+    ],
+)
+def test_a_token_of_another_listing_is_422_on_every_list(world, token, int_cursor_lists_too):
+    client, train, model = world
+    job = _queued(client, _job_body(model["id"], train["id"]))
+    paths = ["/v1/models", "/v1/datasets", "/v1/influence-jobs"]
+    if int_cursor_lists_too:
+        paths += [
+            f"/v1/models/{model['id']}/checkpoints",
+            f"/v1/influence-jobs/{job['id']}/results",
+            f"/v1/influence-jobs/{job['id']}/values",
+            f"/v1/influence-jobs/{job['id']}/group-influence",
+        ]
+    for path in paths:
+        response = client.get(path, params={"page_token": token})
+        if response.status_code == 409:  # the job has no result yet: checked before the token
+            continue
+        body = assert_problem(response, 422)
+        assert [e["pointer"] for e in body["errors"]] == ["/page_token"], (path, body)
+
+
 def test_checkpoints_of_an_unknown_model_is_404(world):
     client, _, _ = world
     assert_problem(client.get(f"/v1/models/{uuid.uuid4()}/checkpoints", params={"page_size": 2}), 404)

@@ -32,11 +32,18 @@ class ReadModel(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
 
+def next_page_token_field() -> Any:
+    """A listing's cursor: present while more items follow, absent (not null) on the last page."""
+    return Field(
+        None,
+        description="Pass as page_token to get the next page; absent at the end.",
+        exclude_if=lambda token: token is None,
+    )
+
+
 class Page(BaseModel, Generic[T]):
     items: list[T]
-    next_page_token: str | None = Field(
-        None, description="Pass as page_token to get the next page; absent at the end."
-    )
+    next_page_token: str | None = next_page_token_field()
 
 
 class FieldProblem(BaseModel):

@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from app.schemas.common import ReadModel, RequestModel
+from app.schemas.common import ReadModel, RequestModel, next_page_token_field
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -182,7 +182,7 @@ class ResultsPage(ReadModel):
     n_train: int
     details: dict[str, Any]
     items: list[QueryResultRead]
-    next_page_token: str | None = None
+    next_page_token: str | None = next_page_token_field()
 
 
 class EstimatorRead(ReadModel):
@@ -210,7 +210,7 @@ class ValuesPage(ReadModel):
     order: Literal["asc", "desc"]
     n_train: int
     items: list[DataValue]
-    next_page_token: str | None = None
+    next_page_token: str | None = next_page_token_field()
 
 
 class GroupRead(ReadModel):
@@ -234,4 +234,4 @@ class GroupInfluencePage(ReadModel):
     )
     groups: list[GroupRead]
     items: list[GroupScoresRead]
-    next_page_token: str | None = None
+    next_page_token: str | None = next_page_token_field()

@@ -64,7 +64,7 @@ def _group_matrix(client, job_id: str) -> tuple[dict, np.ndarray]:
     rows, first = [], page
     while True:
         rows += [item["scores"] for item in page["items"]]
-        if page["next_page_token"] is None:
+        if "next_page_token" not in page:  # absent on the last page
             break
         page = client.get(
             f"/v1/influence-jobs/{job_id}/group-influence",

@@ -92,7 +92,8 @@ def _walk(client: httpx.Client, path: str, page_size: int, **params) -> tuple[li
         assert len(body["items"]) <= page_size
         items += body["items"]
         token = body.get("next_page_token")
-        if token is None:  # the last page carries no token
+        if token is None:  # the last page carries no token: the field is absent (CONVENTIONS.md)
+            assert "next_page_token" not in body, body
             return items, pages
         assert len(body["items"]) == page_size, "only the last page may be short"
         assert pages < 1000

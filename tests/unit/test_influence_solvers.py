@@ -37,7 +37,7 @@ from app.estimators.gradients import (
     trainable_names,
     unflatten,
 )
-from app.estimators.methods.datainf import layer_groups, sherman_morrison_apply
+from app.estimators.methods.datainf import SWAP_WARN_LAYER_SIZE, layer_groups, sherman_morrison_apply
 from app.estimators.objectives import per_example_loss, query_objective
 
 torch.set_num_threads(1)
@@ -507,8 +507,18 @@ def test_datainf_rank_correlation_vs_exact_damped_gn(mlp):
         Recipe(learning_rate=0.2, epochs=30, batch_size=16, weight_decay=MLP_WD, num_checkpoints=0),
     )
     tiny = _problem(model, CLS, res.weights, x, y, mlp.query_x, mlp.query_y, MLP_WD)
+    model9 = init_model("mlp", {**MLP, "hidden": [2]}, 0).double()  # output layer d = 9
+    res9 = train(
+        model9,
+        CLS,
+        x,
+        y,
+        Recipe(learning_rate=0.2, epochs=30, batch_size=16, weight_decay=MLP_WD, num_checkpoints=0),
+    )
+    nine = _problem(model9, CLS, res9.weights, x, y, mlp.query_x, mlp.query_y, MLP_WD)
     figures = {
         "d=6": _datainf_vs_exact_gn(tiny, ["last"], 0.1),
+        "d=9": _datainf_vs_exact_gn(nine, ["last"], 0.1),
         "d=51": _datainf_vs_exact_gn(mlp, ["last"], 0.1),
         "d=51, damping_scale=1": _datainf_vs_exact_gn(mlp, ["last"], 1.0),
         "layers 80+51": _datainf_vs_exact_gn(mlp, None, 0.1),
@@ -516,6 +526,10 @@ def test_datainf_rank_correlation_vs_exact_damped_gn(mlp):
     print(f"\nDataInf vs exact per-layer damped GN influence, Spearman (mean, min over 6 queries): {figures}")
     assert figures["d=6"][0] >= 0.8 and figures["d=6"][1] >= 0.7
     assert figures["d=51"][0] < figures["d=6"][0] - 0.3  # the error grows with the layer size
+    # the metadata warning's threshold (datainf.SWAP_WARN_LAYER_SIZE) sits between the good d = 6 and the
+    # already poor d = 9
+    assert figures["d=9"][0] < figures["d=6"][0] - 0.3
+    assert 6 <= SWAP_WARN_LAYER_SIZE < 9
     assert figures["d=51, damping_scale=1"][0] > figures["d=51"][0]  # more damping, smaller swap error
     assert figures["layers 80+51"][0] >= 0.3
 

@@ -34,7 +34,11 @@ Self-influence: ``a_i f~_i^T f~_i >= 0`` with ``a_i = (1 - softmax(Theta f~_i)_{
 the own-label representer weight against the training *label* at the refitted head (equal to
 ``alpha_{i, y_i}`` when ``targets="labels"``; with model targets ``alpha_{i, y_i}`` is near zero for a
 mislabelled point the model has memorised, so it would not flag it). Large for mislabelled points.
-Note that this explains the refitted head, not the trained network.
+Note that this explains the refitted head, not the trained network. Metadata ``head_fidelity`` says how
+far apart they are on the training set (:func:`head_fidelity`: the share of training rows on which the
+refitted head predicts the trained network's class, and the mean absolute difference of their logits,
+each row centred since softmax ignores a shift); metadata ``warnings`` (a list of strings, empty when
+there is nothing to say) flags an agreement below :data:`HEAD_AGREEMENT_WARNING`.
 Classification only. Train-side state (:meth:`fit`): features ``F~`` (``n x (d+1)``),
 ``alpha`` (``n x c``) and ``Theta``.
 """
@@ -62,6 +66,48 @@ from ..gradients import (
     numpy_dtype,
     validate_problem,
 )
+
+HEAD_AGREEMENT_WARNING = 0.95
+"""A training-set prediction agreement between the refitted head and the trained network below this gets a
+metadata warning (a heuristic: one row in 20 whose predicted class the explanation does not reproduce)."""
+
+
+def head_fidelity(Fx: torch.Tensor, theta: torch.Tensor, theta0: torch.Tensor) -> dict[str, float]:
+    """How well the refitted head ``theta`` reproduces the trained head ``theta0`` on the features ``Fx``.
+
+    ``prediction_agreement``: share of rows whose arg-max class agrees; ``mean_abs_logit_difference``: mean
+    over rows and classes of ``|Phi - Phi_0|`` after centring each row's logits (softmax ignores a shift);
+    ``relative_logit_difference``: ``||Phi_c - Phi_0c||_F / ||Phi_0c||_F`` of the centred logits;
+    ``mean_abs_model_logit``: mean ``|Phi_0c|``, for scale.
+    """
+    if Fx.shape[0] == 0:
+        return {}
+    Z0 = Fx @ theta0.T
+    Z = Fx @ theta.T
+    Z0 = Z0 - Z0.mean(dim=1, keepdim=True)
+    Z = Z - Z.mean(dim=1, keepdim=True)
+    diff = Z - Z0
+    return {
+        "prediction_agreement": float((Z.argmax(dim=1) == Z0.argmax(dim=1)).double().mean()),
+        "mean_abs_logit_difference": float(diff.abs().mean()),
+        "relative_logit_difference": float(
+            torch.linalg.vector_norm(diff) / torch.linalg.vector_norm(Z0).clamp_min(1e-300)
+        ),
+        "mean_abs_model_logit": float(Z0.abs().mean()),
+    }
+
+
+def _fidelity_warnings(fidelity: dict[str, float]) -> list[str]:
+    agreement = fidelity.get("prediction_agreement")
+    if agreement is None or agreement >= HEAD_AGREEMENT_WARNING:
+        return []
+    return [
+        f"the L2-refitted last layer that representer points explain predicts the trained network's class "
+        f"on only {agreement:.1%} of the training rows (mean absolute centred logit difference "
+        f"{fidelity['mean_abs_logit_difference']:.3g}, against a mean absolute model logit of "
+        f"{fidelity['mean_abs_model_logit']:.3g}): the scores explain that head, not the trained network; "
+        "a smaller l2 (and targets='model') usually keeps the refit closer"
+    ]
 
 
 @dataclass
@@ -218,6 +264,15 @@ def refit_head(
     return theta, _relative_residual(theta, g, l2), iters
 
 
+def _trained_head(problem, name: str, dev: torch.device) -> torch.Tensor:
+    """The trained output layer as ``[W, b]`` (``c x (d + 1)``, float64; b = 0 without a bias)."""
+    prefix = f"{name}." if name else ""
+    W = problem.weights[prefix + "weight"].to(dev, torch.float64)
+    b = problem.weights.get(prefix + "bias")
+    b = torch.zeros(W.shape[0], dtype=torch.float64, device=dev) if b is None else b.to(dev, torch.float64)
+    return torch.cat([W, b[:, None]], 1)
+
+
 @register
 class Representer(Estimator):
     name = "representer"
@@ -246,15 +301,7 @@ class Representer(Estimator):
         name, layer = last_linear(problem.model)
         tt = Ticker(runtime, "train_features", n_chunks(n, runtime.chunk_size))
         Fx = head_features(problem.model, problem.weights, problem.train_x, runtime, tt)
-        prefix = f"{name}." if name else ""
-        W = problem.weights[prefix + "weight"].to(dev, torch.float64)
-        b = problem.weights.get(prefix + "bias")
-        b = (
-            torch.zeros(W.shape[0], dtype=torch.float64, device=dev)
-            if b is None
-            else b.to(dev, torch.float64)
-        )
-        theta0 = torch.cat([W, b[:, None]], 1)
+        theta0 = _trained_head(problem, name, dev)
         y = problem.train_y.to(dev).long()
         if p.targets == "model":  # soft targets: the model's own class probabilities (its head is the output)
             target = torch.softmax(Fx @ theta0.T, dim=1)
@@ -273,6 +320,7 @@ class Representer(Estimator):
                 "stationary point: raise max_iter, raise tol, or increase l2",
                 parameter="/method/params/max_iter",
             )
+        fidelity = head_fidelity(Fx, theta, theta0)
         dL = torch.softmax(Fx @ theta.T, dim=1) - target  # dL_i / dPhi_i for cross-entropy
         alpha = -dL / (2.0 * p.l2 * n)
         return TrainState(
@@ -283,6 +331,7 @@ class Representer(Estimator):
                 "refit_iterations": iters,
                 "l2": p.l2,
                 "targets": p.targets,
+                "head_fidelity": fidelity,
             },
         )
 
@@ -309,6 +358,14 @@ class Representer(Estimator):
                 parameter="/method/params",
             )
         dev = torch.device(runtime.device)
+        fidelity = state.info.get("head_fidelity")
+        if fidelity is None:  # a state cached before the figure existed: all n rows of features are in it
+            theta0 = _trained_head(problem, last_linear(problem.model)[0], dev)
+            fidelity = head_fidelity(
+                state.tensors["features"].to(dev, torch.float64),
+                state.tensors["theta"].to(dev, torch.float64),
+                theta0,
+            )
         lo, hi = column_range(problem, train_range)
         m = problem.n_query
         dtype = numpy_dtype(runtime.dtype)
@@ -344,5 +401,7 @@ class Representer(Estimator):
                 refit_relative_residual=state.info["refit_relative_residual"],
                 refit_iterations=state.info["refit_iterations"],
                 explains="the query's true-class logit of the L2-refitted last layer (any measurement)",
+                head_fidelity=fidelity,
+                warnings=_fidelity_warnings(fidelity),
             ),
         )

@@ -26,7 +26,11 @@ Self-influence is ``sum_t eta_t ||g_{i,t}||^2`` (mislabel detection; projected
 norms under TracIn-RP); the cosine variant has none. Scores are a sum over
 checkpoints, so jobs may be sharded by checkpoint (``checkpoint_additive``),
 also for GAS. Plain gradients are used for every optimizer; for Adam the true
-update is preconditioned, so the scores are the SGD approximation.
+update is preconditioned, so the scores are the SGD approximation. The training
+optimizer, when the problem's ``recipe`` names one, is recorded in metadata
+(``optimizer``; None = unknown), and metadata ``warnings`` (a list of strings,
+empty when there is nothing to say) flags recipes whose updates are not
+``-eta_t g`` (adam, adamw, lbfgs; ESTIMATORS.md 2.18 pitfalls).
 """
 
 from __future__ import annotations
@@ -96,6 +100,38 @@ class TracInCPParams:
             "layer); null: all trainable parameters"
         },
     )
+
+
+_PRECONDITIONED = {"adam": "Adam", "adamw": "AdamW"}  # optimizers whose update is -eta m / (sqrt(v) + eps)
+
+
+def training_optimizer(problem) -> str | None:
+    """The optimizer named by ``problem.recipe`` (lower case), or None when the recipe is unknown."""
+    recipe = getattr(problem, "recipe", None)
+    opt = recipe.get("optimizer") if isinstance(recipe, dict) else getattr(recipe, "optimizer", None)
+    return str(opt).lower() if opt else None
+
+
+def optimizer_warnings(optimizer: str | None) -> list[str]:
+    """Warnings for a training optimizer whose update is not ``-eta_t g`` (TracIn's assumption)."""
+    if optimizer in _PRECONDITIONED:
+        label = _PRECONDITIONED[optimizer]
+        return [
+            f"the model was trained with {label}, whose update is the preconditioned "
+            "-eta_t m_t / (sqrt(v_t) + eps), not -eta_t g_t: these scores are the plain-gradient (SGD) "
+            "TracIn approximation, a learning-rate-weighted similarity of raw gradients, not the loss "
+            f"change each example caused along the {label} trajectory. The checkpoints' learning rates "
+            f"are the nominal rates, not {label}'s effective per-parameter step sizes "
+            "eta_t / (sqrt(v_t) + eps), so the eta_t weighting of checkpoints is nominal too"
+        ]
+    if optimizer == "lbfgs":
+        return [
+            "the model was trained with full-batch L-BFGS, whose quasi-Newton line-search steps are "
+            "not -eta_t g_t on mini-batches: these scores are the plain-gradient (SGD) TracIn "
+            "approximation, and the checkpoints' learning rate is L-BFGS's initial line-search step, "
+            "not a step size taken"
+        ]
+    return []
 
 
 def _no_checkpoints() -> EstimatorError:
@@ -355,5 +391,7 @@ class TracInCP(Estimator):
                 normalize=p.normalize,
                 layers=p.layers,
                 n_selected_parameters=sum(dict(problem.model.named_parameters())[k].numel() for k in names),
+                optimizer=training_optimizer(problem),
+                warnings=optimizer_warnings(training_optimizer(problem)),
             ),
         )

@@ -76,6 +76,12 @@ class Settings(BaseSettings):
     tenant_max_storage_bytes: int = Field(
         20 * 1024**3, description="Stored dataset and model bytes per tenant, trained weights too (413)."
     )
+    tenant_max_compute_seconds_per_day: float = Field(
+        0.0,
+        ge=0,
+        description="Compute seconds (jobs' and shards' running time) a tenant may use in any 24 hours; "
+        "a submission beyond it gets 429 (0 = no limit).",
+    )
     tenant_read_requests_per_second: int = Field(200, description="GET/HEAD requests per second per tenant.")
     tenant_write_requests_per_second: int = Field(50, description="Other requests per second per tenant.")
     rate_limit_storage_url: str | None = Field(

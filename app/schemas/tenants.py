@@ -20,6 +20,9 @@ class TenantLimits(RequestModel):
     write_requests_per_second: int | None = Field(None, ge=1, description="Other requests per second.")
     max_job_cost: float | None = Field(None, gt=0, description="n_train * n_query * n_parameters cap.")
     max_score_cells: float | None = Field(None, gt=0, description="n_train * n_query cap (score matrix).")
+    max_compute_seconds_per_day: float | None = Field(
+        None, ge=0, description="Running time of jobs and shards in any 24 hours (429 beyond; 0 = no limit)."
+    )
 
 
 class TenantCreate(RequestModel):
@@ -39,6 +42,7 @@ class EffectiveLimits(ReadModel):
     write_requests_per_second: int
     max_job_cost: float
     max_score_cells: float
+    max_compute_seconds_per_day: float
 
 
 class TenantRead(ReadModel):
@@ -80,3 +84,7 @@ class WhoAmI(ReadModel):
     scopes: list[Scope]
     storage_bytes_used: int
     active_jobs: int
+    compute_seconds_last_24h: float = Field(
+        description="Running time of the tenant's jobs and shards in the last 24 hours (what the daily "
+        "compute quota counts)."
+    )

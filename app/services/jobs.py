@@ -235,6 +235,7 @@ def submit_influence(
             if existing is not None:
                 return existing, False
         model, spec = _validate(session, settings, owner, body)
+        tenants.check_compute_quota(session, owner.tenant_id, owner.limits)
         job = Job(
             tenant_id=owner.tenant_id,
             kind="influence",

@@ -162,6 +162,7 @@ def create(
 
     job = None
     if weights is None:
+        tenants.check_compute_quota(session, owner.tenant_id, owner.limits)
         job = Job(
             tenant_id=owner.tenant_id,
             kind="training",

@@ -9,13 +9,14 @@ index hands out a fixed number of slots (:func:`pick_job_slot`).
 from __future__ import annotations
 
 import random
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
-from app.db.models import ACTIVE_STATES, Dataset, Job, Model, Tenant
+from app.db.models import ACTIVE_STATES, Dataset, Job, JobShard, Model, Tenant
 from app.problems import ProblemError
 from app.schemas.tenants import EffectiveLimits, TenantCreate, TenantLimits
 from app.services.pagination import paginate
@@ -34,6 +35,7 @@ def effective_limits(settings: Settings, tenant: Tenant) -> EffectiveLimits:
         "write_requests_per_second": settings.tenant_write_requests_per_second,
         "max_job_cost": settings.max_job_cost,
         "max_score_cells": settings.max_score_cells,
+        "max_compute_seconds_per_day": settings.tenant_max_compute_seconds_per_day,
     }
     return EffectiveLimits(**{**defaults, **overrides})
 
@@ -136,6 +138,51 @@ def pick_job_slot(session: Session, tenant_id: str, limits: EffectiveLimits) -> 
     if not free:
         raise _job_quota_exceeded(active, limit)
     return random.choice(free)
+
+
+COMPUTE_WINDOW = timedelta(hours=24)
+COMPUTE_RETRY_SECONDS = 600
+
+
+def compute_seconds_used(session: Session, tenant_id: str, now: datetime | None = None) -> float:
+    """Running time of the tenant's work within the last 24 hours: each job's claim-to-end interval
+    (up to now while it runs), and for a fanned-out job its shards' intervals instead (they run in
+    parallel), clipped to the window."""
+    now = now or utcnow()
+    since = now - COMPUTE_WINDOW
+    recent = (Job.finished_at.is_(None)) | (Job.finished_at > since)
+    spans = session.execute(
+        select(Job.started_at, Job.finished_at).where(
+            Job.tenant_id == tenant_id, Job.started_at.is_not(None), Job.shards_total == 0, recent
+        )
+    ).all()
+    spans += session.execute(
+        select(JobShard.started_at, JobShard.finished_at)
+        .join(Job, Job.id == JobShard.job_id)
+        .where(
+            Job.tenant_id == tenant_id,
+            JobShard.started_at.is_not(None),
+            (JobShard.finished_at.is_(None)) | (JobShard.finished_at > since),
+        )
+    ).all()
+    return sum(max(0.0, ((end or now) - max(start, since)).total_seconds()) for start, end in spans)
+
+
+def check_compute_quota(session: Session, tenant_id: str, limits: EffectiveLimits) -> None:
+    """429 ``compute-quota-exceeded`` when the tenant used its daily compute seconds (0 = no limit)."""
+    limit = limits.max_compute_seconds_per_day
+    if not limit:
+        return
+    used = compute_seconds_used(session, tenant_id)
+    if used >= limit:
+        raise ProblemError(
+            429,
+            "compute-quota-exceeded",
+            "Daily compute quota used",
+            f"the tenant's jobs ran {used:.0f} s in the last 24 hours (limit {limit:.0f} s); "
+            "submit again once earlier work ages out of the window, or ask for a larger quota",
+            headers={"Retry-After": str(COMPUTE_RETRY_SECONDS)},
+        )
 
 
 def _job_quota_exceeded(active: int, limit: int) -> ProblemError:

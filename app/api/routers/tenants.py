@@ -48,6 +48,7 @@ def who_am_i(caller: ReadAccess, session: SessionDep, settings: SettingsDep):
         scopes=sorted(caller.scopes),
         storage_bytes_used=tenants.storage_used(session, tenant.id),
         active_jobs=tenants.active_jobs(session, tenant.id),
+        compute_seconds_last_24h=round(tenants.compute_seconds_used(session, tenant.id), 3),
     )
 
 

@@ -9,13 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from app.estimators import Cancelled, EstimatorError, NumericalError, Recipe, TaskSpec, init_model, train
-from app.estimators.base import REGISTRY
-from app.estimators.objectives import per_example_loss, query_objective
-
-_preexisting = set(REGISTRY)
 import app.estimators.valuation  # noqa: E402, F401  (importing it registers its estimators)
-from app.estimators.valuation import (  # noqa: E402
+from app.estimators import Cancelled, EstimatorError, NumericalError, Recipe, TaskSpec, init_model, train
+from app.estimators.objectives import per_example_loss, query_objective
+from app.estimators.valuation import (
     SubsetOutputs,
     bernoulli_plan,
     choose_solver,
@@ -25,11 +22,6 @@ from app.estimators.valuation import (  # noqa: E402
     ridge_loo_closed_form,
     train_subsets,
 )
-
-# Until app.estimators imports the valuation package itself, keep its registrations out of the
-# other test modules (README documents only the wired-in estimators); see _registered below.
-for _name in set(REGISTRY) - _preexisting:
-    del REGISTRY[_name]
 
 torch.set_num_threads(1)
 CLS = TaskSpec("classification", "cross_entropy")

@@ -12,10 +12,7 @@ import torch
 
 from app.estimators import InfluenceProblem, Recipe, Runtime, TaskSpec, init_model
 from app.estimators.base import REGISTRY
-
-_preexisting = set(REGISTRY)
-import app.estimators.valuation as valuation  # noqa: E402  (importing it registers its estimators)
-from app.estimators.valuation import (  # noqa: E402
+from app.estimators.valuation import (
     bernoulli_plan,
     exact_shapley,
     exhaustive_plan,
@@ -26,22 +23,7 @@ from app.estimators.valuation import (  # noqa: E402
     train_plan,
 )
 
-# Until app.estimators imports the valuation package itself, keep its registrations out of the
-# other test modules (README documents only the wired-in estimators); see _registered below.
-for _name in set(REGISTRY) - _preexisting:
-    del REGISTRY[_name]
-
 torch.set_num_threads(1)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _registered():
-    """The valuation estimators in REGISTRY for this module's tests only (a no-op once wired in)."""
-    added = {cls.name: cls() for cls in valuation.ESTIMATOR_CLASSES if cls.name not in REGISTRY}
-    REGISTRY.update(added)
-    yield
-    for name in added:
-        REGISTRY.pop(name)
 
 
 CLS = TaskSpec("classification", "cross_entropy")

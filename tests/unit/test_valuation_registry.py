@@ -17,29 +17,12 @@ from app.estimators import (
     Runtime,
     TaskSpec,
     init_model,
+    valuation,
 )
 from app.estimators.base import REGISTRY
-
-_preexisting = set(REGISTRY)
-import app.estimators.valuation as valuation  # noqa: E402  (importing it registers its estimators)
-from app.estimators.valuation import SubsetOutputs, SubsetPlan  # noqa: E402
-
-# Until app.estimators imports the valuation package itself, keep its registrations out of the
-# other test modules (README documents only the wired-in estimators); see _registered below.
-for _name in set(REGISTRY) - _preexisting:
-    del REGISTRY[_name]
+from app.estimators.valuation import SubsetOutputs, SubsetPlan
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _registered():
-    """The valuation estimators in REGISTRY for this module's tests only (a no-op once wired in)."""
-    added = {cls.name: cls() for cls in valuation.ESTIMATOR_CLASSES if cls.name not in REGISTRY}
-    REGISTRY.update(added)
-    yield
-    for name in added:
-        REGISTRY.pop(name)
 
 
 CLS = TaskSpec("classification", "cross_entropy")
@@ -160,6 +143,20 @@ def test_adaptive_rounds_can_be_sharded():
     res = est.run(problem, params, F64, trainer=sharded)
     np.testing.assert_allclose(res.values, whole.values, rtol=0, atol=1e-12)
     assert res.n_retrains == whole.metadata["n_retrains"] <= 200
+
+
+def test_tmc_default_budget_completes_walks_on_larger_sets():
+    """Registered tmc_shapley at its defaults (max_retrains 2000, truncation 0.01) on n = 200 with a
+    utility that never truncates: 0 completed walks (so a NumericalError) before the sampler reserved
+    budget for the walks it opens; now floor(1999 / 199) = 10."""
+    problem = _problem(n=200)
+
+    def trainer(plan):
+        return {"utility": plan.masks.sum(axis=1) / 200}
+
+    res = REGISTRY["tmc_shapley"].run(problem, {"recipe": LBFGS}, F64, trainer=trainer)
+    assert res.n_samples == 10 and res.stopped_by == "max_retrains" and res.n_retrains == 1 + 10 * 199
+    assert np.isfinite(res.stderr).all()
 
 
 def test_regression_valuation_uses_loss_utility():

@@ -113,7 +113,8 @@ def run_until(
             break
         plan = sampler.next_plan(budget)
         if plan is None or (len(plan) == 0 and idle_rounds >= 2):
-            stopped_by = "exhausted"
+            # a sampler that holds back work it could not finish within the budget says so
+            stopped_by = "max_retrains" if getattr(sampler, "out_of_budget", False) else "exhausted"
             break
         idle_rounds = idle_rounds + 1 if len(plan) == 0 else 0
         outputs = trainer(plan) if len(plan) else {"utility": np.zeros(0)}

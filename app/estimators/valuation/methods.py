@@ -50,7 +50,7 @@ from ..gradients import as_params, column_range, metadata, numpy_dtype, validate
 from ..training import Recipe, validate_recipe
 from .datamodels import datamodels_estimate
 from .driver import RunResult, run_until
-from .engine import SubsetOutputs, train_subsets
+from .engine import SubsetOutputs, linear_layer, train_subsets
 from .knn import knn_shapley, penultimate_embedder
 from .samplers import (
     MAX_EXHAUSTIVE_N,
@@ -112,12 +112,20 @@ class RetrainingParams:
     n_models_per_batch: Annotated[int, Ge(1)] = _p(64, "models trained together (memory/speed trade-off)")
 
 
+LOO_MIN_REPEATS_NONCONVEX = 5
+"""ESTIMATORS.md 2.1: seeds per retrain, 1 for convex models, at least 5 for neural nets."""
+
+
 @dataclass
 class LOOParams(RetrainingParams):
     """Leave-one-out: retrain without each training example; score = q(D without i) - q(D)."""
 
     repeats: Annotated[int, Ge(1)] = _p(
-        1, "train the full set and every leave-one-out set this many times (paired seeds) and average"
+        1,
+        "train the full set and every leave-one-out set this many times (paired seeds) and average; "
+        f"1 suffices for a linear (convex) model, use >= {LOO_MIN_REPEATS_NONCONVEX} for a neural net, "
+        "whose seed-to-seed variation can exceed the effect of one point. With repeats > 1 the "
+        "metadata reports the seed noise and the scores' standard errors",
     )
 
 
@@ -418,6 +426,7 @@ class LOO(_Retraining):
                 repeats=p.repeats,
                 solver=outputs.info.get("solver"),
                 n_retrains=outputs.info.get("n_trained"),
+                **_loo_noise(problem, p, plan, outputs["query"], scores),
             ),
         )
 
@@ -442,6 +451,53 @@ class LOO(_Retraining):
         return self.estimate(
             problem, p, plan, outputs, runtime=runtime, train_range=train_range, want_scores=want_scores
         )
+
+
+def _loo_noise(problem: InfluenceProblem, p: LOOParams, plan: SubsetPlan, q: np.ndarray, scores) -> dict:
+    """Seed-noise diagnostics of a leave-one-out run (ESTIMATORS.md 2.1 pitfall).
+
+    ``convex_model``: the model is a single linear layer (its L2-regularised objective is convex).
+    A non-convex model with fewer than :data:`LOO_MIN_REPEATS_NONCONVEX` repeats gets a
+    ``warnings`` entry. With ``repeats > 1`` (the plan being ``repeats`` equal blocks, one seed
+    each): ``seed_noise``, the across-seed standard deviation (ddof 1) of the full-data query
+    objective ``q(D)``, averaged over queries (how far one retraining moves on the seed alone);
+    ``stderr_mean`` / ``stderr_max``, the standard errors of the averaged scores from the paired
+    per-seed differences ``q_r(D without i) - q_r(D)``; ``mean_abs_score``; and
+    ``resolved_fraction``, the share of scores with ``|score| > 2 stderr``.
+    """
+    convex = linear_layer(problem.model) is not None
+    out: dict[str, Any] = {"convex_model": convex}
+    if not convex and p.repeats < LOO_MIN_REPEATS_NONCONVEX:
+        out["warnings"] = [
+            f"leave-one-out on a non-convex model with repeats = {p.repeats}: the seed-to-seed variation "
+            "of a retrained network is usually larger than the effect of removing one point, so these "
+            f"scores are mostly seed noise. Use repeats >= {LOO_MIN_REPEATS_NONCONVEX} (the metadata then "
+            "reports the noise floor), or the LDS instead of LOO to evaluate estimators (ESTIMATORS.md 2.1)"
+        ]
+    R = int(p.repeats)
+    K = len(plan)
+    if R < 2 or K % R:
+        return out
+    removed = np.asarray(plan.meta["removed"]).reshape(R, K // R)
+    seeds = plan.seeds.reshape(R, K // R)
+    if not (
+        (removed == removed[0]).all() and (seeds == seeds[:, :1]).all() and (removed[0] == -1).sum() == 1
+    ):
+        return out  # not the blocks LOO.plan makes: no paired differences
+    qb = np.asarray(q, dtype=np.float64).reshape(R, K // R, -1)  # (R, rows per block, m)
+    full = qb[:, removed[0] == -1, :][:, 0, :]  # (R, m)
+    diffs = qb[:, removed[0] >= 0, :] - full[:, None, :]  # (R, n_removed, m), rows in removed order
+    order = np.argsort(removed[0][removed[0] >= 0], kind="stable")
+    stderr = diffs[:, order, :].std(axis=0, ddof=1).T / np.sqrt(R)  # (m, n_removed) like the scores
+    abs_scores = np.abs(np.asarray(scores, dtype=np.float64)).reshape(stderr.shape)
+    out.update(
+        seed_noise=float(full.std(axis=0, ddof=1).mean()),
+        stderr_mean=float(stderr.mean()) if stderr.size else 0.0,
+        stderr_max=float(stderr.max()) if stderr.size else 0.0,
+        mean_abs_score=float(abs_scores.mean()) if abs_scores.size else 0.0,
+        resolved_fraction=float((abs_scores > 2 * stderr).mean()) if stderr.size else 0.0,
+    )
+    return out
 
 
 @dataclass(frozen=True)
@@ -619,7 +675,14 @@ class Downsampling(_RandomSubsets):
     def estimate(
         self, problem, params, plan, outputs, *, runtime=None, train_range=None, want_scores=True
     ) -> Attribution:
-        """Scores m x n (``train_range`` columns); self-influence = memorisation if outputs have "train"."""
+        """Scores m x n (``train_range`` columns); self-influence = memorisation if outputs have "train".
+
+        Standard errors (``sqrt(s_in^2/K_in + s_out^2/K_out)`` per (query, point) pair, from
+        :func:`difference_of_means`) are summarised in the metadata: ``stderr_max`` / ``stderr_mean``
+        over all pairs, ``k_in_min`` / ``k_out_min`` (the fewest subsets any point was in / out of),
+        and ``self_influence_stderr_max`` / ``_mean`` for the returned memorisation values. The
+        Attribution has no slot for per-pair errors; :func:`downsampling_estimate` returns them.
+        NumericalError when some point was in (or out of) fewer than two subsets."""
         p = as_params(self.Params, params)
         runtime = runtime or Runtime()
         dtype = numpy_dtype(runtime.dtype)
@@ -632,13 +695,19 @@ class Downsampling(_RandomSubsets):
                 parameter="/method/params/n_masks",
             )
         self_inf = None
+        extra: dict[str, Any] = {}
         if "train" in outputs.arrays:
             train_q = outputs["train"]  # K x n, or K x (hi - lo) when measured on the range only
             if train_q.shape[1] == problem.n_train:
-                mem = memorisation_estimate(plan.masks, train_q)[0][lo:hi]
+                mem, mem_se = (a[lo:hi] for a in memorisation_estimate(plan.masks, train_q))
             else:
-                mem = memorisation_estimate(plan.masks[:, lo:hi], train_q)[0]
+                mem, mem_se = memorisation_estimate(plan.masks[:, lo:hi], train_q)
             self_inf = mem.astype(dtype)
+            extra = {
+                "self_influence_stderr_max": float(mem_se.max()) if mem_se.size else 0.0,
+                "self_influence_stderr_mean": float(mem_se.mean()) if mem_se.size else 0.0,
+            }
+        k_in = plan.masks.sum(axis=0)
         return Attribution(
             scores=scores[:, lo:hi].astype(dtype) if want_scores else None,
             self_influence=self_inf,
@@ -649,8 +718,12 @@ class Downsampling(_RandomSubsets):
                 n_masks=len(plan),
                 stderr_max=float(stderr.max()) if stderr.size else 0.0,
                 stderr_mean=float(stderr.mean()) if stderr.size else 0.0,
+                # the rarest point's subset counts: its pairs carry the largest standard errors
+                k_in_min=int(k_in.min()) if k_in.size else 0,
+                k_out_min=int((len(plan) - k_in).min()) if k_in.size else 0,
                 solver=outputs.info.get("solver"),
                 n_retrains=outputs.info.get("n_trained"),
+                **extra,
             ),
         )
 
@@ -818,16 +891,19 @@ class _Adaptive(_Valuation):
         p = as_params(self.Params, params)
         return _CachedTrainer(self, problem, p, runtime or Runtime(), p.cache and not p.seed_per_mask)
 
-    def run(self, problem, params, runtime=None, *, trainer=None) -> RunResult:
-        """:func:`run_until` with this method's sampler and accumulator; ``trainer`` defaults to
-        :meth:`trainer` (the service can pass one that shards every round over workers)."""
+    def run(
+        self, problem, params, runtime=None, *, trainer=None, sampler=None, accumulator=None
+    ) -> RunResult:
+        """:func:`run_until` with this method's sampler and accumulator (or the fresh ones passed, to
+        inspect afterwards); ``trainer`` defaults to :meth:`trainer` (the service can pass one that
+        shards every round over workers)."""
         p = as_params(self.Params, params)
         runtime = runtime or Runtime()
         self._validate(problem)
         return run_until(
-            self.sampler(problem, p),
+            sampler if sampler is not None else self.sampler(problem, p),
             trainer if trainer is not None else self.trainer(problem, p, runtime),
-            self.accumulator(problem, p),
+            accumulator if accumulator is not None else self.accumulator(problem, p),
             tolerance=p.tolerance,
             max_retrains=p.max_retrains,
             max_seconds=p.max_seconds,
@@ -850,7 +926,9 @@ class _Adaptive(_Valuation):
         p = as_params(self.Params, params)
         runtime = runtime or Runtime()
         trainer = self.trainer(problem, p, runtime)
-        res = self.run(problem, p, runtime, trainer=trainer)
+        self._validate(problem)
+        sampler, acc = self.sampler(problem, p), self.accumulator(problem, p)
+        res = self.run(problem, p, runtime, trainer=trainer, sampler=sampler, accumulator=acc)
         return self._finish(
             problem,
             p,
@@ -866,7 +944,11 @@ class _Adaptive(_Valuation):
             stopped_by=res.stopped_by,
             max_stderr=float(np.max(res.stderr)) if res.stderr.size else 0.0,
             solver=trainer.solver,
+            **self._run_metadata(p, sampler, acc, res),
         )
+
+    def _run_metadata(self, p, sampler, accumulator, res: RunResult) -> dict[str, Any]:
+        return {}
 
 
 class _PermutationMethod(_Adaptive):
@@ -881,10 +963,24 @@ class _PermutationMethod(_Adaptive):
             in_flight=max(
                 1, p.n_models_per_batch * 4 // (max(1, problem.n_train - 1) if p.truncation == 0 else 8)
             ),
+            # the budget less the full-set row: walks that could not finish are never started
+            max_rows=p.max_retrains - 1,
         )
 
     def _weights(self, n: int, p) -> np.ndarray | None:
         return None
+
+    def _run_metadata(self, p, sampler: PermutationSampler, accumulator: PermutationAccumulator, res):
+        out = _truncation_metadata(
+            sampler.n, np.concatenate(accumulator.truncated_at) if accumulator.truncated_at else []
+        )
+        if sampler.u_full is not None:
+            out.update(u_full=sampler.u_full, u_empty=sampler.u_empty)
+            if self._weights(sampler.n, p) is None:
+                # Shapley: each untruncated walk telescopes to U(D) - U(empty); a walk truncated at a
+                # prefix within truncation * |U(D)| of U(D) misses at most that much
+                out["efficiency_gap"] = float(sampler.u_full - sampler.u_empty - res.values.sum())
+        return out
 
     def accumulator(self, problem, params) -> PermutationAccumulator:
         p = as_params(self.Params, params)
@@ -899,8 +995,27 @@ class _PermutationMethod(_Adaptive):
             )
         )
         return self._finish(
-            problem, p, values, stderr, train_range, runtime or Runtime(), n_samples=samples.n_walks
+            problem,
+            p,
+            values,
+            stderr,
+            train_range,
+            runtime or Runtime(),
+            n_samples=samples.n_walks,
+            **_truncation_metadata(problem.n_train, samples.truncated_at),
         )
+
+
+def _truncation_metadata(n: int, truncated_at) -> dict[str, float]:
+    """``truncated_walks``: the share of walks stopped early; ``zeroed_marginals``: the share of
+    (walk, point) marginals set to 0 by truncation (the late points whose values it biases)."""
+    t = np.asarray(truncated_at, dtype=np.float64).reshape(-1)
+    if t.size == 0:
+        return {"truncated_walks": 0.0, "zeroed_marginals": 0.0}
+    return {
+        "truncated_walks": float((t < n).mean()),
+        "zeroed_marginals": float(((n - t) / max(n, 1)).mean()),
+    }
 
 
 @register

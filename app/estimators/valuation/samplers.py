@@ -346,6 +346,14 @@ class PermutationSampler:
     ``train_seed`` for every prefix, or derived from ``(seed, w, prefix length)``
     when ``train_seed`` is None. Results therefore do not depend on ``max_masks``,
     ``in_flight`` or how the rounds are sharded, only on the utilities.
+
+    ``max_rows`` (None: no limit) caps the prefix rows handed out after the first
+    round (a run's retraining budget less the full set). A walk is opened only while
+    the rows left can finish it and every walk already open (``n - 1`` prefixes each,
+    the worst case without truncation), so a budget stop never leaves walks half
+    trained: without it, ``in_flight`` walks advancing a few prefixes per round could
+    spend a budget below ``in_flight * (n - 1)`` without completing any walk.
+    :attr:`out_of_budget` tells that the sampler stopped for this reason.
     """
 
     def __init__(
@@ -357,12 +365,16 @@ class PermutationSampler:
         truncation: float = 0.0,
         in_flight: int = 64,
         max_walks: int | None = None,
+        max_rows: int | None = None,
     ) -> None:
         self.n = _check_n(n)
         if truncation < 0 or not math.isfinite(truncation):
             raise EstimatorError("truncation must be >= 0", parameter="/method/params/truncation")
         self.seed, self.train_seed, self.truncation = seed, train_seed, float(truncation)
         self.in_flight, self.max_walks = max(1, int(in_flight)), max_walks
+        self.max_rows = None if max_rows is None else max(0, int(max_rows))
+        self.rows_handed_out = 0  # prefix rows after the first round
+        self.out_of_budget = False
         self.u_empty: float | None = None
         self.u_full: float | None = None
         self._started = False
@@ -377,6 +389,13 @@ class PermutationSampler:
             and self.max_walks is not None
             and self._next_walk >= self.max_walks
         )
+
+    def _can_open(self) -> bool:
+        """Whether the row budget can finish every open walk and one more (without truncation)."""
+        if self.max_rows is None:
+            return True
+        reserved = sum(self.n - 1 - w.pending for w in self._walks)
+        return self.rows_handed_out + reserved + self.n - 1 <= self.max_rows
 
     def _seed_for(self, walk: int, length: int) -> int:
         if self.train_seed is not None:
@@ -411,8 +430,10 @@ class PermutationSampler:
         rows_walk: list[int] = []
         rows_len: list[int] = []
         # open new walks while there is room
-        while len(self._walks) < self.in_flight and (
-            self.max_walks is None or self._next_walk < self.max_walks
+        while (
+            len(self._walks) < self.in_flight
+            and (self.max_walks is None or self._next_walk < self.max_walks)
+            and self._can_open()
         ):
             self._walks.append(
                 _Walk(self._next_walk, permutation(n, self.seed, self._next_walk), self.u_empty, self.u_full)
@@ -420,6 +441,8 @@ class PermutationSampler:
             self._next_walk += 1
         open_walks = [w for w in self._walks if w.pending < n - 1]
         if not open_walks:
+            if not self._walks and not self._can_open():
+                self.out_of_budget = self.max_walks is None or self._next_walk < self.max_walks
             return None
         per_walk = lookahead or max(1, budget // len(open_walks))
         for w in open_walks:
@@ -430,6 +453,7 @@ class PermutationSampler:
                 rows_walk.append(w.index)
                 rows_len.append(length)
             w.pending += take
+        self.rows_handed_out += len(rows_len)
         masks = np.zeros((len(rows_len), n), dtype=bool)
         walk_by_index = {w.index: w for w in self._walks}
         for r, (wi, length) in enumerate(zip(rows_walk, rows_len, strict=True)):

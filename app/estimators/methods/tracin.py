@@ -378,6 +378,7 @@ class TracInCP(Estimator):
         normalisation = "sum_t eta_t (no 1/n)" if p.use_checkpoint_learning_rates else "sum_t (eta_t = 1)"
         if cosine:
             normalisation += "; cosine of gradients (GAS)"
+        optimizer = training_optimizer(problem)
         return Attribution(
             scores=scores,
             self_influence=self_inf,
@@ -391,7 +392,7 @@ class TracInCP(Estimator):
                 normalize=p.normalize,
                 layers=p.layers,
                 n_selected_parameters=sum(dict(problem.model.named_parameters())[k].numel() for k in names),
-                optimizer=training_optimizer(problem),
-                warnings=optimizer_warnings(training_optimizer(problem)),
+                optimizer=optimizer,
+                warnings=optimizer_warnings(optimizer),
             ),
         )

@@ -76,7 +76,7 @@ def create_app(
         description=(
             "Register datasets and models, submit influence jobs, poll them, fetch results. "
             "Scores are query-major (row = query, column = training example); positive = proponent. "
-            "Every error is application/problem+json (RFC 9457)."
+            "Every error is application/problem+json (RFC 9457); docs/problems.md lists every `code`."
         ),
         lifespan=lifespan,
     )

@@ -32,7 +32,13 @@ _TITLES = {
     500: "Internal server error",
     503: "Service unavailable",
 }
-_CODES = {404: "not-found", 405: "method-not-allowed", 413: "too-large", 415: "unsupported-media-type"}
+_CODES = {
+    400: "bad-request",
+    404: "not-found",
+    405: "method-not-allowed",
+    413: "too-large",
+    415: "unsupported-media-type",
+}
 
 
 def request_id(request: Request | None = None, scope: Scope | None = None) -> str:

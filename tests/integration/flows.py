@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 
 from app.estimators import Checkpoint, InfluenceProblem, TaskSpec, get_architecture, init_model
+from app.problems import PROBLEM_BASE_URI, PROBLEM_TYPES
 from app.services.validation import validate_params
 from app.storage.artifacts import ArtifactStore
 
@@ -119,6 +120,8 @@ def assert_problem(response: httpx.Response, status: int, code: str | None = Non
     body = response.json()
     assert {"type", "title", "status", "detail", "code"} <= body.keys()
     assert body["status"] == status
+    assert body["code"] in PROBLEM_TYPES and status in PROBLEM_TYPES[body["code"]].statuses, body
+    assert body["type"] == PROBLEM_BASE_URI + body["code"]
     if code is not None:
         assert body["code"] == code, body
     return body

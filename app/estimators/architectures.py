@@ -25,7 +25,7 @@ from importlib import metadata as importlib_metadata
 from typing import Annotated, Any, Literal
 
 import torch
-from annotated_types import Ge
+from annotated_types import Ge, Gt
 from torch import nn
 
 from .base import EstimatorError
@@ -136,6 +136,66 @@ def _build_mlp(p: MLPParams) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+# ----------------------------------------------------------------------------- lora_mlp
+
+
+class _ZeroInitLinear(nn.Linear):
+    """A Linear layer whose (re)initialisation is all zeros: LoRA's up-projection B starts at 0."""
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class LoRALinear(nn.Module):
+    """``x W^T + b + (alpha / rank) * B(A(x))`` with W, b frozen and only A (rank x d_in) and B
+    (d_out x rank) trained (Hu et al., 2022).
+
+    W and b are named ``weight`` and ``bias`` as in ``nn.Linear``, so an ``mlp`` state dict fills the
+    frozen base; A and B are ``nn.Linear`` children (``lora_A``, ``lora_B``), so K-FAC, EK-FAC, LoGra
+    and DataInf see one layer each. Retraining resets only A and B (B to zero, so a retrained model
+    starts at the base), never the base.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float) -> None:
+        super().__init__()
+        base = nn.Linear(in_features, out_features)  # a random base, initialised as nn.Linear does
+        self.weight = nn.Parameter(base.weight.detach(), requires_grad=False)
+        self.bias = nn.Parameter(base.bias.detach(), requires_grad=False)
+        self.lora_A = nn.Linear(in_features, rank, bias=False)
+        self.lora_B = _ZeroInitLinear(rank, out_features, bias=False)
+        self.scale = float(alpha) / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias) + self.scale * self.lora_B(self.lora_A(x))
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:g}"
+
+
+@dataclass
+class LoRAMLPParams:
+    """An ``mlp`` whose Linear layers are frozen and adapted by rank-``rank`` LoRA updates."""
+
+    in_features: Annotated[int, Ge(1)] = _p(1, "number of input features")
+    hidden: list[Annotated[int, Ge(1)]] = _p(description="widths of the hidden layers", factory=lambda: [64])
+    num_classes: Annotated[int, Ge(1)] = _p(2, "number of outputs: classes, or 1 for scalar regression")
+    activation: Literal["relu", "tanh", "gelu"] = _p("relu", "activation after each hidden layer")
+    rank: Annotated[int, Ge(1)] = _p(8, "rank r of each adapter (A is r x d_in, B is d_out x r)")
+    alpha: Annotated[float, Gt(0)] = _p(8.0, "adapter scale numerator: the update is (alpha / rank) B A")
+
+
+def _build_lora_mlp(p: LoRAMLPParams) -> nn.Module:
+    layers: list[nn.Module] = [nn.Flatten()]
+    widths = [p.in_features, *p.hidden, p.num_classes]
+    for i, (d_in, d_out) in enumerate(zip(widths, widths[1:], strict=False)):
+        layers.append(LoRALinear(d_in, d_out, p.rank, p.alpha))
+        if i < len(p.hidden):
+            layers.append(_ACTIVATIONS[p.activation]())
+    return nn.Sequential(*layers)
+
+
 # ----------------------------------------------------------------------------- cnn
 
 
@@ -225,7 +285,7 @@ def _chw(p: Any) -> int:
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
-BUILTIN_ARCHITECTURES: frozenset[str] = frozenset({"linear", "mlp", "cnn", "resnet9"})
+BUILTIN_ARCHITECTURES: frozenset[str] = frozenset({"linear", "mlp", "lora_mlp", "cnn", "resnet9"})
 
 
 def register_architecture(arch: Architecture, *, replace: bool = False) -> Architecture:
@@ -254,6 +314,15 @@ for _arch in (
         "fully connected network with configurable hidden widths and activation",
         MLPParams,
         _build_mlp,
+        lambda p: int(p.in_features),
+        lambda p: int(p.num_classes),
+    ),
+    Architecture(
+        "lora_mlp",
+        "mlp with frozen Linear layers adapted by trained low-rank (LoRA) updates; upload the base and "
+        "adapter weights (an mlp's weights fill the base)",
+        LoRAMLPParams,
+        _build_lora_mlp,
         lambda p: int(p.in_features),
         lambda p: int(p.num_classes),
     ),

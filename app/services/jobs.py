@@ -461,9 +461,12 @@ def _fail_model(session: Session, job_id: str, error: dict | None) -> None:
     job = session.get(Job, job_id)
     model = session.get(Model, job.model_id)
     model.state = "failed"
-    model.error = error or ProblemError(
-        409, "training-cancelled", "Training was cancelled", "the model's training job was cancelled"
-    ).to_dict()
+    model.error = (
+        error
+        or ProblemError(
+            409, "training-cancelled", "Training was cancelled", "the model's training job was cancelled"
+        ).to_dict()
+    )
 
 
 def sweep(settings: Settings, *, requeue_all_queued: bool = False) -> list[str]:

@@ -7,16 +7,21 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
+import torch
 from sqlalchemy import create_engine, update
 
 from app.db.base import utcnow
 from app.db.models import Job
-from app.estimators import REGISTRY
+from app.estimators import REGISTRY, Recipe, TaskSpec, init_model
+from app.estimators import train as train_model
 from app.services.validation import validate_params
 from tests.integration.flows import (
+    DIGITS_MLP,
+    FAST_RECIPE,
     assert_problem,
     builtin,
     library_problem,
+    register_model,
     scores,
     submit,
     train_digits_model,
@@ -96,6 +101,46 @@ def test_job_results_equal_direct_call(trained, integration_settings, method, pa
 
         raw = client.get(f"/v1/influence-jobs/{job['id']}/artifacts/self-influence").content
         np.testing.assert_allclose(np.load(io.BytesIO(raw)), want.self_influence, rtol=1e-4, atol=1e-6)
+
+
+def test_lora_adapters_of_a_registered_base(trained, integration_settings):
+    """A lora_mlp registered with uploaded weights (the service-trained mlp as its frozen base, adapters
+    fine-tuned here): a DataInf job attributes through the adapters only and equals the library call."""
+    client, train, test, base_model = trained
+    base = library_problem(integration_settings, client, base_model, train, test, [0])
+    params = {**DIGITS_MLP["params"], "rank": 2, "alpha": 2.0}
+    module = init_model("lora_mlp", params, 0)
+    module.load_state_dict(base.weights, strict=False)
+    recipe = Recipe(learning_rate=0.05, epochs=2, batch_size=64, weight_decay=1e-3, num_checkpoints=0)
+    tuned = train_model(module, TaskSpec(), base.train_x[:400].float(), base.train_y[:400], recipe)
+    spec = {
+        "name": "digits-lora",
+        "architecture": {"name": "lora_mlp", "params": params},
+        "recipe": {**FAST_RECIPE, "weight_decay": 1e-3},
+    }
+    response = register_model(client, spec, tuned.weights)
+    assert response.status_code == 201, response.text
+    model = response.json()
+    assert model["state"] == "ready" and model["n_parameters"] == 64 * 32 + 32 + 32 * 10 + 10 + 2 * (
+        64 + 32 + 32 + 10
+    )
+    queries = [1, 2, 3]
+    body = {
+        "model_id": model["id"],
+        "train_dataset_id": train["id"],
+        "query_dataset_id": test["id"],
+        "query_indices": queries,
+        "method": {"name": "datainf", "params": {}},
+        "output": {"keep_full_matrix": True},
+    }
+    job = wait(client, submit(client, body).headers["location"])
+    assert job["state"] == "succeeded", job
+    problem = library_problem(integration_settings, client, model, train, test, queries)
+    for name in ("1.weight", "3.bias"):  # the frozen base is the registered mlp's
+        assert torch.equal(problem.weights[name], base.weights[name])
+    want = REGISTRY["datainf"].attribute(problem, None)
+    assert want.metadata["layers"] == ["1.lora_A", "1.lora_B", "3.lora_A", "3.lora_B"]
+    np.testing.assert_allclose(scores(client, job["id"]), want.scores, rtol=1e-4, atol=1e-6)
 
 
 def test_results_paging_and_formats(trained):

@@ -19,6 +19,8 @@ from app.estimators import architectures as A
         ("linear", {"in_features": 7, "num_classes": 1}, (5, 7), (5, 1)),
         ("mlp", {"in_features": 7, "hidden": [8, 4], "num_classes": 3, "activation": "gelu"}, (5, 7), (5, 3)),
         ("mlp", {"in_features": 7, "hidden": [], "num_classes": 2}, (5, 7), (5, 2)),
+        ("lora_mlp", {"in_features": 7, "hidden": [8], "num_classes": 3, "rank": 2}, (5, 7), (5, 3)),
+        ("lora_mlp", {"in_features": 7, "hidden": [], "num_classes": 1, "rank": 1}, (5, 7), (5, 1)),
         ("cnn", {}, (5, 64), (5, 10)),
         ("cnn", {"in_channels": 3, "height": 5, "width": 7, "channels": [4, 4, 4]}, (5, 3, 5, 7), (5, 10)),
         ("resnet9", {"height": 16, "width": 16, "base_channels": 8}, (2, 3 * 16 * 16), (2, 10)),

@@ -534,6 +534,39 @@ def test_datainf_rank_correlation_vs_exact_damped_gn(mlp):
     assert figures["layers 80+51"][0] >= 0.3
 
 
+def test_datainf_on_lora_adapters_error_grows_with_the_rank():
+    """ESTIMATORS.md 2.15's LoRA toy: a linear base pretrained on one task, a rank-r LoRA adapter
+    fine-tuned on another (lora_mlp without hidden layers: DataInf layers A, r x 8, and B, 3 x r).
+    DataInf vs exact per-layer damped GN influence at the same lambda_l, for r = 1, 2, 4, 8."""
+    xa, ya = _blobs(400, 10, d=8)
+    base = init_model("linear", {"in_features": 8, "num_classes": 3}, 0).double()
+    pretrained = train(
+        base, CLS, xa, ya, Recipe(learning_rate=0.2, epochs=20, batch_size=32, num_checkpoints=0)
+    )
+    x, y = _blobs(200, 0, d=8)
+    qx, qy = _blobs(20, 1, d=8)
+    figures = {}
+    for damping_scale in (0.1, 1.0):
+        for rank in (1, 2, 4, 8):
+            model = init_model(
+                "lora_mlp", {"in_features": 8, "hidden": [], "num_classes": 3, "rank": rank}, 0
+            )
+            model = model.double()
+            model.load_state_dict(pretrained.weights, strict=False)
+            recipe = Recipe(
+                learning_rate=0.1, epochs=30, batch_size=16, weight_decay=MLP_WD, num_checkpoints=0
+            )
+            res = train(model, CLS, x, y, recipe)
+            prob = _problem(model, CLS, res.weights, x, y, qx, qy, MLP_WD)
+            figures[(damping_scale, rank)] = _datainf_vs_exact_gn(prob, None, damping_scale)
+    print(f"\nDataInf vs exact damped GN on LoRA adapters, Spearman (mean, min over 20 queries): {figures}")
+    for ds in (0.1, 1.0):
+        mean = [figures[(ds, r)][0] for r in (1, 2, 4, 8)]
+        assert mean[0] > mean[1] > mean[2] and mean[3] < mean[1]  # the swap error grows with the rank
+        assert mean[0] - mean[3] >= 0.15
+    assert all(figures[(1.0, r)][0] > figures[(0.1, r)][0] for r in (1, 2, 4, 8))  # damping shrinks it
+
+
 # ----------------------------------------------------------------------------- relatif
 
 

@@ -128,7 +128,8 @@ def reset_factory(template: nn.Module) -> Callable[[int], nn.Module]:
     ``modules()`` order, in float32, then casts each tensor back to the template's
     dtype: this replays the constructors' random draws, so for the built-in
     architectures ``make(seed)`` equals ``init_model(arch, params, seed).to(dtype)``.
-    The global RNG is left untouched.
+    Frozen parameters (``requires_grad`` False: a LoRA base, a frozen feature extractor) keep the
+    template's values exactly, since training never changes them. The global RNG is left untouched.
     """
 
     dtype = next((t.dtype for t in template.parameters() if t.is_floating_point()), torch.float32)
@@ -143,7 +144,12 @@ def reset_factory(template: nn.Module) -> Callable[[int], nn.Module]:
                         m.reset_parameters()
                     if hasattr(m, "reset_running_stats") and callable(m.reset_running_stats):
                         m.reset_running_stats()
-        return model.to(dtype)
+        model = model.to(dtype)
+        with torch.no_grad():
+            for param, kept in zip(model.parameters(), template.parameters(), strict=True):
+                if not kept.requires_grad:
+                    param.copy_(kept)
+        return model
 
     return make
 

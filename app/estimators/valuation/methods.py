@@ -247,7 +247,14 @@ def _shared_seed(problem: InfluenceProblem, p: RetrainingParams) -> int | None:
 
 
 def _template(problem: InfluenceProblem, runtime: Runtime) -> torch.nn.Module:
-    return copy.deepcopy(problem.model).to(runtime.dtype)
+    """The module retraining starts from: frozen parameters (a LoRA base, a frozen feature extractor)
+    hold the registered weights, since retraining re-initialises and trains only what training did."""
+    model = copy.deepcopy(problem.model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                param.copy_(problem.weights[name])
+    return model.to(runtime.dtype)
 
 
 class _Retraining(Estimator):

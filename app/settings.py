@@ -155,6 +155,12 @@ class Settings(BaseSettings):
         8 * 1024**3, ge=1024, description="RLIMIT_FSIZE of a compute child: the largest file it may write."
     )
     sandbox_max_open_files: int = Field(256, ge=32, description="RLIMIT_NOFILE of a compute child.")
+    sandbox_max_processes: int = Field(
+        512,
+        ge=16,
+        description="RLIMIT_NPROC headroom of a compute child: the processes and threads it may add to "
+        "those its user runs when it starts (the kernel does not enforce it for root).",
+    )
     sandbox_nice: int = Field(
         10, ge=0, le=19, description="Niceness added to a compute child, so the API keeps a core."
     )

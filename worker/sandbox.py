@@ -8,8 +8,9 @@ tenant weights or data happens in a fresh child per job or shard, which gets
   LD_LIBRARY_PATH when set);
 * its own session and process group (a SIGKILL to the group ends it and whatever it started),
   ``PR_SET_PDEATHSIG=SIGKILL`` (it dies with its supervisor), ``PR_SET_NO_NEW_PRIVS``, a nice
-  level, and RLIMIT_CPU, RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_CORE=0 and, on CPU-only workers,
-  RLIMIT_AS (CUDA reserves huge address ranges, so never with CUDA);
+  level, and RLIMIT_CPU, RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_NPROC (what its user runs plus an
+  allowance, so a runaway child cannot fork the machine full), RLIMIT_CORE=0 and, on CPU-only
+  workers, RLIMIT_AS (CUDA reserves huge address ranges, so never with CUDA);
 * an empty network namespace (``unshare --net``) where this machine permits one;
 * on CPU workers, Landlock (:mod:`worker.landlock`, Linux 5.13+): before it reads any tenant byte
   the child confines itself to reading its own inputs, the Python installation and the system
@@ -495,6 +496,7 @@ class Limits:
     memory_bytes: int | None  # None: no RLIMIT_AS (unset, or the child may use CUDA)
     file_bytes: int
     open_files: int
+    processes: int
     nice: int
     threads: int
     isolate_network: bool
@@ -516,6 +518,7 @@ class Limits:
             else None,
             file_bytes=settings.sandbox_max_file_bytes,
             open_files=settings.sandbox_max_open_files,
+            processes=settings.sandbox_max_processes,
             nice=settings.sandbox_nice,
             threads=settings.torch_threads if settings.torch_threads > 0 else max(1, os.cpu_count() or 1),
             isolate_network=settings.sandbox_network,
@@ -617,6 +620,19 @@ def _capped(kind: int, soft: int, hard: int | None = None) -> tuple[int, int]:
     return soft, hard
 
 
+def user_tasks(uid: int) -> int:
+    """Processes and threads whose real user is ``uid`` (what RLIMIT_NPROC counts), from /proc."""
+    total = 0
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields["Uid"].split()[0]) == uid:
+            total += int(fields["Threads"])
+    return total
+
+
 def _preexec(limits: Limits) -> Callable[[], None]:
     """Runs in the forked child before exec: plain syscalls only (other threads may hold locks)."""
     rlimits = [
@@ -625,6 +641,8 @@ def _preexec(limits: Limits) -> Callable[[], None]:
         (resource.RLIMIT_CPU, _capped(resource.RLIMIT_CPU, limits.cpu_seconds, limits.cpu_seconds + 5)),
         (resource.RLIMIT_FSIZE, _capped(resource.RLIMIT_FSIZE, limits.file_bytes)),
         (resource.RLIMIT_NOFILE, _capped(resource.RLIMIT_NOFILE, limits.open_files)),
+        # per user, threads included: what the user runs now plus the child's allowance
+        (resource.RLIMIT_NPROC, _capped(resource.RLIMIT_NPROC, user_tasks(os.getuid()) + limits.processes)),
     ]
     if limits.memory_bytes:
         rlimits.append((resource.RLIMIT_AS, _capped(resource.RLIMIT_AS, limits.memory_bytes)))

@@ -39,7 +39,7 @@ def child_environment(payload, inputs, out, progress) -> dict:
     libc = ctypes.CDLL(None)
     deathsig = ctypes.c_int(0)
     libc.prctl(2, ctypes.byref(deathsig), 0, 0, 0)  # PR_GET_PDEATHSIG
-    names = ("RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_AS", "RLIMIT_CORE")
+    names = ("RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_AS", "RLIMIT_CORE")
     return {
         "env": dict(os.environ),
         "rlimits": {name: list(resource.getrlimit(getattr(resource, name))) for name in names},
@@ -274,6 +274,11 @@ def test_child_environment_has_no_credentials_and_its_limits(settings, tmp_path,
     assert limits["RLIMIT_NOFILE"] == [settings.sandbox_max_open_files] * 2
     assert limits["RLIMIT_AS"] == [settings.sandbox_memory_bytes] * 2
     assert limits["RLIMIT_CORE"] == [0, 0]
+    # the user's processes and threads when the child started, plus the allowance
+    nproc = limits["RLIMIT_NPROC"]
+    assert nproc[0] == nproc[1] and 0 < nproc[0] - settings.sandbox_max_processes <= 4 * sandbox.user_tasks(
+        os.getuid()
+    )
     assert meta["nice"] >= settings.sandbox_nice
     assert meta["no_new_privs"] == 1 and meta["pdeathsig"] == signal.SIGKILL and meta["session_leader"]
     assert not meta["parent_environ_readable"], "the supervisor's environment holds the credentials"

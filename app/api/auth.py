@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.errors import database_unavailable, problem_response, request_id
-from app.db.session import get_sessionmaker
+from app.db.session import get_sessionmaker, leave_tenant_scope, tenant_scope
 from app.problems import ProblemError
 from app.services import api_keys
 from app.services.api_keys import Principal
@@ -135,7 +135,8 @@ class AuthGate:
             )
             return await response(scope, receive, send)
         scope.setdefault("state", {})["principal"] = principal
-        await self.app(scope, receive, send)
+        with tenant_scope(principal.tenant_id):  # row-level security: the tenant's rows only
+            await self.app(scope, receive, send)
 
     def _authenticate(self, token: str | None) -> Principal:
         session = get_sessionmaker(self.settings)()
@@ -189,7 +190,12 @@ def _require(scope: str):
     return check
 
 
-require_read, require_write, require_admin = _require("read"), _require("write"), _require("admin")
+async def _require_admin(principal: Annotated[Principal, Depends(_require("admin"))]) -> Principal:
+    leave_tenant_scope()  # admin routes manage every tenant's keys (async: in the request's own context)
+    return principal
+
+
+require_read, require_write, require_admin = _require("read"), _require("write"), _require_admin
 ReadAccess = Annotated[Principal, Depends(require_read)]
 WriteAccess = Annotated[Principal, Depends(require_write)]
 AdminAccess = Annotated[Principal, Depends(require_admin)]

@@ -6,10 +6,11 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import lru_cache
 from typing import TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -66,6 +67,53 @@ def _ping_if_idle(dbapi_conn, record, _proxy) -> None:
         dbapi_conn.rollback()
     except Exception as exc:  # noqa: BLE001 - any failure means: reconnect
         raise DisconnectionError(str(exc)) from exc
+
+
+# --- tenant scope: PostgreSQL row-level security as a second line behind the services' filters -------
+
+TENANT_ROLE = "ia_tenant"
+"""The role a tenant's transactions run as: no superuser, not the tables' owner, so the row-level
+security policies of the tenant-owned tables (migration ``b8d2f6a4c1e3``) apply to it."""
+_tenant_scope: ContextVar[str | None] = ContextVar("tenant_scope", default=None)
+
+
+@contextmanager
+def tenant_scope(tenant_id: str | None) -> Iterator[None]:
+    """Sessions begun inside see and write only ``tenant_id``'s rows (None: the unscoped system view)."""
+    token = _tenant_scope.set(tenant_id)
+    try:
+        yield
+    finally:
+        _tenant_scope.reset(token)
+
+
+def leave_tenant_scope() -> None:
+    """Unscoped from here to the end of the current context (an admin route manages every tenant)."""
+    _tenant_scope.set(None)
+
+
+@event.listens_for(Session, "after_begin")
+def _apply_tenant_scope(_session: Session, _transaction, connection: Connection) -> None:
+    """Put each PostgreSQL transaction in the current tenant scope.
+
+    A transaction takes the scope with ``SET LOCAL`` (gone at its end). An autocommit session has no
+    transaction to hold it, so it sets the connection's own role and ``app.tenant_id``, remembered in
+    ``connection.info`` (cleared on reconnect) so a pool connection already in that scope costs no
+    round trip; a later transaction in another scope overrides them locally.
+    """
+    if connection.dialect.name != "postgresql":
+        return
+    wanted = _tenant_scope.get() or ""
+    held = connection.info.get("tenant_scope", "")
+    if wanted == held:
+        return
+    autocommit = connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
+    connection.exec_driver_sql(  # one round trip: the "role" setting is SET ROLE
+        "SELECT set_config('role', %s, %s), set_config('app.tenant_id', %s, %s)",
+        (TENANT_ROLE if wanted else "none", not autocommit, wanted, not autocommit),
+    )
+    if autocommit:
+        connection.info["tenant_scope"] = wanted
 
 
 @lru_cache(maxsize=8)

@@ -320,10 +320,10 @@ def test_outputs_state_file_uses_the_sandbox_file_limit(tmp_path):
     out.mkdir()
     (out / "meta.json").write_text("{}")
     _state_file(out / "state.safetensors")
-    limits = sandbox.Limits(60, 60, None, 2**20, 64, 0, 1, False, False, tmp_path)
+    limits = sandbox.Limits(60, 60, None, 2**20, 64, 256, 0, 1, False, False, tmp_path)
     checked = sandbox.Outputs(out, limits).state_file("state", tmp_path / "staged", "/method/params")
     assert checked.path == tmp_path / "staged" and checked.info == {"n_train": 40}
-    small = sandbox.Limits(60, 60, None, 100, 64, 0, 1, False, False, tmp_path)
+    small = sandbox.Limits(60, 60, None, 100, 64, 256, 0, 1, False, False, tmp_path)
     problem = _problem_code(lambda: sandbox.Outputs(out, small).state_file("state", tmp_path / "s2"))
     assert problem.code == "invalid-output"
 

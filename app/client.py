@@ -208,6 +208,7 @@ class InfluenceClient:
         weights: Mapping[str, Any] | None = None,
         checkpoints: Sequence[Mapping[str, Any]] = (),
         checkpoint_info: Sequence[Mapping[str, Any]] | None = None,
+        initial_weights: Mapping[str, Any] | None = None,
         **spec: Any,
     ) -> dict:
         """Register a model of a server-side ``architecture`` (``{"name", "params"}``).
@@ -216,7 +217,8 @@ class InfluenceClient:
         as safetensors; ``checkpoint_info`` gives each checkpoint's ``step`` and ``learning_rate``.
         Other keyword arguments go into the model spec (``recipe``, ``task``, ...); a model with a
         ``recipe`` and a ``train_dataset_id`` but no weights is trained on the service
-        (:meth:`wait_model`).
+        (:meth:`wait_model`), from ``initial_weights`` when given (e.g. a ``lora_mlp``'s pretrained
+        base and initial adapters).
         """
         body = {"name": name, "architecture": dict(architecture), **spec}
         if checkpoint_info is not None:
@@ -226,6 +228,9 @@ class InfluenceClient:
             files.append(
                 ("weights", ("weights.safetensors", _safetensors_bytes(weights), "application/octet-stream"))
             )
+        if initial_weights is not None:
+            blob = _safetensors_bytes(initial_weights)
+            files.append(("initial_weights", ("initial.safetensors", blob, "application/octet-stream")))
         files += [
             (
                 "checkpoints",

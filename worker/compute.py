@@ -165,6 +165,7 @@ def _problem(payload: dict, inputs: dict[str, Path]) -> tuple[InfluenceProblem, 
         ],
         weight_decay=payload["weight_decay"],
         recipe=payload["recipe"],
+        initial_weights=_weights(inputs["initial_weights"]) if "initial_weights" in inputs else None,
     )
     estimator = get_estimator(payload["method"]["name"])
     params = validate_params(estimator.Params, payload["method"]["params"], "/method/params")
@@ -381,11 +382,15 @@ def shard(payload: dict, inputs: dict[str, Path], out: Path, progress: ProgressC
 
 
 def training(payload: dict, inputs: dict[str, Path], out: Path, progress: ProgressCallback) -> dict:
-    """Train a registered model from its recipe; weights and checkpoints come back as safetensors."""
+    """Train a registered model from its recipe (and its initial weights, when it has them); weights and
+    checkpoints come back as safetensors."""
     task = payload["model"]["task"]
     x, y = _arrays(inputs["train"])
+    model = _model(payload["model"])
+    if "initial_weights" in inputs:
+        model.load_state_dict(_weights(inputs["initial_weights"]))
     result = train(
-        _model(payload["model"]),
+        model,
         TaskSpec(kind=task, loss=payload["model"]["loss"]),
         torch.as_tensor(x),
         _labels(y, task),

@@ -469,6 +469,7 @@ def _prepare(settings: Settings, store: ArtifactStore, job_id: str) -> _Job:
         "train": store.path(loaded.train.uri),
         "query": store.path(query_ds.uri),
         **{f"checkpoint_{i}": store.path(c.uri) for i, c in enumerate(loaded.checkpoints)},
+        **_initial_weights_input(store, model),
     }
     state_inputs = {  # per tenant: a cache hit must not reveal another tenant's model and data
         "tenant_id": loaded.job.tenant_id,
@@ -690,6 +691,7 @@ def _reuse(
         task=model.task,
         loss=model.loss,
         weights_sha256=model.weights_sha256,
+        initial_weights_sha256=model.initial_weights_sha256,
         train_sha256=loaded.train.sha256,
         query_sha256=query_ds.sha256,
         query_rows=query_rows,
@@ -848,13 +850,19 @@ def _trained_state(out: sandbox.Outputs, name: str, expected: dict[str, torch.Si
     return tensors
 
 
+def _initial_weights_input(store: ArtifactStore, model: Model) -> dict[str, Path]:
+    """The child's ``initial_weights`` input, when the model's training started from uploaded weights."""
+    return {"initial_weights": store.path(model.initial_weights_uri)} if model.initial_weights_uri else {}
+
+
 def _train(settings: Settings, store: ArtifactStore, claim, reporter: Reporter):
     loaded = _load(settings, claim.job_id)
     model_row = loaded.model
     payload = {"model": _model_spec(model_row), "recipe": dict(model_row.recipe), "device": settings.device}
     expected = _expected_state(model_row)
     with sandbox.acquire(settings) as box:
-        out = box.run("worker.compute:training", payload, {"train": store.path(loaded.train.uri)}, reporter)
+        inputs = {"train": store.path(loaded.train.uri), **_initial_weights_input(store, model_row)}
+        out = box.run("worker.compute:training", payload, inputs, reporter)
         weights = _trained_state(out, "weights", expected)
         listed = out.meta.get("checkpoints")
         if not isinstance(listed, list) or len(listed) > 10_000:
@@ -935,6 +943,9 @@ def _context(settings: Settings, store: ArtifactStore, job_id: str) -> _Context:
         checkpoints=checkpoints,
         weight_decay=recipe.weight_decay,
         recipe=dict(model.recipe),
+        initial_weights=(
+            models_service.load_state(store, model.initial_weights_uri) if model.initial_weights_uri else None
+        ),
     )
     estimator = get_estimator(spec["method"]["name"])
     params = validate_params(estimator.Params, spec["method"]["params"], "/method/params")

@@ -113,6 +113,10 @@ class InfluenceProblem:
     recipe: dict[str, Any] | None = None
     """How the model was trained (a :class:`~app.estimators.training.Recipe` as a dict);
     retraining-based methods replay it unless their parameters override it."""
+    initial_weights: dict[str, torch.Tensor] | None = None
+    """Where that training started, when not from the architecture's seeded initialisation (a
+    pretrained model to fine-tune, a LoRA base with its initial adapters): retraining starts there
+    too, every subset from the same weights (seeds then only order the batches)."""
 
     @property
     def n_train(self) -> int:

@@ -70,6 +70,8 @@ class ModelRead(ReadModel):
     training_job_id: str | None
     weights_uri: str | None
     weights_sha256: str | None
+    initial_weights_uri: str | None
+    initial_weights_sha256: str | None
     error: dict[str, Any] | None
     n_checkpoints: int
     created_at: datetime

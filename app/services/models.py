@@ -90,8 +90,10 @@ def create(
     spec: ModelCreate,
     weights: WeightsUpload | None,
     checkpoints: list[WeightsUpload],
+    initial_weights: WeightsUpload | None = None,
 ) -> tuple[Model, Job | None]:
-    """Validate everything, store artifacts, and queue a training job when no weights were sent."""
+    """Validate everything, store artifacts, and queue a training job when no weights were sent
+    (starting from ``initial_weights`` when given, else from the architecture's seeded init)."""
     try:
         arch = get_architecture(spec.architecture.name)
         task = TaskSpec(kind=spec.task, loss=spec.loss)
@@ -120,13 +122,19 @@ def create(
         raise invalid_field(
             "/weights", "upload weights, or give train_dataset_id so the service trains the model"
         )
+    if initial_weights is not None and (weights is not None or dataset is None):
+        raise invalid_field(
+            "/initial_weights",
+            "initial weights are where the service's training starts: send them with train_dataset_id "
+            "and without weights",
+        )
     if len(checkpoints) != len(spec.checkpoints):
         raise invalid_field(
             "/spec/checkpoints",
             f"{len(checkpoints)} checkpoint files but {len(spec.checkpoints)} entries in spec.checkpoints",
         )
 
-    uploads = ([weights] if weights is not None else []) + checkpoints
+    uploads = [u for u in (weights, initial_weights) if u is not None] + checkpoints
     size_bytes = sum(upload.path.stat().st_size for upload in uploads)
     if weights is None:  # the training job will store the weights and its checkpoints: count them now
         state_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
@@ -152,6 +160,9 @@ def create(
     if weights is not None:
         stored = store.commit(weights.path, ".safetensors", weights.sha256)
         model.weights_uri, model.weights_sha256 = stored.uri, stored.sha256
+    if initial_weights is not None:
+        stored = store.commit(initial_weights.path, ".safetensors", initial_weights.sha256)
+        model.initial_weights_uri, model.initial_weights_sha256 = stored.uri, stored.sha256
     for upload, meta in zip(checkpoints, spec.checkpoints, strict=True):
         stored = store.commit(upload.path, ".safetensors", upload.sha256)
         model.checkpoints.append(

@@ -43,10 +43,14 @@ def register_model(
     spec: dict,
     weights: dict[str, torch.Tensor] | None = None,
     checkpoints: list[dict[str, torch.Tensor]] = (),
+    initial_weights: dict[str, torch.Tensor] | None = None,
 ) -> httpx.Response:
     files = []
     if weights is not None:
         files.append(("weights", ("w.safetensors", save_tensors(weights), "application/octet-stream")))
+    if initial_weights is not None:
+        blob = save_tensors(initial_weights)
+        files.append(("initial_weights", ("i.safetensors", blob, "application/octet-stream")))
     files += [
         ("checkpoints", (f"c{i}.safetensors", save_tensors(c), "application/octet-stream"))
         for i, c in enumerate(checkpoints)
@@ -147,4 +151,8 @@ def library_problem(settings, client, model, train, test, query_indices, measure
         checkpoints=[
             Checkpoint(c["step"], c["learning_rate"], load_file(str(store.path(c["uri"])))) for c in ckpts
         ],
+        recipe=model["recipe"],
+        initial_weights=(
+            load_file(str(store.path(model["initial_weights_uri"]))) if model["initial_weights_uri"] else None
+        ),
     )

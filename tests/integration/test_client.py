@@ -163,3 +163,9 @@ def test_a_model_trained_on_the_service(ia, digits):
     assert model["state"] == "training"
     ready = ia.wait_model(model["id"], timeout=300)
     assert ready["state"] == "ready" and ready["id"] == model["id"]
+    start = {k: 0.5 * v for k, v in init_model(ARCH["name"], ARCH["params"], 7).state_dict().items()}
+    tuned = ia.register_model(
+        "client-fine-tuned", ARCH, recipe=recipe, train_dataset_id=train_set["id"], initial_weights=start
+    )
+    assert tuned["state"] == "training" and tuned["initial_weights_sha256"] is not None
+    assert ia.wait_model(tuned["id"], timeout=300)["state"] == "ready"

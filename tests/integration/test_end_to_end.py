@@ -3,6 +3,8 @@ PostgreSQL and Redis; results must equal calling the estimator library directly.
 
 from __future__ import annotations
 
+import dataclasses
+import io
 from datetime import timedelta
 
 import numpy as np
@@ -141,6 +143,57 @@ def test_lora_adapters_of_a_registered_base(trained, integration_settings):
     want = REGISTRY["datainf"].attribute(problem, None)
     assert want.metadata["layers"] == ["1.lora_A", "1.lora_B", "3.lora_A", "3.lora_B"]
     np.testing.assert_allclose(scores(client, job["id"]), want.scores, rtol=1e-4, atol=1e-6)
+
+
+def test_training_and_retraining_start_from_initial_weights(trained, integration_settings):
+    """A lora_mlp trained by the service from uploaded initial weights (the service-trained mlp as its
+    base, fresh adapters): only the adapters change, and a retraining job (LOO) retrains from those
+    initial weights: equal to the library call with them, unlike retraining from a seeded init."""
+    client, train, test, base_model = trained
+    base = library_problem(integration_settings, client, base_model, train, test, [0])
+    buffer = io.BytesIO()
+    np.savez(buffer, X=base.train_x[:40].numpy(), y=base.train_y[:40].numpy())
+    files = {"file": ("small.npz", buffer.getvalue(), "application/octet-stream")}
+    small = client.post("/v1/datasets", files=files, data={"name": "digits-40"})
+    assert small.status_code == 201, small.text
+    small = small.json()
+    params = {**DIGITS_MLP["params"], "rank": 2}
+    start = init_model("lora_mlp", params, 3)
+    start.load_state_dict(base.weights, strict=False)
+    initial = start.state_dict()
+    spec = {
+        "name": "digits-lora-tuned",
+        "architecture": {"name": "lora_mlp", "params": params},
+        "recipe": {**FAST_RECIPE, "epochs": 3, "batch_size": 8, "num_checkpoints": 2},
+        "train_dataset_id": small["id"],
+    }
+    assert_problem(register_model(client, spec, weights=initial, initial_weights=initial), 422)
+    response = register_model(client, spec, initial_weights=initial)
+    assert response.status_code == 201, response.text
+    model = response.json()
+    assert model["state"] == "training" and model["initial_weights_sha256"] is not None
+    assert wait(client, f"/v1/training-jobs/{model['training_job_id']}")["state"] == "succeeded"
+    model = client.get(f"/v1/models/{model['id']}").json()
+    problem = library_problem(integration_settings, client, model, small, test, [0, 1, 2])
+    for name in ("1.weight", "1.bias", "3.weight", "3.bias"):  # the base: frozen
+        assert torch.equal(problem.weights[name], initial[name]), name
+    assert not torch.equal(problem.weights["1.lora_A.weight"], initial["1.lora_A.weight"])
+    assert problem.weights["3.lora_B.weight"].abs().max() > 0  # B started at zero and was trained
+
+    body = {
+        "model_id": model["id"],
+        "train_dataset_id": small["id"],
+        "query_dataset_id": test["id"],
+        "query_indices": [0, 1, 2],
+        "method": {"name": "loo", "params": {}},
+        "output": {"keep_full_matrix": True},
+    }
+    job = wait(client, submit(client, body).headers["location"])
+    assert job["state"] == "succeeded", job
+    want = REGISTRY["loo"].attribute(problem, None)
+    np.testing.assert_allclose(scores(client, job["id"]), want.scores, rtol=1e-4, atol=1e-6)
+    seeded = REGISTRY["loo"].attribute(dataclasses.replace(problem, initial_weights=None), None)
+    assert not np.allclose(seeded.scores, want.scores, rtol=1e-2, atol=1e-6)
 
 
 def test_results_paging_and_formats(trained):

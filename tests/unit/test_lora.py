@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.func import functional_call
 
 from app.estimators import (
     REGISTRY,
@@ -20,8 +21,9 @@ from app.estimators import (
     train,
 )
 from app.estimators.gradients import trainable_names
-from app.estimators.valuation.engine import reset_factory
-from app.estimators.valuation.methods import _template
+from app.estimators.objectives import per_example_loss
+from app.estimators.valuation.engine import reset_factory, train_subsets
+from app.estimators.valuation.methods import _starting_point
 
 torch.set_num_threads(1)
 
@@ -30,6 +32,7 @@ F64 = Runtime(dtype=torch.float64, chunk_size=16)
 BASE = {"in_features": 4, "hidden": [8], "num_classes": 3, "activation": "tanh"}
 LORA = {**BASE, "rank": 2, "alpha": 2.0}
 WD = 1e-2
+FINE_TUNING = Recipe(learning_rate=0.1, epochs=20, batch_size=16, weight_decay=WD, num_checkpoints=2)
 
 
 def _blobs(n, seed, shift=0.0):
@@ -60,8 +63,7 @@ def finetuned(pretrained):
     """The LoRA adapters fine-tuned on a second, shifted task, with two checkpoints."""
     x, y = _blobs(60, 0, shift=0.5)
     model = _lora_on(pretrained)
-    recipe = Recipe(learning_rate=0.1, epochs=20, batch_size=16, weight_decay=WD, num_checkpoints=2)
-    return model, train(model, CLS, x, y, recipe), x, y
+    return model, train(model, CLS, x, y, FINE_TUNING), x, y
 
 
 def _problem(finetuned, **kw) -> InfluenceProblem:
@@ -115,7 +117,7 @@ def test_retraining_starts_from_the_registered_base(finetuned):
     fresh = init_model("lora_mlp", LORA, 0).double()
     assert not torch.equal(fresh[1].weight, prob.weights["1.weight"])  # the module's own base differs
     prob = InfluenceProblem(**{**prob.__dict__, "model": fresh})
-    template = _template(prob, F64)
+    template = _starting_point(prob, F64)
     for seed in (0, 5):
         model = reset_factory(template)(seed)
         state = model.state_dict()
@@ -125,6 +127,26 @@ def test_retraining_starts_from_the_registered_base(finetuned):
         assert state["1.lora_A.weight"].abs().max() > 0
     a, b = reset_factory(template)(0), reset_factory(template)(5)
     assert not torch.equal(a[1].lora_A.weight, b[1].lora_A.weight)  # the seed draws the adapters
+
+
+def test_retraining_from_initial_weights_replays_the_fine_tuning(pretrained, finetuned):
+    """With the initial weights the model was fine-tuned from, retraining on the full set replays that
+    fine-tuning exactly (same start, same seed); without them it re-draws the adapters."""
+    model, res, x, y = finetuned
+    prob = _problem(finetuned, initial_weights=_lora_on(pretrained).state_dict())
+    full = np.ones((2, len(x)), dtype=bool)
+    measure = {"eval_sets": {"query": (prob.query_x, prob.query_y)}, "measure": {"query": "loss"}}
+    seeds = [FINE_TUNING.seed, FINE_TUNING.seed + 1]
+    replayed = train_subsets(_starting_point(prob, F64), CLS, FINE_TUNING, x, y, full, seeds, **measure)
+    with torch.no_grad():
+        fine_tuned = per_example_loss(functional_call(model, res.weights, (prob.query_x,)), prob.query_y, CLS)
+    np.testing.assert_allclose(replayed["query"][0], fine_tuned.numpy(), rtol=1e-8)
+    assert not np.allclose(replayed["query"][1], replayed["query"][0])  # another seed: other batches
+    prob.initial_weights = None
+    redrawn = train_subsets(
+        _starting_point(prob, F64), CLS, FINE_TUNING, x, y, full[:1], seeds[:1], **measure
+    )
+    assert not np.allclose(redrawn["query"][0], fine_tuned.numpy(), rtol=1e-3)
 
 
 def test_every_estimator_runs_on_the_adapters(finetuned):

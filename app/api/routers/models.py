@@ -78,12 +78,21 @@ def create_model(
     checkpoints: Annotated[
         list[UploadFile] | None, File(description="Checkpoint .safetensors files.")
     ] = None,
+    initial_weights: Annotated[
+        UploadFile | None,
+        File(
+            description="Where the service's training starts (.safetensors, with train_dataset_id and "
+            "without weights): e.g. a lora_mlp's pretrained base and initial adapters. Retraining "
+            "estimators start from them too."
+        ),
+    ] = None,
 ):
     """Weights must be safetensors for an architecture of the server-side registry.
 
     Pickles, TorchScript and torch.export archives are refused (415) without being
     opened. Without weights, the service trains the model on ``train_dataset_id``
-    (state ``training``; poll the model or ``/v1/training-jobs/{training_job_id}``).
+    (state ``training``; poll the model or ``/v1/training-jobs/{training_job_id}``), from
+    ``initial_weights`` when sent (only the parameters the architecture leaves trainable change).
     """
     body = _parse_spec(spec)
     with ExitStack() as stack:
@@ -91,7 +100,14 @@ def create_model(
         staged_checkpoints = [
             stage_upload(stack, store, f, f"/checkpoints/{i}") for i, f in enumerate(checkpoints or [])
         ]
-        model, job = service.create(session, store, settings, owner, body, staged_weights, staged_checkpoints)
+        staged_initial = (
+            stage_upload(stack, store, initial_weights, "/initial_weights")
+            if initial_weights is not None
+            else None
+        )
+        model, job = service.create(
+            session, store, settings, owner, body, staged_weights, staged_checkpoints, staged_initial
+        )
         jobs_service.publish_after_commit(session, settings, job)
     response.headers["Location"] = str(request.url_for("get_model", model_id=model.id))
     return model_read(model)

@@ -24,6 +24,10 @@ class Model(IdMixin, TimestampMixin, Base):
     training_job_id: Mapped[str | None] = mapped_column(String(36))
     weights_uri: Mapped[str | None] = mapped_column(String(500))
     weights_sha256: Mapped[str | None] = mapped_column(String(64))
+    # what the service's training (and every retraining) starts from, when uploaded: e.g. the pretrained
+    # base and initial adapters of a lora_mlp; None: the architecture's seeded initialisation
+    initial_weights_uri: Mapped[str | None] = mapped_column(String(500))
+    initial_weights_sha256: Mapped[str | None] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # uploaded bytes
     error: Mapped[dict | None] = mapped_column()
     version: Mapped[int] = mapped_column(default=1)

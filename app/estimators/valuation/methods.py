@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -246,15 +247,24 @@ def _shared_seed(problem: InfluenceProblem, p: RetrainingParams) -> int | None:
     return None if p.seed_per_mask else _recipe(problem, p).seed
 
 
-def _template(problem: InfluenceProblem, runtime: Runtime) -> torch.nn.Module:
-    """The module retraining starts from: frozen parameters (a LoRA base, a frozen feature extractor)
-    hold the registered weights, since retraining re-initialises and trains only what training did."""
+def _starting_point(
+    problem: InfluenceProblem, runtime: Runtime
+) -> torch.nn.Module | Callable[[int], torch.nn.Module]:
+    """What retraining starts from: the problem's initial weights for every seed when it has them;
+    else a template whose trainable parameters each seed re-draws, and whose frozen ones (a LoRA
+    base, a frozen feature extractor) hold the registered weights, since training never changed them."""
     model = copy.deepcopy(problem.model)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if not param.requires_grad:
-                param.copy_(problem.weights[name])
-    return model.to(runtime.dtype)
+        if problem.initial_weights is not None:
+            model.load_state_dict(problem.initial_weights)
+        else:
+            for name, param in model.named_parameters():
+                if not param.requires_grad:
+                    param.copy_(problem.weights[name])
+    model = model.to(runtime.dtype)
+    if problem.initial_weights is not None:
+        return lambda _seed: copy.deepcopy(model)
+    return model
 
 
 class _Retraining(Estimator):
@@ -311,7 +321,7 @@ class _Retraining(Estimator):
         runtime = runtime or Runtime()
         sets, measure = self._measure(problem, p, self_influence, train_range)
         return train_subsets(
-            _template(problem, runtime),
+            _starting_point(problem, runtime),
             problem.task,
             _recipe(problem, p),
             problem.train_x,

@@ -335,6 +335,7 @@ def influence(payload: dict, inputs: dict[str, Path], out: Path, progress: Progr
     _save_arrays(
         out,
         scores=attribution.scores,
+        scores_stderr=attribution.scores_stderr,
         self_influence=attribution.self_influence,
         values=attribution.values,
         values_stderr=attribution.values_stderr,

@@ -326,7 +326,7 @@ def _merge(settings: Settings, claim, parts: list) -> object:
     reuse = _reuse(settings, store, ctx.loaded, ctx.estimator, ctx.params, ctx.query_rows)
     lds_parts = [p for p in parts if p.plan.kind == "lds"]
     parts = [p for p in parts if p.plan.kind != "lds"]
-    values = values_stderr = None
+    values = values_stderr = scores_stderr = None
     details = {
         "method": spec["method"]["name"],
         "measurement": spec["measurement"],
@@ -349,6 +349,7 @@ def _merge(settings: Settings, claim, parts: list) -> object:
         attribution = ctx.estimator.estimate(ctx.problem, ctx.params, full_plan, outputs)
         scores, self_influence = attribution.scores, attribution.self_influence
         values, values_stderr = attribution.values, attribution.values_stderr
+        scores_stderr = attribution.scores_stderr
         details = {**attribution.metadata, **details}
     else:
 
@@ -372,6 +373,7 @@ def _merge(settings: Settings, claim, parts: list) -> object:
     prepared = results_service.prepare(
         store,
         scores=scores,
+        scores_stderr=scores_stderr,
         self_influence=self_influence,
         query_rows=ctx.query_rows,
         query_ids=ctx.query_ids,
@@ -599,6 +601,11 @@ def _influence(settings: Settings, store: ArtifactStore, claim, reporter: Report
         reporter("writing", 0, 1)
         n_train, parameter = job.n_train, job.parameter
         scores = out.optional_array("scores", (job.n_query, n_train), parameter)
+        scores_stderr = (
+            out.optional_array("scores_stderr", (job.n_query, n_train), parameter)
+            if scores is not None
+            else None
+        )
         self_influence = out.optional_array("self_influence", (n_train,), parameter)
         values = out.optional_array("values", (n_train,), parameter)
         values_stderr = (
@@ -643,6 +650,7 @@ def _influence(settings: Settings, store: ArtifactStore, claim, reporter: Report
     prepared = results_service.prepare(
         store,
         scores=scores,
+        scores_stderr=scores_stderr,
         self_influence=self_influence,
         query_rows=job.query_rows,
         query_ids=query_ids[job.query_rows] if query_ids is not None else None,

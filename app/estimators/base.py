@@ -166,7 +166,9 @@ class Attribution:
 
     ``values`` (length n) is the output of data-valuation methods (Shapley, Banzhaf,
     ...: the worth of each training example to a utility); ``values_stderr`` their
-    Monte-Carlo standard errors (0 for exact methods).
+    Monte-Carlo standard errors (0 for exact methods). ``scores_stderr`` (the shape of ``scores``)
+    are the standard errors of scores that are themselves sample estimates: downsampling's, and
+    leave-one-out's with ``repeats >= 2``.
     """
 
     scores: np.ndarray | None
@@ -174,6 +176,7 @@ class Attribution:
     metadata: dict[str, Any]
     values: np.ndarray | None = None
     values_stderr: np.ndarray | None = None
+    scores_stderr: np.ndarray | None = None
 
 
 class Estimator:

@@ -160,6 +160,11 @@ class Influence(ReadModel):
     train_index: int = Field(description="Row of the training dataset.")
     train_id: int | None = Field(None, description="The dataset's own id of that row, when it has ids.")
     score: float
+    stderr: float | None = Field(
+        None,
+        description="Standard error of the score, for estimators whose scores are sample estimates "
+        "(downsampling; loo with repeats >= 2); null otherwise.",
+    )
 
 
 class QueryResultRead(ReadModel):

@@ -65,6 +65,7 @@ def prepare(
     scores: np.ndarray | None,
     self_influence: np.ndarray | None,
     query_rows: np.ndarray,
+    scores_stderr: np.ndarray | None = None,
     query_ids: np.ndarray | None,
     train_ids: np.ndarray | None,
     top: int,
@@ -75,7 +76,8 @@ def prepare(
     groups: dict | None = None,
     group_scores: np.ndarray | None = None,
 ) -> PreparedResult:
-    """Top-k rows and artifacts of an attribution. ``groups`` (the job's ``output.groups``): the
+    """Top-k rows and artifacts of an attribution; each top-k entry carries its score's standard error
+    when the estimator gives ``scores_stderr``. ``groups`` (the job's ``output.groups``): the
     ``m x G`` group scores are ``group_scores`` when the child computed them (second/newton order),
     else the sums of the validated ``scores`` over each group (first order)."""
     rows: list[dict] = []
@@ -93,6 +95,13 @@ def prepare(
                 "the estimator produced NaN or infinite scores; try more damping",
             )
         pro, opp = top_k(scores, top)
+        if scores_stderr is not None and not np.isfinite(scores_stderr).all():
+            raise ProblemError(
+                500,
+                "numerical-instability",
+                "Standard errors are not finite",
+                "the estimator produced NaN or infinite standard errors for its scores",
+            )
 
         def entries(j: int, idx: np.ndarray) -> list[dict]:
             return [
@@ -100,6 +109,7 @@ def prepare(
                     "train_index": int(i),
                     "train_id": int(train_ids[i]) if train_ids is not None else None,
                     "score": float(scores[j, i]),
+                    **({"stderr": float(scores_stderr[j, i])} if scores_stderr is not None else {}),
                 }
                 for i in idx
             ]

@@ -99,6 +99,20 @@ def test_retraining_sharded_over_two_workers_equals_one_process(cancer, worker_f
     assert details["shards"] == 4
     if method == "downsampling":
         np.testing.assert_allclose(scores(client, sharded["id"]), scores(client, whole["id"]), rtol=1e-10)
+
+        def top(job_id) -> np.ndarray:  # (query, train index, score, stderr) of every top-k entry
+            items = client.get(f"/v1/influence-jobs/{job_id}/results").json()["items"]
+            return np.array(
+                [
+                    (i["query_index"], e["train_index"], e["score"], e["stderr"])
+                    for i in items
+                    for e in i["proponents"] + i["opponents"]
+                ]
+            )
+
+        whole_top = top(whole["id"])
+        assert (whole_top[:, 3] > 0).all()  # each score's standard error over the subsets
+        np.testing.assert_allclose(top(sharded["id"]), whole_top, rtol=1e-6)
     else:
 
         def values(job_id) -> np.ndarray:

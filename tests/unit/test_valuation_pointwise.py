@@ -273,6 +273,7 @@ def test_downsampling_standard_errors_match_a_direct_computation(logistic_proble
     np.testing.assert_allclose(att.scores, score, rtol=1e-12, atol=1e-12)
     got_score, got_stderr = downsampling_estimate(plan.masks, q)
     np.testing.assert_allclose(got_stderr, stderr, rtol=1e-10, atol=0)
+    np.testing.assert_allclose(att.scores_stderr, stderr, rtol=1e-10, atol=0)  # per pair, in the result
     md = att.metadata
     assert md["stderr_max"] == pytest.approx(stderr.max(), rel=1e-10)
     assert md["stderr_mean"] == pytest.approx(stderr.mean(), rel=1e-10)
@@ -284,6 +285,7 @@ def test_downsampling_standard_errors_match_a_direct_computation(logistic_proble
     assert md["self_influence_stderr_mean"] == pytest.approx(mem_stderr.mean(), rel=1e-10)
     part = est.estimate(problem, p, plan, outputs, runtime=F64, train_range=(4, 9))
     assert part.metadata["self_influence_stderr_max"] == pytest.approx(mem_stderr[4:9].max(), rel=1e-10)
+    np.testing.assert_allclose(part.scores_stderr, stderr[:, 4:9], rtol=1e-10, atol=0)
 
 
 def test_downsampling_needs_two_subsets_in_and_out(logistic_problem):
@@ -341,6 +343,7 @@ def test_loo_reports_seed_noise_and_warns_on_non_convex_models(mlp_problem, ridg
     one = est.attribute(problem, params, runtime=F64)
     md = one.metadata
     assert md["convex_model"] is False and "seed_noise" not in md
+    assert one.scores_stderr is None  # one repeat: no paired differences to take an error from
     assert len(md["warnings"]) == 1 and "repeats >= 5" in md["warnings"][0]
 
     p5 = {**params, "repeats": 5}
@@ -354,6 +357,7 @@ def test_loo_reports_seed_noise_and_warns_on_non_convex_models(mlp_problem, ridg
     diffs = q[:, 1:, :] - q[:, :1, :]  # paired per seed
     np.testing.assert_allclose(att.scores, diffs.mean(axis=0).T, rtol=0, atol=1e-12)
     stderr = diffs.std(axis=0, ddof=1).T / np.sqrt(5)
+    np.testing.assert_allclose(att.scores_stderr, stderr, rtol=1e-10, atol=0)
     assert md["seed_noise"] == pytest.approx(q[:, 0, :].std(axis=0, ddof=1).mean(), rel=1e-10)
     assert md["stderr_mean"] == pytest.approx(stderr.mean(), rel=1e-10)
     assert md["stderr_max"] == pytest.approx(stderr.max(), rel=1e-10)

@@ -434,6 +434,7 @@ class LOO(_Retraining):
             full = tr[removed == -1].mean(axis=0)
             self_inf = np.array([tr[removed == i, i - lo].mean() - full[i - lo] for i in range(lo, hi)])
             self_inf = self_inf.astype(dtype)
+        noise, stderr = _loo_noise(problem, p, plan, outputs["query"], scores)
         return Attribution(
             scores=scores.astype(dtype) if want_scores else None,
             self_influence=self_inf,
@@ -443,8 +444,9 @@ class LOO(_Retraining):
                 repeats=p.repeats,
                 solver=outputs.info.get("solver"),
                 n_retrains=outputs.info.get("n_trained"),
-                **_loo_noise(problem, p, plan, outputs["query"], scores),
+                **noise,
             ),
+            scores_stderr=stderr.astype(dtype) if want_scores and stderr is not None else None,
         )
 
     def attribute(
@@ -470,8 +472,11 @@ class LOO(_Retraining):
         )
 
 
-def _loo_noise(problem: InfluenceProblem, p: LOOParams, plan: SubsetPlan, q: np.ndarray, scores) -> dict:
-    """Seed-noise diagnostics of a leave-one-out run (ESTIMATORS.md 2.1 pitfall).
+def _loo_noise(
+    problem: InfluenceProblem, p: LOOParams, plan: SubsetPlan, q: np.ndarray, scores
+) -> tuple[dict, np.ndarray | None]:
+    """Seed-noise diagnostics of a leave-one-out run (ESTIMATORS.md 2.1 pitfall), and the scores'
+    standard errors (m x n_removed, None with one repeat).
 
     ``convex_model``: the model is a single linear layer (its L2-regularised objective is convex).
     A non-convex model with fewer than :data:`LOO_MIN_REPEATS_NONCONVEX` repeats gets a
@@ -494,13 +499,13 @@ def _loo_noise(problem: InfluenceProblem, p: LOOParams, plan: SubsetPlan, q: np.
     R = int(p.repeats)
     K = len(plan)
     if R < 2 or K % R:
-        return out
+        return out, None
     removed = np.asarray(plan.meta["removed"]).reshape(R, K // R)
     seeds = plan.seeds.reshape(R, K // R)
     if not (
         (removed == removed[0]).all() and (seeds == seeds[:, :1]).all() and (removed[0] == -1).sum() == 1
     ):
-        return out  # not the blocks LOO.plan makes: no paired differences
+        return out, None  # not the blocks LOO.plan makes: no paired differences
     qb = np.asarray(q, dtype=np.float64).reshape(R, K // R, -1)  # (R, rows per block, m)
     full = qb[:, removed[0] == -1, :][:, 0, :]  # (R, m)
     diffs = qb[:, removed[0] >= 0, :] - full[:, None, :]  # (R, n_removed, m), rows in removed order
@@ -514,7 +519,7 @@ def _loo_noise(problem: InfluenceProblem, p: LOOParams, plan: SubsetPlan, q: np.
         mean_abs_score=float(abs_scores.mean()) if abs_scores.size else 0.0,
         resolved_fraction=float((abs_scores > 2 * stderr).mean()) if stderr.size else 0.0,
     )
-    return out
+    return out, stderr
 
 
 @dataclass(frozen=True)
@@ -697,8 +702,8 @@ class Downsampling(_RandomSubsets):
         Standard errors (``sqrt(s_in^2/K_in + s_out^2/K_out)`` per (query, point) pair, from
         :func:`difference_of_means`) are summarised in the metadata: ``stderr_max`` / ``stderr_mean``
         over all pairs, ``k_in_min`` / ``k_out_min`` (the fewest subsets any point was in / out of),
-        and ``self_influence_stderr_max`` / ``_mean`` for the returned memorisation values. The
-        Attribution has no slot for per-pair errors; :func:`downsampling_estimate` returns them.
+        and ``self_influence_stderr_max`` / ``_mean`` for the returned memorisation values; the
+        per-pair errors are the Attribution's ``scores_stderr``.
         NumericalError when some point was in (or out of) fewer than two subsets."""
         p = as_params(self.Params, params)
         runtime = runtime or Runtime()
@@ -727,6 +732,7 @@ class Downsampling(_RandomSubsets):
         k_in = plan.masks.sum(axis=0)
         return Attribution(
             scores=scores[:, lo:hi].astype(dtype) if want_scores else None,
+            scores_stderr=stderr[:, lo:hi].astype(dtype) if want_scores else None,
             self_influence=self_inf,
             metadata=self._metadata(
                 problem,

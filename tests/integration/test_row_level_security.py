@@ -14,7 +14,7 @@ from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.orm import Session
 
 from app.api import auth
-from app.db.models import Dataset, Tenant
+from app.db.models import Checkpoint, Dataset, InfluenceResult, Job, JobShard, Model, QueryResult, Tenant
 from app.db.session import tenant_scope
 from app.main import create_app
 from app.problems import ProblemError
@@ -94,6 +94,54 @@ def test_scopes_never_leak_through_a_pooled_connection(two_tenants):
         assert _visible(session, da, db) == {da, db}
     with tenant_scope(b), Session(autocommit) as session:
         assert _visible(session, da, db) == {db}
+
+
+def test_rows_owned_through_a_parent_follow_it(two_tenants):
+    """Checkpoints (through their model) and results, query rows and shards (through their job)."""
+    engine, (a, b, da, _db) = two_tenants
+    with Session(engine) as session:  # tenant a's model with a checkpoint, and a finished job
+        model = Model(
+            tenant_id=a,
+            name="m",
+            architecture="linear",
+            architecture_params={},
+            task="classification",
+            loss="cross_entropy",
+            recipe={},
+            state="ready",
+            n_parameters=1,
+        )
+        session.add(model)
+        session.flush()
+        job = Job(tenant_id=a, kind="influence", model_id=model.id, train_dataset_id=da, spec={})
+        session.add_all([Checkpoint(model_id=model.id, step=1, uri="x", sha256="0" * 64), job])
+        session.flush()
+        session.add(InfluenceResult(job_id=job.id, attempt=1, n_queries=1, n_train=1))
+        session.add(QueryResult(job_id=job.id, query_index=0, query_row=0, proponents=[], opponents=[]))
+        session.add(JobShard(job_id=job.id, index=0, train_lo=0, train_hi=1))
+        session.commit()
+        model_id, job_id = model.id, job.id
+    tables = {
+        Checkpoint: Checkpoint.model_id == model_id,
+        InfluenceResult: InfluenceResult.job_id == job_id,
+        QueryResult: QueryResult.job_id == job_id,
+        JobShard: JobShard.job_id == job_id,
+    }
+
+    def counts(session: Session) -> dict[str, int]:
+        return {
+            t.__name__: session.scalar(select(func.count()).select_from(t).where(w))
+            for t, w in tables.items()
+        }
+
+    with tenant_scope(b), Session(engine) as session:
+        assert set(counts(session).values()) == {0}
+        session.add(Checkpoint(model_id=model_id, step=2, uri="y", sha256="1" * 64))  # onto a's model
+        with pytest.raises(ProgrammingError, match="row-level security"):
+            session.flush()
+    for scope in (a, None):
+        with tenant_scope(scope), Session(engine) as session:
+            assert set(counts(session).values()) == {1}
 
 
 def test_a_route_that_forgot_its_filter_still_answers_404(integration_settings, monkeypatch):

@@ -62,3 +62,10 @@ class Problem(BaseModel):
     instance: str | None = None
     request_id: str | None = None
     errors: list[FieldProblem] | None = None
+
+
+class ProblemTypeRead(ReadModel):
+    code: str
+    type: str = Field(description="The problem's `type` URI: the base URI followed by the code.")
+    statuses: list[int] = Field(description="The HTTP statuses it comes with.")
+    description: str = Field(description="When it happens and what to do.")

@@ -355,3 +355,17 @@ def test_cancel_or_poll_a_succeeded_job(world, worker_factory):
     assert client.get(url).json()["state"] == "succeeded"
     assert client.delete(url).status_code == 204  # terminal jobs can be deleted
     assert_problem(client.get(url), 404)
+
+
+def test_problem_types_are_served_as_the_catalogue(client):
+    from app.problems import PROBLEM_BASE_URI, PROBLEM_TYPES
+
+    body = client.get("/v1/problem-types").json()
+    assert [t["code"] for t in body] == sorted(PROBLEM_TYPES)
+    for item in body:
+        expected = PROBLEM_TYPES[item["code"]]
+        assert item["type"] == PROBLEM_BASE_URI + item["code"]
+        assert item["statuses"] == list(expected.statuses) and item["description"] == expected.description
+    # a problem the API answers with is one of them
+    missing = client.get("/v1/models/no-such-model").json()
+    assert missing["code"] in PROBLEM_TYPES and missing["type"] in {t["type"] for t in body}

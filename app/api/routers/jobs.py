@@ -23,8 +23,8 @@ from app.api.deps import (
 from app.api.openapi import GATE, problems
 from app.db.models import TERMINAL_STATES, Job
 from app.estimators import ORIENTATION, REGISTRY, SIGN_CONVENTION
-from app.problems import ProblemError
-from app.schemas.common import Page
+from app.problems import PROBLEM_BASE_URI, PROBLEM_TYPES, ProblemError
+from app.schemas.common import Page, ProblemTypeRead
 from app.schemas.jobs import (
     DataValue,
     EstimatorRead,
@@ -356,6 +356,17 @@ def get_values(
         items=[DataValue(**i) for i in items],
         next_page_token=encode_token(offset + page_size) if more else None,
     )
+
+
+@router.get("/v1/problem-types", response_model=list[ProblemTypeRead], tags=["catalog"])
+def list_problem_types(caller: ReadAccess):
+    """Every problem ``code`` this service answers with (docs/problems.md, as data)."""
+    return [
+        ProblemTypeRead(
+            code=code, type=PROBLEM_BASE_URI + code, statuses=list(pt.statuses), description=pt.description
+        )
+        for code, pt in sorted(PROBLEM_TYPES.items())
+    ]
 
 
 @router.get("/v1/estimators", response_model=list[EstimatorRead], tags=["catalog"])

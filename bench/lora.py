@@ -51,8 +51,8 @@ METHODS = {  # the Hessian-based ones need damping: the fine-tuned adapters are 
 }
 
 
-def workload(args) -> tuple[InfluenceProblem, Recipe, np.ndarray, np.ndarray]:
-    """The fine-tuned problem (with its initial weights), its recipe, and the LDS masks and outputs."""
+def workload(args) -> tuple[InfluenceProblem, np.ndarray, np.ndarray]:
+    """The fine-tuned problem (with its initial weights) and the LDS masks and outputs."""
     x, y, qx, qy = (t.float() if t.is_floating_point() else t for t in digits_split(args.n, args.queries))
     base = init_model("mlp", BASE, seed=0)
     low = y < 5
@@ -89,7 +89,7 @@ def workload(args) -> tuple[InfluenceProblem, Recipe, np.ndarray, np.ndarray]:
         outputs += out["query"] / args.seeds
     print(f"LDS ground truth: {args.subsets} subsets x {args.seeds} seeds retrained from the initial "
           f"weights in {time.perf_counter() - started:.1f} s")  # fmt: skip
-    return problem, recipe, masks, outputs
+    return problem, masks, outputs
 
 
 def lds(scores: np.ndarray, masks: np.ndarray, outputs: np.ndarray) -> float:
@@ -146,7 +146,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    problem, _recipe, masks, outputs = workload(args)
+    problem, masks, outputs = workload(args)
     n_adapters = sum(p.numel() for p in problem.model.parameters() if p.requires_grad)
     machine = platform.processor() or platform.machine()
     print(f"lora_mlp 64-64-10, rank {args.rank}: {n_adapters} adapter parameters (base frozen); "

@@ -909,7 +909,8 @@ def _train(settings: Settings, store: ArtifactStore, claim, reporter: Reporter):
 
 @dataclass
 class _Context:
-    """A fanned-out job's inputs, loaded in this process for finalize (merge, or estimate from arrays)."""
+    """A fanned-out job's inputs, loaded in this process for finalize (merge, or estimate from arrays;
+    nothing is retrained here, so the model's initial weights are not loaded)."""
 
     loaded: _Loaded
     problem: InfluenceProblem
@@ -951,9 +952,6 @@ def _context(settings: Settings, store: ArtifactStore, job_id: str) -> _Context:
         checkpoints=checkpoints,
         weight_decay=recipe.weight_decay,
         recipe=dict(model.recipe),
-        initial_weights=(
-            models_service.load_state(store, model.initial_weights_uri) if model.initial_weights_uri else None
-        ),
     )
     estimator = get_estimator(spec["method"]["name"])
     params = validate_params(estimator.Params, spec["method"]["params"], "/method/params")

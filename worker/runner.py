@@ -11,6 +11,7 @@ compute.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -482,6 +483,9 @@ def _prepare(settings: Settings, store: ArtifactStore, job_id: str) -> _Job:
         "architecture_params": model.architecture_params,
         "task": model.task,
         "weight_decay": recipe.weight_decay,
+        # what a replay of the training run (unrolled methods) starts from and follows
+        "recipe": dataclasses.asdict(recipe),
+        "initial_weights_sha256": model.initial_weights_sha256,
     }
     state = train_state.lookup(settings, store, estimator, params, state_inputs)
     if state is not None and state.uri is not None:

@@ -54,6 +54,7 @@ def trained(api_server, integration_env, tmp_path_factory):
         ("tracincp", {}, "loss"),
         ("grad_dot", {}, "margin"),
         ("grad_cos", {}, "loss"),
+        ("hydra", {}, "margin"),
     ],
 )
 def test_job_results_equal_direct_call(trained, integration_settings, method, params, measurement):

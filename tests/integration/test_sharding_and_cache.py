@@ -92,3 +92,32 @@ def test_train_state_is_cached_and_sharded_if_exact_matches(setup):
     np.testing.assert_allclose(
         scores(client, sharded["id"]), scores(client, first["id"]), rtol=1e-6, atol=1e-9
     )
+
+
+def test_unrolled_replay_is_cached_and_runs_as_one_task(setup):
+    """magic's replay of the service's training run is fitted once and reused by a job with new queries;
+    a request to shard it by training rows runs as one task (one backward sweep scores every row)
+    with the same scores."""
+    client, train, test, model = setup
+    body = {
+        "model_id": model["id"],
+        "train_dataset_id": train["id"],
+        "query_dataset_id": test["id"],
+        "method": {"name": "magic", "params": {"segment_length": 10}},  # no other test fits this state
+        "output": {"keep_full_matrix": True},
+    }
+    first = _run(client, {**body, "query_indices": [0, 1, 2]})
+    second = _run(client, {**body, "query_indices": [3, 4], "execution": {"train_shard_size": 500}})
+    r1 = client.get(f"/v1/influence-jobs/{first['id']}/results").json()
+    r2 = client.get(f"/v1/influence-jobs/{second['id']}/results").json()
+    d1, d2 = r1["details"]["train_state"], r2["details"]["train_state"]
+    assert d1["cache_hit"] is False and d2["cache_hit"] is True and d1["key"] == d2["key"]
+    assert r2["details"].get("shards") in (None, 0, 1)
+    assert r1["details"]["replay_error"] < 1e-4 and r1["details"]["steps"] == 8 * 23
+    both = _run(client, {**body, "query_indices": [0, 1, 2, 3, 4]})
+    np.testing.assert_allclose(
+        scores(client, both["id"]),
+        np.vstack([scores(client, first["id"]), scores(client, second["id"])]),
+        rtol=1e-5,
+        atol=1e-8,
+    )

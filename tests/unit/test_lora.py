@@ -4,6 +4,8 @@ preconditioned and retrained; the frozen base always holds the registered weight
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -23,7 +25,7 @@ from app.estimators import (
 from app.estimators.gradients import trainable_names
 from app.estimators.objectives import per_example_loss
 from app.estimators.valuation.engine import reset_factory, train_subsets
-from app.estimators.valuation.methods import _starting_point
+from app.estimators.valuation.methods import starting_point
 
 torch.set_num_threads(1)
 
@@ -117,7 +119,7 @@ def test_retraining_starts_from_the_registered_base(finetuned):
     fresh = init_model("lora_mlp", LORA, 0).double()
     assert not torch.equal(fresh[1].weight, prob.weights["1.weight"])  # the module's own base differs
     prob = InfluenceProblem(**{**prob.__dict__, "model": fresh})
-    template = _starting_point(prob, F64)
+    template = starting_point(prob, F64)
     for seed in (0, 5):
         model = reset_factory(template)(seed)
         state = model.state_dict()
@@ -137,23 +139,27 @@ def test_retraining_from_initial_weights_replays_the_fine_tuning(pretrained, fin
     full = np.ones((2, len(x)), dtype=bool)
     measure = {"eval_sets": {"query": (prob.query_x, prob.query_y)}, "measure": {"query": "loss"}}
     seeds = [FINE_TUNING.seed, FINE_TUNING.seed + 1]
-    replayed = train_subsets(_starting_point(prob, F64), CLS, FINE_TUNING, x, y, full, seeds, **measure)
+    replayed = train_subsets(starting_point(prob, F64), CLS, FINE_TUNING, x, y, full, seeds, **measure)
     with torch.no_grad():
         fine_tuned = per_example_loss(functional_call(model, res.weights, (prob.query_x,)), prob.query_y, CLS)
     np.testing.assert_allclose(replayed["query"][0], fine_tuned.numpy(), rtol=1e-8)
     assert not np.allclose(replayed["query"][1], replayed["query"][0])  # another seed: other batches
     prob.initial_weights = None
-    redrawn = train_subsets(
-        _starting_point(prob, F64), CLS, FINE_TUNING, x, y, full[:1], seeds[:1], **measure
-    )
+    redrawn = train_subsets(starting_point(prob, F64), CLS, FINE_TUNING, x, y, full[:1], seeds[:1], **measure)
     assert not np.allclose(redrawn["query"][0], fine_tuned.numpy(), rtol=1e-3)
 
 
-def test_every_estimator_runs_on_the_adapters(finetuned):
+def test_every_estimator_runs_on_the_adapters(pretrained, finetuned):
     """Every estimator runs on lora_mlp (gradient methods differentiate the adapters only, retraining
-    methods retrain them only); the iterative inverse-Hessian agrees with the exact one on them."""
+    methods retrain them only, unrolled ones replay the fine-tuning from its initial weights); the
+    iterative inverse-Hessian agrees with the exact one on them."""
     _, res, _, _ = finetuned
-    prob = _problem(finetuned, checkpoints=res.checkpoints)
+    prob = _problem(
+        finetuned,
+        checkpoints=res.checkpoints,
+        recipe=dataclasses.asdict(FINE_TUNING),
+        initial_weights=_lora_on(pretrained).state_dict(),
+    )
     n_adapters = 46
     damped = {"damping": 0.1}  # 20 epochs leave the adapters short of a minimum: curvature -0.06
     params = {name: damped for name in ("if_exact", "if_cg", "if_lissa", "if_arnoldi", "relatif")}
@@ -172,5 +178,6 @@ def test_every_estimator_runs_on_the_adapters(finetuned):
     assert exact.metadata["n_parameters"] == n_adapters
     cg = get_estimator("if_cg").attribute(prob, {**damped, "max_iter": 200}, runtime=F64)
     np.testing.assert_allclose(cg.scores, exact.scores, rtol=1e-5, atol=1e-7 * np.abs(exact.scores).max())
+    assert get_estimator("magic").attribute(prob, None, runtime=F64).metadata["replay_error"] < 1e-12
     layers = get_estimator("ekfac").attribute(prob, None, runtime=F64).metadata["layers"]
     assert layers == ["1.lora_A", "1.lora_B", "3.lora_A", "3.lora_B"]

@@ -247,7 +247,7 @@ def _shared_seed(problem: InfluenceProblem, p: RetrainingParams) -> int | None:
     return None if p.seed_per_mask else _recipe(problem, p).seed
 
 
-def _starting_point(
+def starting_point(
     problem: InfluenceProblem, runtime: Runtime
 ) -> torch.nn.Module | Callable[[int], torch.nn.Module]:
     """What retraining starts from: the problem's initial weights for every seed when it has them;
@@ -321,7 +321,7 @@ class _Retraining(Estimator):
         runtime = runtime or Runtime()
         sets, measure = self._measure(problem, p, self_influence, train_range)
         return train_subsets(
-            _starting_point(problem, runtime),
+            starting_point(problem, runtime),
             problem.task,
             _recipe(problem, p),
             problem.train_x,

@@ -24,6 +24,8 @@ convention (positive = proponent), float32 model weights.
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import math
@@ -288,6 +290,8 @@ def logreg_workload(quick: bool = False, log=print) -> Workload:
         "datainf": {"damping_scale": 0.1},
         "representer": {"l2": 1e-3},
         "logra": {"k_in": 16, "k_out": 16, "projection": "gaussian", "damping": 1e-3, "seed": 0},
+        "magic": {},
+        "hydra": {},
     }  # fmt: skip
     info = {
         **{kk: v for kk, v in cfg.items() if kk != "version"},
@@ -349,7 +353,8 @@ def mlp_workload(quick: bool = False, log=print) -> Workload:
     x, qx = x.float(), qx.float()
     n = len(y)
     model = init_model("mlp", arch, seed=0)
-    res = train(model, CLS, x, y, _mlp_recipe(0, cfg["epochs"]))
+    recipe = _mlp_recipe(0, cfg["epochs"])
+    res = train(model, CLS, x, y, recipe)
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"mlp_lds_{_key(cfg)}.npz"
     if path.exists():
@@ -377,6 +382,7 @@ def mlp_workload(quick: bool = False, log=print) -> Workload:
     problem = InfluenceProblem(
         model=model, task=CLS, weights=res.weights, train_x=x, train_y=y, query_x=qx, query_y=qy,
         measurement="loss", checkpoints=res.checkpoints, weight_decay=1e-3,
+        recipe=dataclasses.asdict(recipe),
     )  # fmt: skip
     Mf = masks.astype(np.float64)
 
@@ -408,6 +414,8 @@ def mlp_workload(quick: bool = False, log=print) -> Workload:
         "datainf": {"damping_scale": 0.1},
         "representer": {"l2": 1e-3},
         "logra": {"k_in": 16, "k_out": 16, "projection": "gaussian", "damping": 1e-3, "seed": 0},
+        "magic": {},
+        "hydra": {},
     }  # fmt: skip
     info = {
         **{kk: v for kk, v in cfg.items() if kk != "version"},

@@ -164,7 +164,7 @@ def test_sgd_influence_equals_skipping_the_example_on_linear_regression():
         for j in range(50):
             w = torch.ones(50, dtype=torch.float64)
             w[j] = 0.0
-            delta = _skipped_run_parameters(prob, recipe, w, linear) - theta_T
+            delta = _linear_run_parameters(prob, recipe, w, linear) - theta_T
             first_order[:, j] = (gq @ delta).numpy()
         figures[epochs] = (
             float(np.abs(out.scores - first_order).max() / np.abs(first_order).max()),
@@ -178,7 +178,7 @@ def test_sgd_influence_equals_skipping_the_example_on_linear_regression():
     assert figures[4][1] > 0.9
 
 
-def _skipped_run_parameters(prob, recipe, w, linear) -> torch.Tensor:
+def _linear_run_parameters(prob, recipe, w, linear) -> torch.Tensor:
     """Final (weight, bias) of the linear model trained by torch.optim with per-example weights ``w``."""
     model = init_model(*linear, recipe.seed).double()
     opt = _make_optimizer(recipe, list(model.parameters()))
@@ -192,6 +192,36 @@ def _skipped_run_parameters(prob, recipe, w, linear) -> torch.Tensor:
             loss.backward()
             opt.step()
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def test_hydra_full_recursion_equals_the_difference_of_two_runs_on_a_quadratic_loss():
+    """ESTIMATORS.md 2.24: linear regression (quadratic loss), fixed batch order, three epochs: HyDRA's
+    full recursion equals (q(run with w_i = 1 + eps) - q(run with w_i = 1)) / eps, both runs by
+    torch.optim, to 1e-6 relative."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(3, generator=g, dtype=torch.float64) + 0.5 * torch.randn(
+        40, generator=g, dtype=torch.float64
+    )
+    qx, qy = (
+        torch.randn(3, 3, generator=g, dtype=torch.float64),
+        torch.randn(3, generator=g, dtype=torch.float64),
+    )
+    linear = ("linear", {"in_features": 3, "num_classes": 1})
+    recipe = Recipe(learning_rate=0.05, epochs=3, batch_size=4, weight_decay=1e-2, seed=1, num_checkpoints=0)
+    prob = _trained(recipe, *linear, REG, (x, y, qx, qy))
+    out = get_estimator("hydra").attribute(prob, {"hessian": True}, runtime=F64)
+    rows = torch.cat([qx, torch.ones(3, 1, dtype=torch.float64)], dim=1)
+
+    def query_losses(w):
+        return ((rows @ _linear_run_parameters(prob, recipe, w, linear) - qy) ** 2).numpy()
+
+    base, eps = query_losses(torch.ones(40, dtype=torch.float64)), 1e-7
+    for i in (0, 13, 39):
+        w = torch.ones(40, dtype=torch.float64)
+        w[i] += eps
+        difference = -(query_losses(w) - base) / eps
+        assert np.abs(out.scores[:, i] - difference).max() <= 1e-6 * np.abs(difference).max(), i
 
 
 def test_sgd_influence_ranks_like_skip_one_retraining_of_an_mlp():

@@ -28,7 +28,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from app.db.models import Checkpoint as CheckpointRow
 from app.db.models import Dataset, Job, Model
-from app.db.session import session_scope
+from app.db.session import retry_transaction
 from app.estimators import (
     ORIENTATION,
     SIGN_CONVENTION,
@@ -164,7 +164,7 @@ def _labels(y: np.ndarray, task: str) -> torch.Tensor:
 
 
 def _load(settings: Settings, job_id: str) -> _Loaded:
-    with session_scope(settings) as session:
+    def read(session) -> _Loaded:
         job = session.get(Job, job_id)
         model = session.get(Model, job.model_id)
         return _Loaded(
@@ -174,6 +174,8 @@ def _load(settings: Settings, job_id: str) -> _Loaded:
             session.get(Dataset, job.query_dataset_id) if job.query_dataset_id else None,
             jobs_service.selected_checkpoints(session, job),
         )
+
+    return retry_transaction(settings, read)  # a dropped connection must not fail the job
 
 
 def _problem_for(exc: BaseException) -> dict:

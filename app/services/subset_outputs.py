@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from app.db.models import TrainStateEntry
-from app.db.session import session_scope
+from app.db.session import retry_transaction
 from app.estimators import EstimatorError, get_architecture, init_model
 from app.estimators.valuation import SubsetOutputs, SubsetPlan, SubsetSpec, choose_solver
 from app.problems import ProblemError
@@ -145,12 +145,15 @@ def lookup(
     hit = None
     if reuse:
         keys = {cache_key(describe(spec, fingerprint, solver, o)): o for o in _candidates(spec.outputs)}
-        with session_scope(settings) as session:
+
+        def read(session) -> Hit | None:
             for candidate, outputs in keys.items():
                 entry = session.get(TrainStateEntry, candidate)
                 if entry is not None and entry.estimator == NAMESPACE and store.path(entry.uri).exists():
-                    hit = Hit(candidate, entry.uri, outputs, entry.fit_seconds)
-                    break
+                    return Hit(candidate, entry.uri, outputs, entry.fit_seconds)
+            return None
+
+        hit = retry_transaction(settings, read)
     return Lookup(spec, key, plan_key, described, hit)
 
 
@@ -199,10 +202,9 @@ def save(
         "train_seconds": round(float(train_seconds), 4),
         "key": found.key,
     }
-    with session_scope(settings) as session:
-        existing = session.get(TrainStateEntry, found.key)
-        if existing is not None and store.path(existing.uri).exists():
-            return None
+    existing = retry_transaction(settings, lambda session: session.get(TrainStateEntry, found.key))
+    if existing is not None and store.path(existing.uri).exists():
+        return None
     stored = store.put_npz(**to_arrays(plan, outputs, info))
     train_state.record(settings, found.key, NAMESPACE, stored, float(train_seconds), found.described)
     return stored

@@ -16,7 +16,7 @@ from pathlib import Path
 from sqlalchemy.exc import IntegrityError
 
 from app.db.models import TrainStateEntry
-from app.db.session import session_scope
+from app.db.session import retry_transaction
 from app.estimators import Estimator
 from app.settings import Settings
 from app.storage.artifacts import ArtifactStore, StoredArtifact
@@ -61,9 +61,12 @@ def lookup(
     if not has_train_state(estimator):
         return None
     key, described = state_key(estimator, params, inputs)
-    with session_scope(settings) as session:
+
+    def read(session) -> tuple[str, float | None] | None:
         entry = session.get(TrainStateEntry, key)
-        cached = (entry.uri, entry.fit_seconds) if entry is not None else None
+        return (entry.uri, entry.fit_seconds) if entry is not None else None
+
+    cached = retry_transaction(settings, read)
     if cached is not None and store.path(cached[0]).exists():
         return Lookup(key, described, cached[0], cached[1])
     return Lookup(key, described, None, None)
@@ -89,25 +92,24 @@ def record(
     settings: Settings, key: str, namespace: str, stored: StoredArtifact, seconds: float, described: dict
 ) -> None:
     """Point the cache entry ``key`` at ``stored``: insert it, or repair a row whose file vanished."""
+
+    def write(session) -> None:
+        existing = session.get(TrainStateEntry, key)
+        if existing is None:
+            session.add(
+                TrainStateEntry(
+                    key=key,
+                    estimator=namespace,
+                    uri=stored.uri,
+                    size_bytes=stored.size_bytes,
+                    fit_seconds=seconds,
+                    inputs=described,
+                )
+            )
+        else:
+            existing.uri, existing.size_bytes, existing.fit_seconds = stored.uri, stored.size_bytes, seconds
+
     try:
-        with session_scope(settings) as session:
-            existing = session.get(TrainStateEntry, key)
-            if existing is None:
-                session.add(
-                    TrainStateEntry(
-                        key=key,
-                        estimator=namespace,
-                        uri=stored.uri,
-                        size_bytes=stored.size_bytes,
-                        fit_seconds=seconds,
-                        inputs=described,
-                    )
-                )
-            else:
-                existing.uri, existing.size_bytes, existing.fit_seconds = (
-                    stored.uri,
-                    stored.size_bytes,
-                    seconds,
-                )
+        retry_transaction(settings, write)  # a dropped connection must not fail the job it caches for
     except IntegrityError:
         pass  # another worker stored the same entry first

@@ -25,7 +25,6 @@ convention (positive = proponent), float32 model weights.
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 import json
 import math
@@ -292,6 +291,7 @@ def logreg_workload(quick: bool = False, log=print) -> Workload:
         "logra": {"k_in": 16, "k_out": 16, "projection": "gaussian", "damping": 1e-3, "seed": 0},
         "magic": {},
         "hydra": {},
+        "source": {"fisher": "expected"},
     }  # fmt: skip
     info = {
         **{kk: v for kk, v in cfg.items() if kk != "version"},
@@ -416,6 +416,7 @@ def mlp_workload(quick: bool = False, log=print) -> Workload:
         "logra": {"k_in": 16, "k_out": 16, "projection": "gaussian", "damping": 1e-3, "seed": 0},
         "magic": {},
         "hydra": {},
+        "source": {"fisher": "expected"},
     }  # fmt: skip
     info = {
         **{kk: v for kk, v in cfg.items() if kk != "version"},

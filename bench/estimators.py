@@ -67,7 +67,7 @@ from worker.sandbox import MALLOC_TUNABLES  # noqa: E402
 
 METHOD_ORDER = [
     "if_exact", "if_cg", "if_lissa", "if_arnoldi", "ekfac", "tracincp", "grad_dot", "grad_cos",
-    "trak", "datainf", "representer", "logra", "magic", "hydra",
+    "trak", "datainf", "representer", "logra", "magic", "hydra", "source",
 ]  # fmt: skip
 
 try:

@@ -55,6 +55,7 @@ def trained(api_server, integration_env, tmp_path_factory):
         ("grad_dot", {}, "margin"),
         ("grad_cos", {}, "loss"),
         ("hydra", {}, "margin"),
+        ("source", {}, "loss"),
     ],
 )
 def test_job_results_equal_direct_call(trained, integration_settings, method, params, measurement):

@@ -62,7 +62,7 @@ def flipped():
 
 SELF_INFLUENCE = [
     "if_exact", "if_cg", "if_lissa", "if_arnoldi", "kfac", "ekfac", "datainf", "relatif",
-    "representer", "trak", "logra", "grad_dot", "tracincp", "magic", "hydra", "sgd_influence",
+    "representer", "trak", "logra", "grad_dot", "tracincp", "magic", "hydra", "sgd_influence", "source",
 ]  # fmt: skip
 
 

@@ -16,7 +16,10 @@ Two workloads, built deterministically and cached under ``bench/out/``:
   score (ESTIMATORS.md 4.2): M random half-size subsets, each retrained with the
   same recipe for several seeds; the ground truth is the seed-averaged query
   loss; LDS(z') = Spearman over subsets of (sum of the scores of the subset,
-  minus the query loss), averaged over queries.
+  minus the query loss), averaged over queries. A second figure, ``lds_same_run``, uses
+  the counterfactual the unrolled methods (magic, sgd_influence, hydra) differentiate:
+  the model's own run (its initialisation, batch order and schedule) with the
+  subset's complement weighted 0 in every mini-batch loss, so it carries no seed noise.
 
 Every method scores the query *loss* (``measurement="loss"``), in our sign
 convention (positive = proponent), float32 model weights.
@@ -37,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.estimators import Checkpoint, InfluenceProblem, Recipe, TaskSpec, init_model, train
+from app.estimators import Checkpoint, InfluenceProblem, Recipe, TaskSpec, init_model, learning_rate_at, train
 
 OUT = Path(__file__).resolve().parent / "out"
 CLS = TaskSpec("classification", "cross_entropy")
@@ -329,6 +332,34 @@ def _mlp_recipe(seed: int, epochs: int) -> Recipe:
     )  # fmt: skip
 
 
+def _masked_run(arch: dict, recipe: Recipe, x, y, keep: np.ndarray) -> torch.nn.Module:
+    """The recipe's own run (seeded init, shuffling, schedule; torch.optim) with the rows outside
+    ``keep`` weighted 0 in every mini-batch mean loss: the same batches, minus those rows."""
+    model = init_model("mlp", arch, seed=recipe.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(
+        params, lr=recipe.learning_rate, momentum=recipe.momentum, weight_decay=recipe.weight_decay
+    )
+    w = torch.as_tensor(keep, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    n = len(y)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        for epoch in range(recipe.epochs):
+            for group in opt.param_groups:
+                group["lr"] = learning_rate_at(recipe, epoch)
+            perm = torch.randperm(n, generator=gen)
+            for s in range(0, n, recipe.batch_size):
+                idx = perm[s : s + recipe.batch_size]
+                loss = (
+                    w[idx] * torch.nn.functional.cross_entropy(model(x[idx]), y[idx], reduction="none")
+                ).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    return model
+
+
 @torch.no_grad()
 def _query_losses(model, state, qx, qy) -> np.ndarray:
     model.load_state_dict(state)
@@ -379,6 +410,18 @@ def mlp_workload(quick: bool = False, log=print) -> Workload:
             f"[mlp] LDS ground truth: {M} subsets x {cfg['seeds']} seeds retrained in "
             f"{time.perf_counter() - t0:.1f} s -> {path.relative_to(OUT.parent.parent)}"
         )
+    same_path = OUT / f"mlp_lds_same_run_{_key(cfg)}.npz"
+    if same_path.exists():
+        same_run = np.load(same_path)["outputs"]
+    else:
+        t0 = time.perf_counter()
+        same_run = np.zeros_like(outputs)
+        for j in range(len(masks)):
+            m = _masked_run(arch, recipe, x, y, masks[j])
+            same_run[j] = _query_losses(m, m.state_dict(), qx, qy)
+        np.savez(same_path, outputs=same_run)
+        seconds = time.perf_counter() - t0
+        log(f"[mlp] same-run LDS ground truth: {len(masks)} masked replays in {seconds:.1f} s")
     problem = InfluenceProblem(
         model=model, task=CLS, weights=res.weights, train_x=x, train_y=y, query_x=qx, query_y=qy,
         measurement="loss", checkpoints=res.checkpoints, weight_decay=1e-3,
@@ -390,7 +433,8 @@ def mlp_workload(quick: bool = False, log=print) -> Workload:
         pred = np.asarray(scores, dtype=np.float64) @ Mf.T  # m x M: sum of the subset's scores
         # a proponent's presence lowers the query loss: compare with minus the loss
         _, sp = _corr_rows(pred, -outputs.T)
-        return {"lds": sp}
+        _, same = _corr_rows(pred, -same_run.T)
+        return {"lds": sp, "lds_same_run": same}
 
     model.load_state_dict(res.weights)
     with torch.no_grad():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from sklearn.datasets import load_digits
@@ -10,10 +12,12 @@ from app.estimators import (
     REGISTRY,
     Checkpoint,
     InfluenceProblem,
+    Recipe,
     Runtime,
     TaskSpec,
     get_architecture,
     init_model,
+    train,
 )
 from app.services.validation import validate_params
 
@@ -115,3 +119,24 @@ def test_cuda_matches_cpu_on_a_conv_net(conv_problem, method, params, monkeypatc
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the CPU's float32 convolutions
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     _assert_cuda_matches_cpu(conv_problem, method, params)
+
+
+@pytest.fixture(scope="module")
+def trained_problem(problem) -> InfluenceProblem:
+    """The mlp trained here by a recorded recipe (two epochs, two checkpoints): what the unrolled methods
+    replay and SOURCE segments."""
+    recipe = Recipe(
+        learning_rate=0.1, momentum=0.9, epochs=2, batch_size=64, weight_decay=1e-2, num_checkpoints=2
+    )
+    model = init_model("mlp", {"in_features": 64, "hidden": [32], "num_classes": 10}, seed=recipe.seed)
+    result = train(model, TaskSpec(), problem.train_x, problem.train_y, recipe)
+    return dataclasses.replace(
+        problem, weights=result.weights, checkpoints=result.checkpoints, recipe=dataclasses.asdict(recipe)
+    )
+
+
+@pytest.mark.parametrize("method,params", [("magic", {}), ("hydra", {}), ("source", {})])
+def test_cuda_matches_cpu_on_a_recorded_run(trained_problem, method, params):
+    """The replay on the GPU (float32 rounding differs from the CPU's) stays within the replay tolerance,
+    and the unrolled scores match."""
+    _assert_cuda_matches_cpu(trained_problem, method, params)

@@ -194,8 +194,26 @@ class Unroller:
         return nxt.detach()
 
     def segment_length(self, requested: int | None) -> int:
+        """Steps per segment: ``requested``, else ``ceil(sqrt(T))`` (fewest states kept). The replay holds
+        the segment starts plus one segment's states; EstimatorError when they exceed the runtime's
+        memory budget."""
         T = len(self.steps)
-        return max(1, min(T, requested if requested is not None else math.ceil(math.sqrt(max(T, 1)))))
+        K = max(1, min(T, requested if requested is not None else math.ceil(math.sqrt(max(T, 1)))))
+        budget = self.runtime.memory_budget_bytes
+        held = (math.ceil(T / K) + K) * self.state_size * self.theta0.element_size()
+        if budget is not None and held > budget:
+            raise EstimatorError(
+                f"replaying {T} steps keeps {math.ceil(T / K)} segment starts and {K} states of "
+                f"{self.state_size:,} numbers ({held / 2**20:,.0f} MiB), more than the memory budget "
+                f"({budget / 2**20:,.0f} MiB); "
+                + (
+                    "set segment_length near sqrt(T) to keep the fewest"
+                    if requested is not None
+                    else "the model or its run is too large to unroll within it (raise the budget)"
+                ),
+                parameter="/method/params/segment_length",
+            )
+        return K
 
     def replay(self, segment: int, ticker: Ticker | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the recipe forward: ``(segment starts, S x state_size; final state)``; the states at

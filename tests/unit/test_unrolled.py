@@ -380,3 +380,17 @@ def test_gradient_of_the_replay_matches_torch_autograd_through_the_whole_run():
     F.cross_entropy(out, prob.query_y[:1]).backward()
     scores = get_estimator("magic").attribute(prob, {"segment_length": 4}, runtime=F64).scores
     np.testing.assert_allclose(scores[0], -w.grad.numpy(), rtol=1e-10, atol=1e-14)
+
+
+def test_the_replay_stays_within_the_memory_budget():
+    prob = _trained(RECIPES["adamw"])  # 24 steps, 3 x 39 state numbers (theta, m, v)
+    tight = Runtime(dtype=torch.float64, chunk_size=16, memory_budget_bytes=10 * 117 * 8)
+    out = get_estimator("magic").attribute(prob, None, runtime=tight)  # 5 starts + 5 states fit
+    assert out.metadata["segment_length"] == 5
+    with pytest.raises(EstimatorError) as info:
+        get_estimator("magic").attribute(prob, {"segment_length": 24}, runtime=tight)  # 1 + 24 do not
+    assert info.value.parameter == "/method/params/segment_length" and "sqrt(T)" in info.value.detail
+    with pytest.raises(EstimatorError, match="too large to unroll"):
+        get_estimator("magic").attribute(
+            prob, None, runtime=dataclasses.replace(tight, memory_budget_bytes=1000)
+        )

@@ -156,12 +156,13 @@ class Source(Estimator):
         runtime = runtime or Runtime()
         validate_problem(problem, need_queries=False)
         tensors, infos = {}, []
-        for t, ck in enumerate(self._checkpoints(problem)):
+        ckpts = self._checkpoints(problem)
+        for t, ck in enumerate(ckpts):
             at = dataclasses.replace(problem, weights=ck.state)
             state = fit_factors(at, runtime, layers=p.layers, fisher=p.fisher, seed=p.seed, ekfac=True)
             tensors.update({f"{t}:{k}": v for k, v in state.tensors.items()})
             infos.append(state.info)
-        steps = [int(ck.step) for ck in self._checkpoints(problem)]
+        steps = [int(ck.step) for ck in ckpts]
         return TrainState(
             tensors, {"checkpoints": infos, "checkpoint_steps": steps, "n_train": problem.n_train}
         )
@@ -190,7 +191,7 @@ class Source(Estimator):
         """``u_l`` for every segment (flat, tracked-parameter layout) of the rows of ``Q`` (float64)."""
         layers = factors[-1].layers
         v = layer_matrices(Q, layers)
-        out: list[torch.Tensor] = [Q] * len(segs)
+        out: list[torch.Tensor] = []
         for t in reversed(range(len(segs))):
             f, horizon = factors[t], segs[t].steps * segs[t].learning_rate
             u_parts, decayed = [], []
@@ -202,7 +203,7 @@ class Source(Estimator):
                 R = f.rotate(layer, M)
                 u_parts.append(f.unrotate(layer, R * reach))
                 decayed.append(f.unrotate(layer, R * torch.exp(-x)))
-            out[t] = flatten_layer_matrices(u_parts, f.layers)
+            out.insert(0, flatten_layer_matrices(u_parts, f.layers))
             v = decayed
         for u in out:
             if not bool(torch.isfinite(u).all()):

@@ -152,7 +152,9 @@ class _Unrolled(Estimator):
                 f"replaying the model's recipe does not reproduce its registered weights (relative "
                 f"distance {error:.3g} > replay_tolerance {p.replay_tolerance:g}): the model was not "
                 "trained by this recipe on this training set in this row order, so its run cannot be "
-                "unrolled. Use the training set and recipe it was trained with, or a static method",
+                "unrolled. Use the training set and recipe it was trained with, or a static method; if it "
+                "was trained on another device (GPU rounding), raise replay_tolerance to accept the "
+                "replayed run instead",
                 parameter=MODEL_PARAMETER,
             )
         starts = state.tensors["segment_starts"].to(unroller.device, unroller.dtype)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from app.estimators import (
+    Cancelled,
     EstimatorError,
     InfluenceProblem,
     Recipe,
@@ -394,3 +395,17 @@ def test_the_replay_stays_within_the_memory_budget():
         get_estimator("magic").attribute(
             prob, None, runtime=dataclasses.replace(tight, memory_budget_bytes=1000)
         )
+
+
+def test_cancelled_mid_sweep_stops_the_method():
+    prob = _trained(RECIPES["sgd"])
+    phases = []
+
+    def progress(phase, done, total):
+        phases.append((phase, done, total))
+        if phase == "unroll" and done == 5:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        get_estimator("magic").attribute(prob, None, runtime=dataclasses.replace(F64, progress=progress))
+    assert ("replay", 24, 24) in phases and phases[-1] == ("unroll", 5, 24)

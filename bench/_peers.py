@@ -1,4 +1,5 @@
-"""Adapters that run the peer libraries on a bench workload (captum, traker, dattri, pyDVL, kronfluence).
+"""Adapters that run the peer libraries on a bench workload (captum, traker, dattri, pyDVL, kronfluence,
+bergson).
 
 Each ``make_*`` function takes a :class:`~_workloads.Workload` and the method's
 hyper-parameters (the ones ours uses, translated here) and returns a
@@ -614,6 +615,99 @@ def kronfluence_ekfac(w, hp, shift: float | None):
     return run
 
 
+# ============================================================================ bergson
+
+
+def bergson_magic(w, hp):
+    """bergson 2.5's MAGIC (a functional torchopt trainer, reverse-mode through the run) on the model's
+    own run: our recipe's seeded start and batch order, torchopt SGD with its momentum, coupled weight
+    decay and per-epoch schedule; one backward per query (bergson differentiates one scalar
+    behaviour). Returns ``-dq/dw`` (ours)."""
+    import shutil
+
+    import torchopt
+    from bergson.magic.trainer import BackwardState, Trainer
+
+    from app.estimators import Recipe, init_model, learning_rate_at
+    from app.estimators.unroll import batch_plan
+
+    if not isinstance(w.problem.recipe, dict):
+        raise NotAvailable("the workload's model has no recipe to replay")
+    recipe = Recipe(**w.problem.recipe)
+    if recipe.optimizer != "sgd":
+        raise NotAvailable(f"the adapter covers SGD recipes, not {recipe.optimizer}")
+    x, y, qx, qy = _tensors(w)
+    steps = [s.rows for s in batch_plan(recipe, len(y))]
+    per_epoch = len(steps) // recipe.epochs
+    start = init_model("mlp", w.info["arch"], seed=recipe.seed).state_dict()
+
+    class Loss(torch.nn.Module):  # bergson differentiates the scalar model(**batch) returns
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, input_ids, targets, example_weight):
+            losses = F.cross_entropy(self.net(input_ids), targets, reduction="none")
+            return (example_weight * losses).sum() / len(targets)
+
+    class Stream:  # what bergson's trainer reads from its DataStream
+        device = torch.device("cpu")
+
+        def __init__(self):
+            self.weights = torch.nn.Parameter(torch.ones(len(y)))
+
+        @property
+        def requires_grad(self):
+            return self.weights.requires_grad
+
+        @requires_grad.setter
+        def requires_grad(self, value):
+            self.weights.requires_grad = value
+
+        def __len__(self):
+            return len(steps)
+
+        def __getitem__(self, i):
+            if not 0 <= i < len(steps):
+                raise IndexError(i)
+            rows = steps[i]
+            return {"input_ids": x[rows], "targets": y[rows], "example_weight": self.weights[rows]}
+
+    def schedule(count):
+        return learning_rate_at(recipe, int(count) // per_epoch)
+
+    def one_query(j: int) -> np.ndarray:
+        net = _model(w, start)
+        model = Loss(net)
+        opt = torchopt.sgd(schedule, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+        trainer, state = Trainer.initialize(model, opt)
+        stream = Stream()
+        folder = tempfile.mkdtemp(prefix="bergson-magic-")
+        try:
+            state = trainer.train(state, stream, save_dir=folder, save_mode="sqrt")
+            with state.activate(model) as params:
+                loss = F.cross_entropy(model.net(qx[j : j + 1]), qy[j : j + 1])
+                grads = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
+            slots = [
+                torch.zeros_like(t)
+                for t in torchopt.pytree.tree_iter(state.opt_state)
+                if isinstance(t, torch.Tensor) and t.is_floating_point()
+            ]
+            stream.requires_grad = True
+            back = BackwardState(
+                {k: grads[k].detach() for k in state.params}, slots, torch.zeros_like(stream.weights)
+            )
+            back = trainer.backward(folder, stream, back, state, cleanup=True, save_mode="sqrt")
+            return -_np(back.weight_grads)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def run() -> np.ndarray:
+        return np.stack([one_query(j) for j in range(len(qy))])
+
+    return run
+
+
 # ============================================================================ registry
 
 PEERS: dict[str, list[tuple[str, Callable]]] = {
@@ -638,6 +732,7 @@ PEERS: dict[str, list[tuple[str, Callable]]] = {
     "datainf": [("dattri DataInf", None), ("pydvl InverseHarmonicMean", None)],
     "representer": [("dattri RPS", dattri_representer)],
     "logra": [("dattri LoGra", dattri_logra)],
+    "magic": [("bergson MAGIC", bergson_magic)],
 }
 
 

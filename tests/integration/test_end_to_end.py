@@ -356,3 +356,25 @@ def test_exact_influence_on_service_trained_logistic_regression(trained, integra
     problem = library_problem(integration_settings, client, model, train, test, queries)
     want = REGISTRY["if_exact"].attribute(problem, REGISTRY["if_exact"].Params(), want_self_influence=True)
     np.testing.assert_allclose(scores(client, job["id"]), want.scores, rtol=1e-4, atol=1e-7)
+
+
+def test_unrolled_methods_refuse_a_model_the_recipe_does_not_reproduce(trained, integration_settings):
+    """The service-trained model's weights uploaded as a new model whose recipe claims another seed: the
+    replay cannot reproduce them, so a magic job fails with a 422 problem naming /model_id (no scores
+    for a run that was never made), while the service-trained original replays."""
+    client, train, test, model = trained
+    weights = library_problem(integration_settings, client, model, train, test, [0]).weights
+    spec = {"name": "digits-mlp-other-seed", "architecture": DIGITS_MLP, "recipe": {**FAST_RECIPE, "seed": 7}}
+    response = register_model(client, spec, weights)
+    assert response.status_code == 201, response.text
+    body = {
+        "model_id": response.json()["id"],
+        "train_dataset_id": train["id"],
+        "query_dataset_id": test["id"],
+        "query_indices": [0],
+        "method": {"name": "magic"},
+    }
+    job = wait(client, submit(client, body).headers["location"])
+    assert job["state"] == "failed" and job["error"]["status"] == 422, job
+    assert job["error"]["code"] == "estimator-error" and "does not reproduce" in job["error"]["detail"]
+    assert [e["pointer"] for e in job["error"]["errors"]] == ["/model_id"]

@@ -24,7 +24,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "peers: cross-check against the optional peer libraries (captum, traker, dattri, pyDVL, "
-        "kronfluence); install them with scripts/install-peers.sh",
+        "kronfluence, bergson); install them with scripts/install-peers.sh",
     )
 
 

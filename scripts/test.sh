@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh test
-# Peer libraries (captum, dattri, kronfluence, pyDVL, traker) are test/bench extras; without them
+# Peer libraries (captum, dattri, kronfluence, pyDVL, traker, bergson) are test/bench extras; without them
 # tests/peers skips.
 scripts/install-peers.sh || echo "peer libraries unavailable: tests/peers will be skipped" >&2
 

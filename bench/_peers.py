@@ -676,34 +676,41 @@ def bergson_magic(w, hp):
     def schedule(count):
         return learning_rate_at(recipe, int(count) // per_epoch)
 
-    def one_query(j: int) -> np.ndarray:
-        net = _model(w, start)
-        model = Loss(net)
+    def run() -> np.ndarray:
+        """Train once (bergson keeps sqrt(T) checkpoints), then one backward sweep per query."""
+        model = Loss(_model(w, start))
         opt = torchopt.sgd(schedule, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
         trainer, state = Trainer.initialize(model, opt)
         stream = Stream()
         folder = tempfile.mkdtemp(prefix="bergson-magic-")
         try:
             state = trainer.train(state, stream, save_dir=folder, save_mode="sqrt")
-            with state.activate(model) as params:
-                loss = F.cross_entropy(model.net(qx[j : j + 1]), qy[j : j + 1])
-                grads = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
             slots = [
                 torch.zeros_like(t)
                 for t in torchopt.pytree.tree_iter(state.opt_state)
                 if isinstance(t, torch.Tensor) and t.is_floating_point()
             ]
+            # every query's gradient at the final weights first: a backward run reloads the state
+            # from the checkpoints in place and leaves it at the start of training
+            query_grads = []
+            with state.activate(model) as params:
+                for j in range(len(qy)):
+                    loss = F.cross_entropy(model.net(qx[j : j + 1]), qy[j : j + 1])
+                    grads = torch.autograd.grad(loss, list(params.values()))
+                    query_grads.append({k: g.detach() for k, g in zip(params, grads, strict=True)})
             stream.requires_grad = True
-            back = BackwardState(
-                {k: grads[k].detach() for k in state.params}, slots, torch.zeros_like(stream.weights)
-            )
-            back = trainer.backward(folder, stream, back, state, cleanup=True, save_mode="sqrt")
-            return -_np(back.weight_grads)
+            rows = []
+            for grads in query_grads:
+                back = BackwardState(
+                    {k: grads[k] for k in state.params},
+                    [torch.zeros_like(t) for t in slots],
+                    torch.zeros_like(stream.weights),
+                )
+                back = trainer.backward(folder, stream, back, state, cleanup=False, save_mode="sqrt")
+                rows.append(-_np(back.weight_grads))
+            return np.stack(rows)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-
-    def run() -> np.ndarray:
-        return np.stack([one_query(j) for j in range(len(qy))])
 
     return run
 

@@ -195,7 +195,9 @@ def test_merges_of_a_fanned_out_job_are_capped(client, slow_job_body, integratio
             assert session.get(Job, job["id"]).merge_attempts == merge
         update_job(heartbeat_at=long_ago, updated_at=long_ago)  # its worker died mid-merge
         _, republished = shards_service.sweep(integration_settings)
-        assert job["id"] in republished  # the sweeper hands the merge out again
+        with Session(engine) as session:  # the API server's own sweeper (every second) may get there first
+            refreshed = session.get(Job, job["id"]).updated_at > long_ago
+        assert job["id"] in republished or refreshed  # a sweeper handed the merge out again
         update_job(heartbeat_at=long_ago)
     assert shards_service.finalize_claim(integration_settings, job["id"]) is None
     failed = client.get(f"/v1/influence-jobs/{job['id']}").json()

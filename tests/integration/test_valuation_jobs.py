@@ -122,3 +122,32 @@ def test_retraining_sharded_over_two_workers_equals_one_process(cancer, worker_f
             return np.array(sorted((i["train_index"], i["value"], i["stderr"]) for i in items))
 
         np.testing.assert_allclose(values(sharded["id"]), values(whole["id"]), rtol=1e-10, atol=1e-15)
+
+
+def test_g_shapley_job_values_equal_the_library_call(cancer, integration_settings):
+    """G-Shapley through the service: the single SGD passes start from the model's seeded initialisation;
+    its values (with standard errors) equal the library call on the same problem."""
+    from app.estimators import REGISTRY
+    from tests.integration.flows import library_problem
+
+    client, train, test, model = cancer
+    params = {"permutations": 8, "batch": 8, "learning_rate": 0.05}
+    body = {
+        "model_id": model["id"],
+        "train_dataset_id": train["id"],
+        "query_dataset_id": test["id"],
+        "method": {"name": "g_shapley", "params": params},
+    }
+    job = wait(client, submit(client, body).headers["location"])
+    assert job["state"] == "succeeded", job
+    items = client.get(f"/v1/influence-jobs/{job['id']}/values", params={"page_size": 500}).json()["items"]
+    got = np.zeros(train["n_examples"])
+    for item in items:
+        got[item["train_index"]] = item["value"]
+    model = client.get(f"/v1/models/{model['id']}").json()  # trained: its weights and recipe
+    problem = library_problem(
+        integration_settings, client, model, train, test, list(range(test["n_examples"]))
+    )
+    want = REGISTRY["g_shapley"].attribute(problem, params)
+    np.testing.assert_allclose(got, want.values, rtol=1e-4, atol=1e-7)
+    assert all(item["stderr"] > 0 for item in items[:10])

@@ -11,7 +11,8 @@
 
 Importing this package registers ``loo``, ``downsampling``, ``datamodels``,
 ``shapley_exact``, ``tmc_shapley``, ``beta_shapley``, ``banzhaf_msr`` and
-``knn_shapley`` in :data:`app.estimators.base.REGISTRY` (see :mod:`.methods`).
+``knn_shapley`` in :data:`app.estimators.base.REGISTRY` (see :mod:`.methods`), and ``g_shapley``
+(:mod:`.gradient_shapley`), which replaces retraining by one SGD step per point.
 """
 
 from .datamodels import datamodels_estimate, lasso_fit, lds, lds_summary, rankdata, ridge_fit, spearman
@@ -28,6 +29,7 @@ from .engine import (
     train_subsets,
     vmap_safe,
 )
+from .gradient_shapley import GShapley, GShapleyParams
 from .knn import knn_shapley, knn_utility, neighbour_order, penultimate_embedder
 from .methods import (
     ESTIMATOR_CLASSES,
@@ -102,6 +104,8 @@ VALUATION_ESTIMATORS = tuple(cls.name for cls in ESTIMATOR_CLASSES)
 
 __all__ = [
     "ESTIMATOR_CLASSES",
+    "GShapley",
+    "GShapleyParams",
     "LOO",
     "MAX_EXHAUSTIVE_N",
     "SOLVERS",

@@ -808,7 +808,7 @@ class LDSSubsets(_RandomSubsets):
 def returns_scores(estimator: Estimator, params: Any) -> bool:
     """Whether ``estimator`` with ``params`` returns an m x n score matrix (what the LDS evaluates):
     not the valuation methods, whose attribution is a vector of data values."""
-    if isinstance(estimator, _Valuation):
+    if getattr(estimator, "values_only", False):
         return False
     if isinstance(estimator, KNNShapley):
         return bool(as_params(KNNShapleyParams, params).per_query_scores)
@@ -820,6 +820,7 @@ def returns_scores(estimator: Estimator, params: Any) -> bool:
 
 class _Valuation(_Retraining):
     valuation = True
+    values_only = True  # data values (see returns_scores)
     group_orders = ()  # data values, no per-query scores to group
 
     def _finish(self, problem, p, values, stderr, train_range, runtime, **extra) -> Attribution:

@@ -228,6 +228,31 @@ class Unroller:
                 ticker.tick()
         return torch.stack(starts), state
 
+    def states_after(self, counts: list[int]) -> dict[int, torch.Tensor]:
+        """The replayed states after ``count`` optimizer steps, for each count (e.g. checkpoint steps)."""
+        wanted, out = set(counts), {}
+        state = self.initial_state()
+        if 0 in wanted:
+            out[0] = state
+        for step in self.steps:
+            if step.count > max(wanted):
+                break
+            state = self._advance(state, step)
+            if step.count in wanted:
+                out[step.count] = state
+        missing = sorted(wanted - set(out))
+        if missing:
+            raise EstimatorError(
+                f"the recipe's run has {len(self.steps)} steps; there is no step {missing[0]}",
+                parameter="/checkpoint_ids",
+            )
+        return out
+
+    def adam_step_scales(self, state: torch.Tensor, count: int) -> torch.Tensor:
+        """Adam's per-parameter step scale after ``count`` steps: ``1 / (sqrt(v_hat) + eps)``."""
+        v = state[2 * self.p :]
+        return 1.0 / (_safe_sqrt(v) / math.sqrt(1 - ADAM_BETAS[1] ** max(count, 1)) + ADAM_EPS)
+
     def final_state(self, starts: torch.Tensor, segment: int) -> torch.Tensor:
         """The state after the last step, replayed from the last segment start."""
         state = starts[-1].to(self.device, self.dtype)

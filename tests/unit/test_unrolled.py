@@ -65,6 +65,7 @@ def _trained(recipe: Recipe, arch="mlp", params=MLP, task=CLS, data=None, measur
     return InfluenceProblem(
         model=model, task=task, weights=res.weights, train_x=x, train_y=y, query_x=qx, query_y=qy,
         measurement=measurement, weight_decay=recipe.weight_decay, recipe=dataclasses.asdict(recipe),
+        checkpoints=res.checkpoints,
     )  # fmt: skip
 
 
@@ -409,3 +410,64 @@ def test_cancelled_mid_sweep_stops_the_method():
     with pytest.raises(Cancelled):
         get_estimator("magic").attribute(prob, None, runtime=dataclasses.replace(F64, progress=progress))
     assert ("replay", 24, 24) in phases and phases[-1] == ("unroll", 5, 24)
+
+
+def test_tracincp_with_adam_preconditioning_uses_the_optimizers_second_moments():
+    """TracInCP on an Adam run with adam_preconditioning: sum_t eta_t g'_t . (g_{i,t} / (sqrt(v_hat_t) +
+    eps)), with v_t read from torch.optim.Adam's own state at each checkpoint of an independent run."""
+    recipe = dataclasses.replace(RECIPES["adam-step"], num_checkpoints=3)
+    x, y, qx, qy = _data()
+    model = init_model("mlp", MLP, recipe.seed).double()
+    res = train(model, CLS, x, y, recipe)
+    prob = InfluenceProblem(
+        model, CLS, res.weights, x, y, qx, qy, checkpoints=res.checkpoints, weight_decay=recipe.weight_decay,
+        recipe=dataclasses.asdict(recipe),
+    )  # fmt: skip
+    # the reference: torch.optim.Adam's exp_avg_sq at the checkpoint steps
+    ref = init_model("mlp", MLP, recipe.seed).double()
+    opt = _make_optimizer(recipe, list(ref.parameters()))
+    want_steps = {int(c.step) for c in res.checkpoints}
+    scales = {}
+    for step in batch_plan(recipe, prob.n_train):
+        for group in opt.param_groups:
+            group["lr"] = step.learning_rate
+        opt.zero_grad()
+        per_example_loss(ref(x[step.rows]), y[step.rows], CLS).mean().backward()
+        opt.step()
+        if step.count in want_steps:
+            v = torch.cat([opt.state[q]["exp_avg_sq"].reshape(-1) for q in ref.parameters()])
+            scales[step.count] = 1.0 / ((v / (1 - 0.999**step.count)).sqrt() + 1e-8)
+    from app.estimators.gradients import per_sample_gradients, query_objective_fn, train_objective
+
+    expected = torch.zeros(prob.n_query, prob.n_train, dtype=torch.float64)
+    self_expected = torch.zeros(prob.n_train, dtype=torch.float64)
+    for ck in res.checkpoints:
+        G = torch.cat([g for _, _, g in per_sample_gradients(model, ck.state, x, y, train_objective(CLS))])
+        Q = torch.cat(
+            [g for _, _, g in per_sample_gradients(model, ck.state, qx, qy, query_objective_fn(CLS, "loss"))]
+        )
+        s = scales[int(ck.step)]
+        expected += ck.learning_rate * (Q @ (G * s).T)
+        self_expected += ck.learning_rate * (G * G * s).sum(dim=1)
+    est = get_estimator("tracincp")
+    out = est.attribute(prob, {"adam_preconditioning": True}, runtime=F64, want_self_influence=True)
+    np.testing.assert_allclose(out.scores, expected.numpy(), rtol=1e-9, atol=1e-13)
+    np.testing.assert_allclose(out.self_influence, self_expected.numpy(), rtol=1e-9)
+    assert out.metadata["warnings"] == [] and out.metadata["adam_preconditioning"] is True
+    plain = est.attribute(prob, None, runtime=F64)
+    assert plain.metadata["warnings"] and not np.allclose(plain.scores, out.scores)
+    # TracIn-RP: the cached state carries the scales; k >= p is the exact answer again
+    params = {"adam_preconditioning": True, "projection_dim": 10_000}
+    np.testing.assert_allclose(est.attribute(prob, params, runtime=F64).scores, expected.numpy(), rtol=1e-9)
+    rp = {"adam_preconditioning": True, "projection_dim": 16}
+    state = est.fit(prob, rp, F64)
+    assert "adam_scale_0" in state.tensors
+    np.testing.assert_allclose(
+        est.attribute(prob, rp, runtime=F64, state=state).scores,
+        est.attribute(prob, rp, runtime=F64).scores,
+        rtol=1e-10,
+    )
+    sgd = _trained(dataclasses.replace(RECIPES["sgd"], num_checkpoints=2))
+    with pytest.raises(EstimatorError) as info:  # an SGD run has no second moments
+        est.attribute(sgd, {"adam_preconditioning": True}, runtime=F64)
+    assert info.value.parameter == "/method/params/adam_preconditioning"

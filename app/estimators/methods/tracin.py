@@ -25,8 +25,14 @@ Options:
 Self-influence is ``sum_t eta_t ||g_{i,t}||^2`` (mislabel detection; projected
 norms under TracIn-RP); the cosine variant has none. Scores are a sum over
 checkpoints, so jobs may be sharded by checkpoint (``checkpoint_additive``),
-also for GAS. Plain gradients are used for every optimizer; for Adam the true
-update is preconditioned, so the scores are the SGD approximation. The training
+also for GAS. Plain gradients are used by default; for Adam the true
+update is preconditioned, so the scores are the SGD approximation, unless
+``adam_preconditioning`` is on: each checkpoint's Adam second moments are then
+recovered by replaying the model's recipe (:mod:`..unroll`, checked against the
+checkpoint's weights) and the scores become ``sum_t eta_t g'_t . (s_t * g_{i,t})``
+with ``s_t = 1 / (sqrt(v_hat_t) + eps)``, Adam's per-parameter step (query and
+training gradients are both multiplied by ``sqrt(s_t)``, so projections and
+self-influence stay consistent). The training
 optimizer, when the problem's ``recipe`` names one, is recorded in metadata
 (``optimizer``; None = unknown), and metadata ``warnings`` (a list of strings,
 empty when there is nothing to say) flags recipes whose updates are not
@@ -100,6 +106,14 @@ class TracInCPParams:
             "layer); null: all trainable parameters"
         },
     )
+    adam_preconditioning: bool = field(
+        default=False,
+        metadata={
+            "description": "for models trained with adam/adamw: scale each training gradient by Adam's "
+            "per-parameter step 1 / (sqrt(v_hat_t) + eps) at checkpoint t, the second moments recovered "
+            "by replaying the model's recipe (as LESS / TrackStar precondition)"
+        },
+    )
 
 
 _PRECONDITIONED = {"adam": "Adam", "adamw": "AdamW"}  # optimizers whose update is -eta m / (sqrt(v) + eps)
@@ -160,6 +174,7 @@ class TracInCP(Estimator):
             "projection": p.projection,
             "seed": p.seed,
             "layers": p.layers,
+            "adam_preconditioning": p.adam_preconditioning,
         }
 
     # ------------------------------------------------------------------ helpers
@@ -181,6 +196,44 @@ class TracInCP(Estimator):
             etas.append(float(eta))
         return ckpts, etas
 
+    @staticmethod
+    def _adam_scales(problem, ckpts, runtime: Runtime, names: list[str]) -> list[torch.Tensor]:
+        """The square root of Adam's per-parameter step scale at each checkpoint, for the selected
+        parameters (replayed); query and training gradients are both multiplied by it, so that scores
+        are ``g' . (s * g)`` and self-influence ``g . (s * g)``, projected or not."""
+        from ..gradients import flatten
+        from ..unroll import Unroller, recipe_of
+
+        recipe = recipe_of(problem)
+        if recipe.optimizer not in _PRECONDITIONED:
+            raise EstimatorError(
+                f"adam_preconditioning needs a model trained with adam or adamw, not {recipe.optimizer}",
+                parameter="/method/params/adam_preconditioning",
+            )
+        unroller = Unroller(problem, recipe, runtime)
+        states = unroller.states_after([int(ck.step) for ck in ckpts])
+        offsets, off = {}, 0
+        for name, shape in zip(unroller.names, unroller.shapes, strict=True):
+            offsets[name] = (off, off + math.prod(shape))
+            off += math.prod(shape)
+        out = []
+        for t, ck in enumerate(ckpts):
+            state = states[int(ck.step)]
+            recorded = flatten(
+                {k: ck.state[k].to(unroller.device, unroller.dtype) for k in unroller.names}, unroller.names
+            )
+            error = float((unroller.theta(state) - recorded).norm() / recorded.norm().clamp_min(1e-30))
+            if not error <= 1e-3:
+                raise EstimatorError(
+                    f"replaying the model's recipe does not reproduce checkpoint {t} (step {ck.step}; "
+                    f"relative distance {error:.3g}), so its Adam moments are unknown; leave "
+                    "adam_preconditioning off",
+                    parameter="/method/params/adam_preconditioning",
+                )
+            scale = unroller.adam_step_scales(state, int(ck.step)).sqrt()
+            out.append(torch.cat([scale[offsets[k][0] : offsets[k][1]] for k in names]).to(runtime.dtype))
+        return out
+
     def _projector(self, problem, p: TracInCPParams, runtime: Runtime) -> tuple[list[str], Projector | None]:
         names = select_parameters(problem.model, p.layers)
         if p.projection_dim is None:
@@ -192,10 +245,11 @@ class TracInCP(Estimator):
             return names, None
         return names, make_projector(kind, n_params, k, p.seed, runtime.device, runtime.dtype)
 
-    def _projected_train(self, problem, ck, runtime, names, projector, train_range, ticker):
-        """Stream ``(start, stop, G P)``: projected training gradients, chunk by chunk (relative rows)."""
+    def _projected_train(self, problem, ck, runtime, names, projector, train_range, ticker, scale=None):
+        """Stream ``(start, stop, G P)``: projected (optionally Adam-scaled) training gradients, chunk by
+        chunk (relative rows)."""
         for start, stop, G in train_gradients(problem, ck.state, runtime, train_range, names=names):
-            yield start, stop, projector.project(G)
+            yield start, stop, projector.project(G if scale is None else G * scale)
             ticker.tick()
 
     @staticmethod
@@ -282,14 +336,18 @@ class TracInCP(Estimator):
         names, projector = self._projector(problem, p, runtime)
         if projector is None:
             return None
+        scales = self._adam_scales(problem, ckpts, runtime, names) if p.adam_preconditioning else None
         n = problem.n_train
         tt = Ticker(runtime, "train_gradients", len(ckpts) * n_chunks(n, runtime.chunk_size))
         tensors = {}
         for t, ck in enumerate(ckpts):
             writer = FeatureWriter.for_runtime(runtime, n, projector.k, matrices=len(ckpts))
-            for _, _, rows in self._projected_train(problem, ck, runtime, names, projector, None, tt):
+            scale = scales[t].to(runtime.device) if scales is not None else None
+            for _, _, rows in self._projected_train(problem, ck, runtime, names, projector, None, tt, scale):
                 writer.write(rows)
             tensors[f"train_features_{t}"] = writer.finish()
+            if scale is not None:
+                tensors[f"adam_scale_{t}"] = scale.cpu()
         return TrainState(
             tensors=tensors,
             info={
@@ -325,6 +383,13 @@ class TracInCP(Estimator):
         rows_of = (
             self._state_index(state, problem, ckpts) if state is not None and projector is not None else []
         )
+        cached = state is not None and projector is not None
+        scales = None
+        if p.adam_preconditioning:
+            if cached and "adam_scale_0" in state.tensors:
+                scales = [state.tensors[f"adam_scale_{rows_of[t]}"] for t in range(len(ckpts))]
+            else:
+                scales = self._adam_scales(problem, ckpts, runtime, names)
 
         dtype = numpy_dtype(runtime.dtype)
         lo, hi = column_range(problem, train_range)
@@ -332,16 +397,22 @@ class TracInCP(Estimator):
         scores = np.zeros((m, n), dtype=dtype) if want_scores else None
         self_inf = np.zeros(n, dtype=dtype) if want_self_influence else None
         qt = Ticker(runtime, "query_gradients", T * n_chunks(m, runtime.chunk_size)) if want_scores else None
-        cached = state is not None and projector is not None
         tt = None if cached else Ticker(runtime, "train_gradients", T * n_chunks(n, runtime.chunk_size))
         dev = torch.device(runtime.device)
         if want_scores or want_self_influence:
             for t, (ck, eta) in enumerate(zip(ckpts, etas, strict=True)):
-                if projector is None and self._factored_checkpoint(
-                    problem, ck, eta, runtime, names, cosine, lo, hi, scores, self_inf, qt, tt
+                scale = scales[t].to(dev, runtime.dtype) if scales is not None else None
+                if (
+                    projector is None
+                    and scale is None
+                    and self._factored_checkpoint(
+                        problem, ck, eta, runtime, names, cosine, lo, hi, scores, self_inf, qt, tt
+                    )
                 ):
                     continue
                 Q = query_gradients(problem, ck.state, runtime, qt, names=names) if want_scores else None
+                if Q is not None and scale is not None:
+                    Q = Q * scale
                 if projector is None:
                     if Q is not None and cosine:
                         Q = F.normalize(Q, dim=1)
@@ -365,9 +436,11 @@ class TracInCP(Estimator):
                         )
                     else:
                         chunks = self._projected_train(
-                            problem, ck, runtime, names, projector, train_range, tt
+                            problem, ck, runtime, names, projector, train_range, tt, scale
                         )
                 for start, stop, G in chunks:
+                    if scale is not None and projector is None:  # (the projected ones are scaled)
+                        G = G * scale
                     if scores is not None:
                         Gs = F.normalize(G, dim=1) if cosine else G
                         scores[:, start:stop] += (eta * (Q @ Gs.T)).cpu().numpy()
@@ -393,6 +466,7 @@ class TracInCP(Estimator):
                 layers=p.layers,
                 n_selected_parameters=sum(dict(problem.model.named_parameters())[k].numel() for k in names),
                 optimizer=optimizer,
-                warnings=optimizer_warnings(optimizer),
+                adam_preconditioning=p.adam_preconditioning,
+                warnings=[] if p.adam_preconditioning else optimizer_warnings(optimizer),
             ),
         )

@@ -10,6 +10,11 @@ of this worker) and acknowledges them again once the broker answers, which frees
 Every delivery is acknowledged only after its task ran (or was turned away by the job's lease);
 a failed reject is acknowledged too, since the database, not the broker, decides what runs again
 (the sweeper re-publishes queued jobs and expired leases).
+
+A delivery is acknowledged only once it has looked orphaned on two consecutive ticks. Celery itself
+settles a delivery a moment after its request is gone (the reject after a pool child is killed
+arrives through a promise); acknowledging it in between made that reject fail with
+``MessageStateError``, which Celery treats as unrecoverable, and the worker stopped consuming.
 """
 
 from __future__ import annotations
@@ -40,10 +45,19 @@ def orphaned_deliveries(channel) -> list:
     ]
 
 
-def retry_acks(channel) -> int:
-    """Acknowledge the orphaned deliveries again; returns how many went through."""
+def retry_acks(channel, seen_before: set | None = None) -> int:
+    """Acknowledge the orphaned deliveries again; returns how many went through.
+
+    With ``seen_before`` (the delivery tags found orphaned on the previous tick, updated in place to
+    this tick's), only deliveries orphaned on both ticks are acknowledged."""
     done = 0
-    for message in orphaned_deliveries(channel):
+    orphans = orphaned_deliveries(channel)
+    if seen_before is not None:
+        tags = {message.delivery_tag for message in orphans}
+        orphans = [message for message in orphans if message.delivery_tag in seen_before]
+        seen_before.clear()
+        seen_before.update(tags)
+    for message in orphans:
         try:
             message.ack()
         except Exception as exc:  # noqa: BLE001 - the broker still hangs: next round
@@ -62,6 +76,7 @@ class RetryFailedAcks(bootsteps.StartStopStep):
     def __init__(self, parent, **kwargs) -> None:
         super().__init__(parent, **kwargs)
         self._timer = None
+        self._orphaned: set = set()  # delivery tags orphaned on the previous tick
 
     def start(self, parent) -> None:
         self._timer = parent.timer.call_repeatedly(RETRY_INTERVAL_SECONDS, self._tick, (parent,))
@@ -76,4 +91,4 @@ class RetryFailedAcks(bootsteps.StartStopStep):
     def _tick(self, parent) -> None:
         consumer = getattr(parent, "task_consumer", None)
         if consumer is not None:
-            retry_acks(consumer.channel)
+            retry_acks(consumer.channel, self._orphaned)

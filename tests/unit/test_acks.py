@@ -54,3 +54,28 @@ def test_a_delivery_backing_a_live_request_is_left_alone(monkeypatch):
         assert not got[0].acknowledged
     finally:
         conn.release()
+
+
+def test_a_delivery_is_acknowledged_only_once_it_stayed_orphaned_for_a_tick():
+    """Celery settles a delivery (e.g. rejects it after a killed pool child) a moment after its request
+    is gone; acknowledging it in that moment made Celery's own reject fail and stopped the worker."""
+    conn, channel, got = _received()
+    seen: set = set()
+    try:
+        assert retry_acks(channel, seen) == 0 and not got[0].acknowledged  # first sighting: wait
+        assert seen == {got[0].delivery_tag}
+        assert retry_acks(channel, seen) == 1 and got[0].acknowledged  # still orphaned a tick later
+        assert retry_acks(channel, seen) == 0 and seen == set()
+    finally:
+        conn.release()
+
+
+def test_a_delivery_settled_between_ticks_is_never_touched():
+    conn, channel, got = _received()
+    seen: set = set()
+    try:
+        assert retry_acks(channel, seen) == 0
+        got[0].reject(requeue=True)  # Celery's own handling settles it before the next tick
+        assert retry_acks(channel, seen) == 0 and seen == set()
+    finally:
+        conn.release()

@@ -378,3 +378,32 @@ def test_unrolled_methods_refuse_a_model_the_recipe_does_not_reproduce(trained, 
     assert job["state"] == "failed" and job["error"]["status"] == 422, job
     assert job["error"]["code"] == "estimator-error" and "does not reproduce" in job["error"]["detail"]
     assert [e["pointer"] for e in job["error"]["errors"]] == ["/model_id"]
+
+
+def test_tracincp_adam_preconditioning_on_a_model_the_service_trained_with_adam(
+    trained, integration_settings
+):
+    """A model trained by the service with Adam: tracincp with adam_preconditioning recovers the moments by
+    replaying its recipe in the worker and equals the library call; a second job reuses the cached
+    TracIn-RP features and scales."""
+    client, train, test, _ = trained
+    model = train_digits_model(
+        client, train["id"], optimizer="adam", learning_rate=0.003, momentum=0.0, epochs=2
+    )
+    body = {
+        "model_id": model["id"],
+        "train_dataset_id": train["id"],
+        "query_dataset_id": test["id"],
+        "query_indices": [0, 1],
+        "method": {"name": "tracincp", "params": {"adam_preconditioning": True, "projection_dim": 64}},
+        "output": {"keep_full_matrix": True},
+    }
+    first = wait(client, submit(client, body).headers["location"])
+    assert first["state"] == "succeeded", first
+    second = wait(client, submit(client, {**body, "query_indices": [2]}).headers["location"])
+    assert second["state"] == "succeeded", second
+    details = client.get(f"/v1/influence-jobs/{second['id']}/results").json()["details"]
+    assert details["train_state"]["cache_hit"] is True and details["warnings"] == []
+    problem = library_problem(integration_settings, client, model, train, test, [0, 1])
+    want = REGISTRY["tracincp"].attribute(problem, body["method"]["params"])
+    np.testing.assert_allclose(scores(client, first["id"]), want.scores, rtol=1e-4, atol=1e-6)

@@ -1,14 +1,16 @@
 """TracInCP on an Adam-trained MLP, with and without ``adam_preconditioning``, beside magic (the exact
-metagradient of the same run), EK-FAC and grad_dot: time and LDS.
+metagradient of the same run), SOURCE, EK-FAC and grad_dot: time and LDS. ``--optimizer sgd`` trains
+with plain SGD instead (short runs that stop before convergence are SOURCE's case).
 
-Workload (CPU, sklearn digits, deterministic): a 64-32-10 ReLU MLP trained by our Adam recipe
-(``--epochs`` epochs of batches of 32, weight decay 1e-3, 5 checkpoints) on ``--n`` rows. Quality =
-linear datamodeling score: ``--subsets`` random half-size subsets, each retrained by the same recipe
-for ``--seeds`` seeds (vmapped over models); LDS = Spearman over subsets of the summed scores against
-minus the seed-averaged query loss, averaged over queries. Times: median of ``--repeats`` runs, one
-thread, after a warm-up run.
+Workload (CPU, sklearn digits, deterministic): a 64-32-10 ReLU MLP trained by our recipe (Adam lr
+3e-3, or SGD lr 0.05; ``--epochs`` epochs of batches of 32, weight decay 1e-3, 5 checkpoints) on
+``--n`` rows. Quality = linear datamodeling score: ``--subsets`` random half-size subsets, each
+retrained by the same recipe for ``--seeds`` seeds (vmapped over models); LDS = Spearman over subsets
+of the summed scores against minus the seed-averaged query loss, averaged over queries. Times: median
+of ``--repeats`` runs, one thread, after a warm-up run.
 
-Usage: python bench/adam.py [--n 600] [--queries 50] [--subsets 50] [--seeds 2] [--epochs 10] [--repeats 3]
+Usage: python bench/adam.py [--optimizer adam|sgd] [--n 600] [--queries 50] [--subsets 50] [--seeds 2]
+       [--epochs 10] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ METHODS = {
     "tracincp": ("plain gradients", {}),
     "tracincp ": ("adam_preconditioning", {"adam_preconditioning": True}),
     "magic": ("exact metagradient of the run", {}),
+    "source": ("5 checkpoint segments", {}),
     "ekfac": ("damping heuristic", {}),
     "grad_dot": ("final weights", {}),
 }
@@ -47,8 +50,8 @@ def workload(args) -> tuple[InfluenceProblem, np.ndarray, np.ndarray]:
     x, y, qx, qy = digits_split(args.n, args.queries)
     x, qx = x.float(), qx.float()
     recipe = Recipe(
-        optimizer="adam", learning_rate=3e-3, epochs=args.epochs, batch_size=32, weight_decay=1e-3,
-        num_checkpoints=5,
+        optimizer=args.optimizer, learning_rate=3e-3 if args.optimizer == "adam" else 0.05,
+        epochs=args.epochs, batch_size=32, weight_decay=1e-3, num_checkpoints=5,
     )  # fmt: skip
     model = init_model("mlp", ARCH, seed=recipe.seed)
     res = train(model, CLS, x, y, recipe)
@@ -76,6 +79,7 @@ def workload(args) -> tuple[InfluenceProblem, np.ndarray, np.ndarray]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     ap.add_argument("--n", type=int, default=600, help="training rows")
     ap.add_argument("--queries", type=int, default=50)
     ap.add_argument("--subsets", type=int, default=50, help="LDS subsets")
@@ -87,10 +91,12 @@ def main() -> None:
     problem, masks, outputs = workload(args)
     p = sum(t.numel() for t in problem.model.parameters())
     machine = platform.processor() or platform.machine()
-    print(f"mlp 64-32-10 ({p} parameters) trained by Adam, n = {args.n}, m = {args.queries}; {machine}, "
-          f"torch {torch.__version__}")  # fmt: skip
+    print(f"mlp 64-32-10 ({p} parameters) trained by {args.optimizer} for {args.epochs} epochs, "
+          f"n = {args.n}, m = {args.queries}; {machine}, torch {torch.__version__}")  # fmt: skip
     print("\n| method | variant | time s | LDS |\n|---|---|---|---|")
     for key, (variant, params) in METHODS.items():
+        if params.get("adam_preconditioning") and args.optimizer != "adam":
+            continue
         est = get_estimator(key.strip())
         seconds, out = timed(
             lambda est=est, params=params: est.attribute(problem, params, runtime=Runtime()), args.repeats

@@ -116,3 +116,20 @@ def test_accuracy_utility_refusals_and_divergence():
     assert (
         info.value.code == "numerical-instability" and info.value.parameter == "/method/params/learning_rate"
     )
+
+
+def test_the_tolerance_stops_once_the_largest_standard_error_is_below_it():
+    prob = _problem()
+    base = {"permutations": 64, "batch": 8, "learning_rate": 0.05}
+    full = get_estimator("g_shapley").attribute(prob, base, runtime=F64)
+    assert full.metadata["stopped_by"] == "permutations" and full.metadata["permutations"] == 64
+    tol = float(full.values_stderr.max()) * 1.5  # reached before all 64 permutations ran
+    early = get_estimator("g_shapley").attribute(prob, {**base, "tolerance": tol}, runtime=F64)
+    md = early.metadata
+    assert md["stopped_by"] == "converged" and 16 <= md["permutations"] < 64 and md["permutations"] % 8 == 0
+    assert early.values_stderr.max() < tol
+    # the same permutations as the full run's first ones, so the values are the running means
+    first = get_estimator("g_shapley").attribute(
+        prob, {**base, "permutations": md["permutations"]}, runtime=F64
+    )
+    np.testing.assert_allclose(early.values, first.values, rtol=1e-12)

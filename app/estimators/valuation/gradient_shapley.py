@@ -51,7 +51,15 @@ class GShapleyParams:
     learning_rate: Annotated[float, Gt(0)] | None = _p(
         None, "step size of the single pass (one step per point); null: the recipe's learning rate"
     )
-    permutations: Annotated[int, Ge(2)] = _p(100, "permutations (single passes over the training set)")
+    permutations: Annotated[int, Ge(2)] = _p(
+        100, "budget: permutations (single passes over the training set)"
+    )
+    tolerance: Annotated[float, Ge(0)] = _p(
+        0.0, "stop once the largest standard error falls below this (0: run every permutation)"
+    )
+    min_permutations: Annotated[int, Ge(2)] = _p(
+        16, "permutations before the tolerance rule may stop the run"
+    )
     batch: Annotated[int, Ge(1)] = _p(16, "permutations run side by side")
     utility: Literal["loss", "accuracy"] = _p(
         "loss", "utility on the query set: minus the mean loss (differentiable), or accuracy"
@@ -145,6 +153,7 @@ class GShapley(Estimator):
         prefix = np.zeros((p.permutations, n + 1))
         started = time.perf_counter()
         ticker = Ticker(runtime, "g_shapley", p.permutations * n)
+        done, stopped_by = p.permutations, "permutations"
         with torch.no_grad():
             for b0 in range(0, p.permutations, p.batch):
                 b1 = min(b0 + p.batch, p.permutations)
@@ -161,6 +170,12 @@ class GShapley(Estimator):
                         f"the single SGD pass diverged (learning rate {eta:g}); lower learning_rate",
                         parameter="/method/params/learning_rate",
                     )
+                if p.tolerance > 0 and b1 >= p.min_permutations and b1 < p.permutations:
+                    _, err = mean_and_stderr(permutation_marginals(perms[:b1], prefix[:b1]))
+                    if err.max() < p.tolerance:
+                        done, stopped_by = b1, "converged"
+                        break
+        perms, prefix = perms[:done], prefix[:done]
         values, stderr = mean_and_stderr(permutation_marginals(perms, prefix))
         lo, hi = column_range(problem, train_range)
         out_dtype = numpy_dtype(runtime.dtype)
@@ -178,7 +193,8 @@ class GShapley(Estimator):
                 validation_set="query set",
                 learning_rate=eta,
                 weight_decay=wd,
-                permutations=p.permutations,
+                permutations=done,
+                stopped_by=stopped_by,
                 utility_start=float(prefix[:, 0].mean()),
                 utility_end=float(prefix[:, -1].mean()),
                 stderr_max=float(stderr.max()),

@@ -38,7 +38,7 @@ import torch
 from torch.func import functional_call, grad, vjp, vmap
 
 from .base import EstimatorError, InfluenceProblem, NumericalError, Runtime
-from .gradients import Ticker, flatten, functional_state, trainable_names
+from .gradients import Ticker, flatten, functional_state, trainable_names, unflatten
 from .objectives import per_example_loss
 from .training import Recipe, learning_rate_at, validate_recipe
 from .valuation.engine import model_factory, vmap_safe
@@ -140,12 +140,7 @@ class Unroller:
         return state[..., : self.p]
 
     def params(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
-        out, offset = {}, 0
-        for name, shape in zip(self.names, self.shapes, strict=True):
-            k = math.prod(shape)
-            out[name] = theta[offset : offset + k].view(shape)
-            offset += k
-        return out
+        return unflatten(theta, self.names, self.shapes)
 
     def _batch_loss(self, theta: torch.Tensor, w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         out = functional_call(self.model, (self.params(theta), self.fixed), (self.x[rows],))
@@ -297,12 +292,12 @@ class Unroller:
                 )
         return out
 
-    def replay_error(self, final: torch.Tensor) -> float:
-        """Relative L2 distance between the replayed final weights and the registered ones."""
-        registered = flatten(
-            {k: self.problem.weights[k].to(self.device, self.dtype) for k in self.names}, self.names
-        )
-        theta = self.theta(final)
+    def replay_error(self, state: torch.Tensor, recorded: dict[str, torch.Tensor] | None = None) -> float:
+        """Relative L2 distance between a replayed state's weights and recorded ones (default: the
+        registered final weights; a checkpoint's for a state at its step)."""
+        recorded = self.problem.weights if recorded is None else recorded
+        registered = flatten({k: recorded[k].to(self.device, self.dtype) for k in self.names}, self.names)
+        theta = self.theta(state)
         return float((theta - registered).norm() / registered.norm().clamp_min(1e-30))
 
     def final_state_dict(self, final: torch.Tensor) -> dict[str, torch.Tensor]:

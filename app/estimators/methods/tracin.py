@@ -201,7 +201,7 @@ class TracInCP(Estimator):
         """The square root of Adam's per-parameter step scale at each checkpoint, for the selected
         parameters (replayed); query and training gradients are both multiplied by it, so that scores
         are ``g' . (s * g)`` and self-influence ``g . (s * g)``, projected or not."""
-        from ..gradients import flatten
+        from ..gradients import flatten, unflatten
         from ..unroll import Unroller, recipe_of
 
         recipe = recipe_of(problem)
@@ -212,17 +212,10 @@ class TracInCP(Estimator):
             )
         unroller = Unroller(problem, recipe, runtime)
         states = unroller.states_after([int(ck.step) for ck in ckpts])
-        offsets, off = {}, 0
-        for name, shape in zip(unroller.names, unroller.shapes, strict=True):
-            offsets[name] = (off, off + math.prod(shape))
-            off += math.prod(shape)
         out = []
         for t, ck in enumerate(ckpts):
             state = states[int(ck.step)]
-            recorded = flatten(
-                {k: ck.state[k].to(unroller.device, unroller.dtype) for k in unroller.names}, unroller.names
-            )
-            error = float((unroller.theta(state) - recorded).norm() / recorded.norm().clamp_min(1e-30))
+            error = unroller.replay_error(state, ck.state)
             if not error <= 1e-3:
                 raise EstimatorError(
                     f"replaying the model's recipe does not reproduce checkpoint {t} (step {ck.step}; "
@@ -230,8 +223,10 @@ class TracInCP(Estimator):
                     "adam_preconditioning off",
                     parameter="/method/params/adam_preconditioning",
                 )
-            scale = unroller.adam_step_scales(state, int(ck.step)).sqrt()
-            out.append(torch.cat([scale[offsets[k][0] : offsets[k][1]] for k in names]).to(runtime.dtype))
+            scale = unflatten(
+                unroller.adam_step_scales(state, int(ck.step)).sqrt(), unroller.names, unroller.shapes
+            )
+            out.append(flatten(scale, names).to(runtime.dtype))
         return out
 
     def _projector(self, problem, p: TracInCPParams, runtime: Runtime) -> tuple[list[str], Projector | None]:

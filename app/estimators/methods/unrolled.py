@@ -119,7 +119,11 @@ class _Unrolled(Estimator):
         p = as_params(self.Params, params)
         runtime = runtime or Runtime()
         validate_problem(problem, need_queries=False)
-        unroller = self._unroller(problem, runtime)
+        return self._replay(self._unroller(problem, runtime), p, runtime)
+
+    @staticmethod
+    def _replay(unroller: Unroller, p: Any, runtime: Runtime) -> TrainState:
+        problem = unroller.problem
         segment = unroller.segment_length(p.segment_length)
         starts, final = unroller.replay(segment, Ticker(runtime, "replay", len(unroller.steps)))
         return TrainState(
@@ -196,7 +200,7 @@ class _Unrolled(Estimator):
             raise EstimatorError(f"{self.name} scores all training rows at once", parameter="/train_range")
         unroller = self._unroller(problem, runtime)
         if state is None:
-            state = self.fit(problem, p, runtime)
+            state = self._replay(unroller, p, runtime)
         starts, segment = self._checked_state(state, unroller, p)
         hessian = self.use_hessian(p)
         n, m, T = problem.n_train, problem.n_query, len(unroller.steps)

@@ -15,7 +15,6 @@ run side by side (``vmap`` over a batch of parameter vectors). As ``eta -> 0`` t
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Annotated, Literal
@@ -35,6 +34,7 @@ from ..gradients import (
     metadata,
     numpy_dtype,
     trainable_names,
+    unflatten,
     validate_problem,
 )
 from ..objectives import per_example_loss
@@ -120,16 +120,8 @@ class GShapley(Estimator):
         shapes = [params0[k].shape for k in names]
         model = problem.model.eval()
 
-        def unflat(theta: torch.Tensor) -> dict[str, torch.Tensor]:
-            out, off = {}, 0
-            for name, shape in zip(names, shapes, strict=True):
-                k = math.prod(shape)
-                out[name] = theta[off : off + k].view(shape)
-                off += k
-            return out
-
         def forward(theta, x):
-            return functional_call(model, (unflat(theta), fixed), (x,))
+            return functional_call(model, (unflatten(theta, names, shapes), fixed), (x,))
 
         def loss_one(theta, x, y):
             out = forward(theta, x.unsqueeze(0))

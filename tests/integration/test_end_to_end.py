@@ -56,6 +56,7 @@ def trained(api_server, integration_env, tmp_path_factory):
         ("grad_cos", {}, "loss"),
         ("hydra", {}, "margin"),
         ("source", {}, "loss"),
+        ("fastif", {"damping": 0.3, "scale": 20.0, "depth": 200, "k_candidates": 50}, "margin"),
     ],
 )
 def test_job_results_equal_direct_call(trained, integration_settings, method, params, measurement):

@@ -33,15 +33,18 @@ def _run(client, body) -> dict:
     return job
 
 
-@pytest.mark.parametrize("method", ["tracincp", "grad_dot"])
-def test_sharded_equals_unsharded(setup, method):
+FASTIF = {"damping": 0.3, "scale": 20.0, "depth": 200, "k_candidates": 100}  # candidates straddle shards
+
+
+@pytest.mark.parametrize(("method", "params"), [("tracincp", {}), ("grad_dot", {}), ("fastif", FASTIF)])
+def test_sharded_equals_unsharded(setup, method, params):
     client, train, test, model = setup
     body = {
         "model_id": model["id"],
         "train_dataset_id": train["id"],
         "query_dataset_id": test["id"],
         "query_indices": list(range(12)),
-        "method": {"name": method},
+        "method": {"name": method, "params": params},
         "output": {"top_k": 5, "keep_full_matrix": True, "self_influence": True},
     }
     whole = _run(client, body)

@@ -162,7 +162,7 @@ def test_every_estimator_runs_on_the_adapters(pretrained, finetuned):
     )
     n_adapters = 46
     damped = {"damping": 0.1}  # 20 epochs leave the adapters short of a minimum: curvature -0.06
-    params = {name: damped for name in ("if_exact", "if_cg", "if_lissa", "if_arnoldi", "relatif")}
+    params = {name: damped for name in ("if_exact", "if_cg", "if_lissa", "fastif", "if_arnoldi", "relatif")}
     refused = {}
     for name in sorted(REGISTRY):
         try:

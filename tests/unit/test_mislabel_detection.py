@@ -33,6 +33,7 @@ WD = 1e-2
 PARAMS = {
     "if_cg": {"damping": 1e-3},
     "if_lissa": {"damping": 1e-3, "scale": 50.0, "depth": 300},
+    "fastif": {"damping": 1e-3, "scale": 50.0, "depth": 300, "k_candidates": 50},
     "if_arnoldi": {"rank": 40},
     "trak": {"projection_dim": 64},
     "logra": {"k_in": 8, "k_out": 2},
@@ -61,7 +62,7 @@ def flipped():
 
 
 SELF_INFLUENCE = [
-    "if_exact", "if_cg", "if_lissa", "if_arnoldi", "kfac", "ekfac", "datainf", "relatif",
+    "if_exact", "if_cg", "if_lissa", "fastif", "if_arnoldi", "kfac", "ekfac", "datainf", "relatif",
     "representer", "trak", "logra", "grad_dot", "tracincp", "magic", "hydra", "sgd_influence", "source",
 ]  # fmt: skip
 

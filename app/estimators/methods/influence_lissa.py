@@ -83,6 +83,76 @@ class IFLissaParams:
     seed: Annotated[int, Ge(0)] = field(default=0, metadata={"description": "seed for the mini-batches"})
 
 
+class CheckedLissa:
+    """LiSSA solves ``(H + damping I)^-1 B`` whose ``scale`` and ``damping`` were checked first.
+
+    The check (ESTIMATORS.md 2.12 pitfalls) estimates the extreme eigenvalues of the Hessian on a
+    subsample and refuses, with a :class:`NumericalError` naming the parameter, a series that would diverge.
+    """
+
+    def __init__(self, problem, runtime: Runtime, p: IFLissaParams) -> None:
+        self.params, self.n = p, problem.n_train
+        self.hess = TrainingHessian(problem, runtime, dtype=product_dtype(runtime))
+        self.max_growth = 0.0
+        sub = subsample_rows(self.n, SCALE_CHECK_ROWS, p.seed)
+        sub = torch.arange(self.n) if sub is None else sub
+        ct = Ticker(runtime, "lissa_scale_check", 1)
+        self.lam_min, self.lam_max = extreme_eigenvalues(
+            lambda V: self.hess.rows_matmul(sub, V),
+            self.hess.p,
+            SCALE_CHECK_STEPS,
+            p.seed,
+            device=self.hess.device,
+        )
+        ct.tick()
+        lam_min, lam_max = self.lam_min, self.lam_max
+        if p.scale < lam_max + p.damping:
+            raise NumericalError(
+                f"LiSSA needs scale above the largest eigenvalue of the damped Hessian, estimated at "
+                f"{lam_max + p.damping:.4g} (largest Hessian eigenvalue ~{lam_max:.4g} plus "
+                f"damping={p.damping:g}); "
+                f"scale={p.scale:g} would make the series diverge. Increase scale, e.g. to "
+                f"{2 * (lam_max + p.damping):.3g}",
+                parameter="/method/params/scale",
+            )
+        if lam_min + p.damping <= 0:
+            raise NumericalError(
+                f"the Hessian of the training objective plus damping*I is not positive definite (an "
+                f"eigenvalue <= {lam_min:.3g}, damping={p.damping:g}, estimated on {len(sub)} rows); LiSSA "
+                "would diverge. "
+                f"Increase damping well above {-lam_min:.3g}",
+                parameter="/method/params/damping",
+            )
+
+    def solve(self, B: torch.Tensor, ticker: Ticker) -> torch.Tensor:
+        """``(H + damping I)^-1 B`` for a ``p x r`` block; the same mini-batches for every call (``seed``)."""
+        p = self.params
+        res = lissa(
+            self.hess.rows_matmul,
+            B,
+            n_rows=self.n,
+            damping=p.damping,
+            scale=p.scale,
+            depth=p.depth,
+            repeats=p.repeats,
+            batch_size=p.batch_size,
+            seed=p.seed,
+            ticker=ticker,
+            dtype=self.hess.dtype,
+            affine=True,
+        )
+        self.max_growth = max(self.max_growth, res.max_growth)
+        return res.x
+
+    def metadata(self) -> dict:
+        return {
+            "estimated_lambda_max": self.lam_max,
+            "estimated_lambda_min": self.lam_min,
+            "lissa_max_growth": self.max_growth,
+            "hessian_vector_passes": self.hess.products,
+        }
+
+
 @register
 class IFLissa(Estimator):
     name = "if_lissa"
@@ -112,57 +182,10 @@ class IFLissa(Estimator):
             raise EstimatorError("the training set is empty", parameter="/train_dataset_id")
         lo, hi = column_range(problem, train_range)
         m, cols = problem.n_query, hi - lo
-        hess = TrainingHessian(problem, runtime, dtype=product_dtype(runtime))
-
-        # the scale / curvature check (ESTIMATORS.md 2.12 pitfalls): fail before a diverging recursion
-        sub = subsample_rows(n, SCALE_CHECK_ROWS, p.seed)
-        sub = torch.arange(n) if sub is None else sub
-        ct = Ticker(runtime, "lissa_scale_check", 1)
-        lam_min, lam_max = extreme_eigenvalues(
-            lambda V: hess.rows_matmul(sub, V), hess.p, SCALE_CHECK_STEPS, p.seed, device=hess.device
-        )
-        ct.tick()
-        if p.scale < lam_max + p.damping:
-            raise NumericalError(
-                f"LiSSA needs scale above the largest eigenvalue of the damped Hessian, estimated at "
-                f"{lam_max + p.damping:.4g} (largest Hessian eigenvalue ~{lam_max:.4g} plus "
-                f"damping={p.damping:g}); "
-                f"scale={p.scale:g} would make the series diverge. Increase scale, e.g. to "
-                f"{2 * (lam_max + p.damping):.3g}",
-                parameter="/method/params/scale",
-            )
-        if lam_min + p.damping <= 0:
-            raise NumericalError(
-                f"the Hessian of the training objective plus damping*I is not positive definite (an "
-                f"eigenvalue <= {lam_min:.3g}, damping={p.damping:g}, estimated on {len(sub)} rows); LiSSA "
-                "would diverge. "
-                f"Increase damping well above {-lam_min:.3g}",
-                parameter="/method/params/damping",
-            )
-
+        solver = CheckedLissa(problem, runtime, p)
         solves = (1 if want_scores and m else 0) + (
             n_chunks(cols, runtime.chunk_size) if want_self_influence else 0
         )
-        growth = 0.0
-
-        def solve(B: torch.Tensor, ticker: Ticker) -> torch.Tensor:
-            nonlocal growth
-            res = lissa(
-                hess.rows_matmul,
-                B,
-                n_rows=n,
-                damping=p.damping,
-                scale=p.scale,
-                depth=p.depth,
-                repeats=p.repeats,
-                batch_size=p.batch_size,
-                seed=p.seed,
-                ticker=ticker,
-                dtype=hess.dtype,
-                affine=True,
-            )
-            growth = max(growth, res.max_growth)
-            return res.x
 
         Q = None
         if want_scores:
@@ -173,10 +196,10 @@ class IFLissa(Estimator):
             problem,
             runtime,
             train_range,
-            solve,
+            solver.solve,
             lt,
             Q,
-            device=hess.device,
+            device=solver.hess.device,
             want_self_influence=want_self_influence,
             method=self.name,
             fix=f"increase scale (now {p.scale:g}) or damping",
@@ -197,9 +220,6 @@ class IFLissa(Estimator):
                 batch_size=p.batch_size,
                 seed=p.seed,
                 lissa_solves=solves,
-                estimated_lambda_max=lam_max,
-                estimated_lambda_min=lam_min,
-                lissa_max_growth=growth,
-                hessian_vector_passes=hess.products,
+                **solver.metadata(),
             ),
         )

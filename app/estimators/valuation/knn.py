@@ -25,7 +25,7 @@ from torch.func import functional_call
 
 Embed = Callable[[torch.Tensor], torch.Tensor]
 
-__all__ = ["knn_shapley", "knn_utility", "neighbour_order", "penultimate_embedder"]
+__all__ = ["knn_shapley", "knn_utility", "nearest_neighbours", "neighbour_order", "penultimate_embedder"]
 
 
 def _features(x: torch.Tensor, embed: Embed | None) -> torch.Tensor:
@@ -47,6 +47,17 @@ def _distances(q: torch.Tensor, t: torch.Tensor, metric: str) -> torch.Tensor:
 def neighbour_order(train_f: torch.Tensor, query_f: torch.Tensor, metric: str = "euclidean") -> torch.Tensor:
     """m x n training indices sorted from nearest to farthest for each query (stable in index)."""
     return torch.argsort(_distances(query_f, train_f, metric), dim=1, stable=True)
+
+
+def nearest_neighbours(
+    train_f: torch.Tensor, query_f: torch.Tensor, k: int, metric: str = "euclidean", chunk_size: int = 256
+) -> torch.Tensor:
+    """m x k indices of each query's ``k`` nearest training rows, nearest first; O(chunk_size x n) memory."""
+    parts = [
+        torch.topk(_distances(query_f[s : s + chunk_size], train_f, metric), k, dim=1, largest=False).indices
+        for s in range(0, int(query_f.shape[0]), chunk_size)
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0, k, dtype=torch.long)
 
 
 def knn_shapley(
@@ -117,14 +128,28 @@ def knn_utility(
     return out
 
 
-def penultimate_embedder(model: nn.Module, weights: dict[str, torch.Tensor] | None = None) -> Embed:
-    """``x -> input of the model's last nn.Linear`` at ``weights`` (eval mode, no gradients)."""
+def penultimate_embedder(
+    model: nn.Module,
+    weights: dict[str, torch.Tensor] | None = None,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Embed:
+    """``x -> input of the model's last nn.Linear`` at ``weights`` (eval mode, no gradients).
+
+    ``device``/``dtype``: where and in what precision to run (default: the weights' own).
+    """
     last = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not last:
         raise ValueError("the model has no Linear layer to take the penultimate features from")
     target = last[-1]
     state = dict(model.state_dict()) if weights is None else {**dict(model.state_dict()), **weights}
-    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    dtype = dtype or next(p for p in model.parameters() if p.is_floating_point()).dtype
+    state = {
+        k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device=device)
+        for k, v in state.items()
+    }
+    device = next(iter(state.values())).device
 
     def embed(x: torch.Tensor) -> torch.Tensor:
         captured: list[torch.Tensor] = []
@@ -133,7 +158,8 @@ def penultimate_embedder(model: nn.Module, weights: dict[str, torch.Tensor] | No
         try:
             model.eval()
             with torch.no_grad():
-                functional_call(model, state, (x.to(dtype),))
+                xd = x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device=device)
+                functional_call(model, state, (xd,))
         finally:
             handle.remove()
             model.train(was_training)

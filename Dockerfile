@@ -1,6 +1,7 @@
 # One image for the API and the worker.
 #   CPU:  docker build -t influence-service .
-#   GPU:  docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124 -t influence-service:gpu .
+#   GPU:  docker build --build-arg TORCH_INDEX_URL=https://pypi.org/simple -t influence-service:gpu .
+#         (PyPI's Linux wheel of torch 2.13.0 is its CUDA 13.0 build: the host needs NVIDIA driver >= 580)
 FROM python:3.11-slim AS runtime
 
 ARG TORCH_VERSION=2.13.0
@@ -21,7 +22,8 @@ COPY pyproject.toml README.md alembic.ini ./
 COPY app ./app
 COPY worker ./worker
 COPY migrations ./migrations
-RUN pip install .
+# Editable, so app/ stays beside alembic.ini and migrations/ in /srv, where app.db.migrate finds them.
+RUN pip install -e .
 
 USER influence
 EXPOSE 8000

@@ -64,6 +64,7 @@ def serve(host: str, port: int, worker: bool | None, api_workers: int, demo: boo
     from app.main import create_app
 
     settings = get_settings()
+    _require_pepper(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.resolved_database_url)
     if settings.embedded:
@@ -190,6 +191,16 @@ def demo(url: str, output: str, api_key: str | None) -> None:
     run_demo(url, output, api_key or _admin_key(get_settings()))
 
 
+def _require_pepper(settings) -> None:
+    """A missing IA_API_KEY_PEPPER on a shared database as a one-line CLI error, before any work."""
+    from app.services.api_keys import MissingPepper, pepper
+
+    try:
+        pepper(settings)
+    except MissingPepper as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 @main.group()
 def keys() -> None:
     """Tenants and API keys, straight in the database (bootstrap a deployment; no key needed)."""
@@ -217,6 +228,7 @@ def create_key(tenant_name: str, name: str, scopes: tuple[str, ...], expires_in_
     from app.services import api_keys, tenants
 
     settings = get_settings()
+    _require_pepper(settings)
     expires_at = utcnow() + timedelta(days=expires_in_days) if expires_in_days else None
     with session_scope(settings) as session:
         tenant = tenants.by_name(session, tenant_name) or tenants.create(

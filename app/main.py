@@ -14,6 +14,7 @@ from app.api import errors, openapi
 from app.api.auth import AuthGate, PrincipalCache, install_log_redaction
 from app.api.ratelimit import RequestRateLimiter
 from app.api.routers import datasets, health, jobs, models, tenants
+from app.services import api_keys
 from app.settings import Settings, get_settings
 from app.storage.artifacts import ArtifactStore
 
@@ -54,6 +55,7 @@ def create_app(
 ) -> FastAPI:
     """The API. ``settle_heap``: for a server process, not for an app built inside tests."""
     settings = settings or get_settings()
+    api_keys.pepper(settings)  # fail at start, not at the first request, when the secret is missing
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

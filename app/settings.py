@@ -64,7 +64,10 @@ class Settings(BaseSettings):
     # Tenants, API keys and quotas (defaults; a tenant's own limits override them).
     api_key_pepper: SecretStr | None = Field(
         None,
-        description="Secret keying the API-key hashes; unset: generated once into data_dir/api-key-pepper.",
+        description=(
+            "Secret keying the API-key hashes; required with database_url. Embedded mode, unset: "
+            "generated once into data_dir/api-key-pepper."
+        ),
     )
     auth_cache_seconds: float = Field(
         5.0, description="How long an API process trusts a verified key before checking it again (0: never)."

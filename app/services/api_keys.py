@@ -83,10 +83,23 @@ def parse(token: str) -> str | None:
     return match.group(1)
 
 
+class MissingPepper(RuntimeError):
+    """A shared database without ``IA_API_KEY_PEPPER``: each host would key hashes differently."""
+
+
 def pepper(settings: Settings) -> bytes:
-    """The HMAC key: ``IA_API_KEY_PEPPER``, else a random one kept in data_dir (created once)."""
+    """The HMAC key: ``IA_API_KEY_PEPPER``; embedded mode only, a random one kept in data_dir.
+
+    A server on an external database must be given the secret: a generated one would differ on every
+    host behind the same database, and keys issued on one would fail on the others.
+    """
     if settings.api_key_pepper is not None:
         return settings.api_key_pepper.get_secret_value().encode()
+    if not settings.embedded:
+        raise MissingPepper(
+            "IA_API_KEY_PEPPER is required with IA_DATABASE_URL: set the same random secret "
+            "(e.g. `openssl rand -hex 32`) on every API process and on `influence keys`"
+        )
     return _file_pepper(settings.data_dir.resolve() / "api-key-pepper")
 
 

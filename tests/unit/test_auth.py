@@ -288,3 +288,26 @@ def test_first_embedded_start_creates_one_local_admin_key(tmp_path):
     assert principal.scopes == {"read", "write", "admin"}
     path = api_keys.admin_key_file(settings)
     assert path.read_text().strip() == token and path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_shared_database_needs_the_pepper(tmp_path, monkeypatch):
+    """CONVENTIONS (secrets have no defaults): with IA_DATABASE_URL, a generated pepper would differ per
+    host, so the API, `influence serve` and `influence keys create` refuse to start without one."""
+    from click.testing import CliRunner
+
+    from app.cli import main
+    from app.settings import get_settings
+
+    monkeypatch.delenv("IA_API_KEY_PEPPER", raising=False)
+    url = "postgresql+psycopg://nobody@127.0.0.1:1/none"  # never reached: the check comes first
+    with pytest.raises(api_keys.MissingPepper, match="IA_API_KEY_PEPPER is required"):
+        create_app(Settings(_env_file=None, database_url=url, data_dir=tmp_path), run_sweeper=False)
+    assert not (tmp_path / "api-key-pepper").exists()
+    env = {"IA_DATABASE_URL": url, "IA_DATA_DIR": str(tmp_path)}
+    for argv in (["serve", "--no-worker"], ["keys", "create", "--tenant", "ops"]):
+        get_settings.cache_clear()  # the CLI reads the environment set here
+        result = CliRunner().invoke(main, argv, env=env)
+        get_settings.cache_clear()
+        assert result.exit_code == 1 and "IA_API_KEY_PEPPER is required" in result.output, argv
+    with_pepper = Settings(_env_file=None, database_url=url, data_dir=tmp_path, api_key_pepper="s3cret")
+    assert api_keys.pepper(with_pepper) == b"s3cret"

@@ -344,6 +344,27 @@ def influence(payload: dict, inputs: dict[str, Path], out: Path, progress: Progr
     return meta
 
 
+def estimate(payload: dict, inputs: dict[str, Path], out: Path, progress: ProgressCallback) -> dict:
+    """A fanned-out retraining job's estimate from the outputs its shards trained, merged and checked by
+    the supervisor (``inputs["merged_outputs"]``): the estimator's arithmetic on the tenant's problem."""
+    progress("merging", 0, 1)
+    problem, estimator, params = _problem(payload, inputs)
+    arrays, info = _stored_outputs(inputs["merged_outputs"])
+    started = time.perf_counter()
+    plan = estimator.plan(problem, params)
+    attribution = estimator.estimate(problem, params, plan, SubsetOutputs(arrays, info))
+    _save_arrays(
+        out,
+        scores=attribution.scores,
+        scores_stderr=attribution.scores_stderr,
+        self_influence=attribution.self_influence,
+        values=attribution.values,
+        values_stderr=attribution.values_stderr,
+    )
+    seconds = round(time.perf_counter() - started, 4)
+    return {"compute_seconds": seconds, "metadata": plain(attribution.metadata)}
+
+
 def shard(payload: dict, inputs: dict[str, Path], out: Path, progress: ProgressCallback) -> dict:
     """One shard of a fanned-out job: training rows (and checkpoints), or rows of a retraining plan."""
     progress("loading", 0, 1)

@@ -36,9 +36,7 @@ from app.estimators import (
     Checkpoint,
     Estimator,
     EstimatorError,
-    InfluenceProblem,
     Recipe,
-    TaskSpec,
     get_architecture,
     get_estimator,
     init_model,
@@ -53,9 +51,7 @@ from app.estimators.valuation import (
     lds_summary,
 )
 from app.problems import FieldError, ProblemError
-from app.services import datasets as datasets_service
 from app.services import jobs as jobs_service
-from app.services import models as models_service
 from app.services import results as results_service
 from app.services import shards as shards_service
 from app.services import subset_outputs, train_state
@@ -311,8 +307,13 @@ def finalize_job(settings: Settings, job_id: str) -> str:
     claim, parts = ready
     _threads(settings)
     try:
-        with Reporter(settings, claim, beat=shards_service.merge_heartbeat):  # the merge is live
-            write = _merge(settings, claim, parts)
+        with Reporter(settings, claim, beat=shards_service.merge_heartbeat) as reporter:  # the merge is live
+            write = _merge(settings, claim, parts, reporter)
+    except jobs_service.LeaseLost:  # a later merge attempt owns the job now
+        return "skipped"
+    except Cancelled:  # requested while a retraining estimate ran in its child
+        stored = jobs_service.finish(settings, claim, "cancelled", progress=reporter.last_progress)
+        return "cancelled" if stored else "skipped"
     except (ProblemError, EstimatorError) as exc:  # deterministic: a re-published finalize would fail again
         stored = jobs_service.finish(settings, claim, "failed", error=_problem_for(exc))
         return "failed" if stored else "skipped"
@@ -320,13 +321,16 @@ def finalize_job(settings: Settings, job_id: str) -> str:
     return "succeeded" if stored else "skipped"
 
 
-def _merge(settings: Settings, claim, parts: list) -> object:
-    """The fanned-out job's result: merged scores, or an estimate from the merged subset outputs."""
+def _merge(settings: Settings, claim, parts: list, reporter: Reporter) -> object:
+    """The fanned-out job's result: merged score shards, or an estimate from the merged subset outputs.
+
+    Like the rest of this process, the merge loads no tenant weights or data as tensors: score shards
+    are validated arrays merged here; a retraining job's estimate runs in a sandboxed child
+    (:func:`worker.compute.estimate`) on the outputs its shards trained."""
     job_id = claim.job_id
     store = ArtifactStore(settings.resolved_artifact_dir)
-    ctx = _context(settings, store, job_id)
-    spec = ctx.loaded.job.spec
-    reuse = _reuse(settings, store, ctx.loaded, ctx.estimator, ctx.params, ctx.query_rows)
+    job = _prepare(settings, store, job_id)
+    spec = job.loaded.job.spec
     lds_parts = [p for p in parts if p.plan.kind == "lds"]
     parts = [p for p in parts if p.plan.kind != "lds"]
     values = values_stderr = scores_stderr = None
@@ -341,54 +345,96 @@ def _merge(settings: Settings, claim, parts: list) -> object:
     own = None
     if parts[0].plan.kind == "subsets":  # retraining: estimate from every shard's trained outputs
         outputs = SubsetOutputs.concat(_load_outputs(store, p.scores_uri) for p in parts)
-        full_plan = ctx.estimator.plan(ctx.problem, ctx.params)
-        if reuse.own is not None:
-            _check_outputs(outputs, reuse.own.spec, ctx.problem.n_query, ctx.problem.n_train)
+        full_plan = job.estimator.plan(_PlanProblem.of(job), job.params)
+        if job.reuse.own is not None:
+            _check_outputs(outputs, job.reuse.own.spec, job.n_query, job.n_train)
             outputs = SubsetOutputs(outputs.arrays, _child_info(outputs.info, len(full_plan)))
             seconds = sum(p.compute_seconds or 0.0 for p in parts)
-            subset_outputs.save(settings, store, reuse.own, full_plan, outputs, seconds)
-            own = (full_plan, outputs, "trained", reuse.own.key)
-            details.update(_outputs_details(reuse.own, "trained", outputs))
-        attribution = ctx.estimator.estimate(ctx.problem, ctx.params, full_plan, outputs)
-        scores, self_influence = attribution.scores, attribution.self_influence
-        values, values_stderr = attribution.values, attribution.values_stderr
-        scores_stderr = attribution.scores_stderr
-        details = {**attribution.metadata, **details}
+            subset_outputs.save(settings, store, job.reuse.own, full_plan, outputs, seconds)
+            own = (full_plan, outputs, "trained", job.reuse.own.key)
+            details.update(_outputs_details(job.reuse.own, "trained", outputs))
+        estimated = _estimate(settings, store, job, outputs, reporter)
+        scores, self_influence, values, values_stderr, scores_stderr, metadata = estimated
+        details = {**metadata, **details}
     else:
 
         def load(uri):
             return np.load(store.path(uri), allow_pickle=False) if uri else None
 
         scores, self_influence = merge_shards(
-            ctx.problem.n_query,
-            ctx.problem.n_train,
-            ((p.plan, load(p.scores_uri), load(p.self_uri)) for p in parts),
+            job.n_query, job.n_train, ((p.plan, load(p.scores_uri), load(p.self_uri)) for p in parts)
         )
-    if reuse.lds is not None:
+    if job.reuse.lds is not None:
         trained = None
         if lds_parts:
             merged = SubsetOutputs.concat(_load_outputs(store, p.scores_uri) for p in lds_parts)
-            merged = SubsetOutputs(merged.arrays, _child_info(merged.info, reuse.lds.spec.n_masks))
+            merged = SubsetOutputs(merged.arrays, _child_info(merged.info, job.reuse.lds.spec.n_masks))
             trained = (merged, sum(p.compute_seconds or 0.0 for p in lds_parts))
         details["quality"] = {
-            "lds": _lds_quality(settings, store, reuse, scores, ctx.problem.n_train, own, trained)
+            "lds": _lds_quality(settings, store, job.reuse, scores, job.n_train, own, trained)
         }
+    query_ds = job.loaded.query or job.loaded.train
+    query_ids = _ids(store, query_ds)
     prepared = results_service.prepare(
         store,
         scores=scores,
         scores_stderr=scores_stderr,
         self_influence=self_influence,
-        query_rows=ctx.query_rows,
-        query_ids=ctx.query_ids,
-        train_ids=ctx.train_ids,
-        top=ctx.output["top_k"],
-        keep_full_matrix=ctx.output["keep_full_matrix"],
+        query_rows=job.query_rows,
+        query_ids=query_ids[job.query_rows] if query_ids is not None else None,
+        train_ids=query_ids if query_ds.id == job.loaded.train.id else _ids(store, job.loaded.train),
+        top=spec["output"]["top_k"],
+        keep_full_matrix=spec["output"]["keep_full_matrix"],
         details=details,
         values=values,
         values_stderr=values_stderr,
         groups=spec["output"].get("groups"),
     )
     return prepared.write(job_id, claim.attempt)
+
+
+@dataclass(frozen=True)
+class _PlanProblem:
+    """What a retraining plan reads of a problem (sizes and the training recipe), with no tensors."""
+
+    n_train: int
+    n_query: int
+    recipe: dict
+    weight_decay: float
+
+    @classmethod
+    def of(cls, job: _Job) -> _PlanProblem:
+        return cls(job.n_train, job.n_query, job.payload["recipe"], job.payload["weight_decay"])
+
+
+def _estimate(
+    settings: Settings, store: ArtifactStore, job: _Job, outputs: SubsetOutputs, reporter: Reporter
+):
+    """A retraining job's scores, self-influence, values and their errors from its merged outputs,
+    computed in a sandboxed child and validated here."""
+    payload = {**job.payload, "fit_state": False}
+    inputs = {k: v for k, v in job.inputs.items() if k not in ("state", "subset_outputs")}
+    n_query, n_train, parameter = job.n_query, job.n_train, job.parameter
+    with store.staging_file(".npz") as merged:
+        np.savez(merged, **outputs.arrays, info=np.array(json.dumps(outputs.info)))
+        inputs["merged_outputs"] = merged
+        with sandbox.acquire(settings) as box:
+            out = box.run("worker.compute:estimate", payload, inputs, reporter)
+            scores = out.optional_array("scores", (n_query, n_train), parameter)
+            scores_stderr = (
+                out.optional_array("scores_stderr", (n_query, n_train), parameter)
+                if scores is not None
+                else None
+            )
+            self_influence = out.optional_array("self_influence", (n_train,), parameter)
+            values = out.optional_array("values", (n_train,), parameter)
+            values_stderr = (
+                out.optional_array("values_stderr", (n_train,), parameter) if values is not None else None
+            )
+            metadata = dict(out.mapping("metadata"))
+    if scores is None and values is None:
+        raise sandbox.invalid_output("the estimate returned neither scores nor values")
+    return scores, self_influence, values, values_stderr, scores_stderr, metadata
 
 
 def _load_outputs(store: ArtifactStore, uri: str) -> SubsetOutputs:
@@ -911,63 +957,3 @@ def _train(settings: Settings, store: ArtifactStore, claim, reporter: Reporter):
             )
 
     return write, _done("trained")
-
-
-@dataclass
-class _Context:
-    """A fanned-out job's inputs, loaded in this process for finalize (merge, or estimate from arrays;
-    nothing is retrained here, so the model's initial weights are not loaded)."""
-
-    loaded: _Loaded
-    problem: InfluenceProblem
-    estimator: Estimator
-    params: object
-    output: dict
-    query_rows: np.ndarray
-    query_ids: np.ndarray | None
-    train_ids: np.ndarray | None
-
-
-def _context(settings: Settings, store: ArtifactStore, job_id: str) -> _Context:
-    loaded = _load(settings, job_id)
-    spec, model = loaded.job.spec, loaded.model
-    train_arrays = datasets_service.load_arrays(store, loaded.train)
-    query_ds = loaded.query or loaded.train
-    query_arrays = (
-        train_arrays if query_ds.id == loaded.train.id else datasets_service.load_arrays(store, query_ds)
-    )
-    query_rows = _query_rows(spec, query_ds)
-    recipe = validate_params(Recipe, model.recipe, "/recipe")
-    checkpoints = [
-        Checkpoint(
-            step=c.step,
-            learning_rate=c.learning_rate if c.learning_rate is not None else recipe.learning_rate,
-            state=models_service.load_state(store, c.uri),
-        )
-        for c in loaded.checkpoints
-    ]
-    problem = InfluenceProblem(
-        model=models_service.build_model(model),
-        task=TaskSpec(kind=model.task, loss=model.loss),
-        weights=models_service.load_state(store, model.weights_uri),
-        train_x=torch.as_tensor(train_arrays.x),
-        train_y=_labels(train_arrays.y, model.task),
-        query_x=torch.as_tensor(query_arrays.x[query_rows]),
-        query_y=_labels(query_arrays.y[query_rows], model.task),
-        measurement=spec["measurement"],
-        checkpoints=checkpoints,
-        weight_decay=recipe.weight_decay,
-        recipe=dict(model.recipe),
-    )
-    estimator = get_estimator(spec["method"]["name"])
-    params = validate_params(estimator.Params, spec["method"]["params"], "/method/params")
-    return _Context(
-        loaded,
-        problem,
-        estimator,
-        params,
-        spec["output"],
-        query_rows,
-        query_arrays.ids[query_rows] if query_arrays.ids is not None else None,
-        train_arrays.ids,
-    )

@@ -612,3 +612,34 @@ def test_a_dead_prestarted_child_is_replaced(settings):
             assert box.run(f"{HERE}:child_arrays", {"dtype": "float32", "shape": [2, 3]}, {}, Recorder()).meta
     finally:
         sandbox.discard()
+
+
+def test_the_task_process_never_loads_tenant_tensors():
+    """Split trust (README "Sandboxed compute"): worker/runner.py, which holds the credentials, never
+    builds a model, reads weights or features, or runs an estimator; its children do (worker/compute.py).
+    A call added there that does any of it fails here, the merge of fanned-out jobs included."""
+    import ast
+
+    import worker.runner
+
+    tree = ast.parse(Path(worker.runner.__file__).read_text())
+    forbidden = {
+        "attribute",
+        "attribute_with_outputs",
+        "estimate",
+        "group_scores",
+        "fit",
+        "build_model",  # (init_model on the meta device, for expected shapes, allocates nothing)
+        "load_state",
+        "load_arrays",
+        "load_state_dict",
+        "load_file",
+        "InfluenceProblem",
+    }
+    called = {
+        node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+    }
+    assert called & forbidden == set()
+    assert "plan" in called and "merge_shards" in called  # what the merge does here: sizes and arrays

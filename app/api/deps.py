@@ -202,16 +202,23 @@ def conditional_json(request: Request, model: BaseModel, headers: dict[str, str]
     return Response(body, media_type="application/json", headers={"ETag": tag, **headers})
 
 
-def require_match(request: Request, model: BaseModel) -> None:
-    """Optimistic concurrency for PATCH: If-Match must name the current ETag when sent."""
+def require_match(request: Request, model: BaseModel) -> bool:
+    """Optimistic concurrency for PATCH: If-Match must name the current ETag when sent. True when it
+    was sent: the update must then also be fenced on the version read (a concurrent PATCH that
+    matched the same ETag and committed first makes it 412 too)."""
     expected = request.headers.get("if-match")
     if expected is not None and expected != etag_of(model):
-        raise ProblemError(
-            412,
-            "precondition-failed",
-            "Precondition failed",
-            "the resource changed since you read it; GET it again",
-        )
+        raise precondition_failed()
+    return expected is not None
+
+
+def precondition_failed() -> ProblemError:
+    return ProblemError(
+        412,
+        "precondition-failed",
+        "Precondition failed",
+        "the resource changed since you read it; GET it again",
+    )
 
 
 def stage_upload(stack: ExitStack, store: ArtifactStore, upload: UploadFile, pointer: str) -> WeightsUpload:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.db.models import Checkpoint, Dataset, Job, Model
@@ -259,10 +259,19 @@ def checkpoints_page(session: Session, model: Model, page_size: int, page_token:
     return rows, encode_token(rows[-1].step)
 
 
-def rename(session: Session, model: Model, name: str) -> Model:
-    model.name = name
-    model.version += 1
-    session.flush()
+def rename(session: Session, model: Model, name: str, *, if_version: int | None = None) -> Model | None:
+    """Rename in one UPDATE that bumps ``version``; with ``if_version``, only if the row still has that
+    version (None when another update got there first: the caller's precondition failed)."""
+    guard = [Model.id == model.id] + ([Model.version == if_version] if if_version is not None else [])
+    updated = session.execute(
+        update(Model)
+        .where(*guard)
+        .values(name=name, version=Model.version + 1)  # updated_at: the column's onupdate
+        .execution_options(synchronize_session=False)
+    )
+    if updated.rowcount == 0:
+        return None
+    session.refresh(model)
     return model
 
 

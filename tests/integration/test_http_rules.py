@@ -155,6 +155,30 @@ def test_patch_with_a_stale_if_match_is_412(world):
     assert client.get(url, headers={"If-None-Match": current}).status_code == 304
 
 
+def test_two_patches_matching_the_same_etag_cannot_both_win(world, integration_settings):
+    """The If-Match check and the update are one fenced UPDATE: of two renames that read the same
+    version (both passed the ETag check), the one committing second updates nothing and is a 412."""
+    from app.db.models import Model
+    from app.db.session import session_scope
+    from app.services import models as models_service
+
+    client, _, _ = world
+    model = _model(client, "raced")
+    url = f"/v1/models/{model['id']}"
+    with session_scope(integration_settings) as slow:
+        read_by_slow = slow.get(Model, model["id"])
+        version = read_by_slow.version
+        with session_scope(integration_settings) as fast:
+            assert models_service.rename(fast, fast.get(Model, model["id"]), "fast", if_version=version)
+        assert models_service.rename(slow, read_by_slow, "slow", if_version=version) is None
+    assert client.get(url).json()["name"] == "fast"
+    etag = client.get(url).headers["etag"]
+    renamed = client.patch(url, json={"name": "third"}, headers={"If-Match": etag})
+    assert renamed.status_code == 200 and renamed.json()["name"] == "third"
+    unconditional = client.patch(url, json={"name": "fourth"})  # no If-Match: last writer wins
+    assert unconditional.status_code == 200 and unconditional.headers["etag"] != renamed.headers["etag"]
+
+
 def test_delete_model_with_a_queued_job_is_409(world):
     client, train, _ = world
     model = _model(client, "busy")

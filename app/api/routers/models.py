@@ -16,6 +16,7 @@ from app.api.deps import (
     SettingsDep,
     StoreDep,
     conditional,
+    precondition_failed,
     require_match,
     stage_upload,
 )
@@ -136,8 +137,11 @@ def update_model(
     session: SessionDep,
 ):
     model = service.get(session, owner.tenant_id, model_id)
-    require_match(request, model_read(model))
-    return conditional(request, response, model_read(service.rename(session, model, body.name)))
+    fenced = require_match(request, model_read(model))
+    renamed = service.rename(session, model, body.name, if_version=model.version if fenced else None)
+    if renamed is None:
+        raise precondition_failed()
+    return conditional(request, response, model_read(renamed))
 
 
 @router.delete("/v1/models/{model_id}", status_code=204, responses=problems(404, 409))

@@ -937,3 +937,38 @@ def read_dataset(
             raise _corrupt(pointer, "The file is not a safetensors file.")
         return _read_safetensors_dataset(path, size, pointer)
     return _read_parquet(path, pointer, max_bytes, label_column, id_column)
+
+
+_ST_DTYPE_OF = {"float16": "F16", "float32": "F32", "float64": "F64", "int32": "I32", "int64": "I64"}
+
+
+def safetensors_stream(npy_path: str | os.PathLike[str], name: str, metadata: dict[str, str]):
+    """One stored ``.npy`` array as a safetensors file, streamed: ``(size, chunks)``.
+
+    The array is memory-mapped and sent in 1 MiB pieces after the header, so a download of a large
+    score matrix costs the API process no more than a chunk (safetensors' own ``save`` builds the whole
+    file in memory). The layout is safetensors' (u64 little-endian header length, JSON header padded with
+    spaces to 8 bytes, row-major little-endian data), readable by every safetensors loader.
+    """
+    array = np.load(npy_path, mmap_mode="r", allow_pickle=False)
+    if not array.flags.c_contiguous or array.dtype.byteorder == ">":
+        array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    header = {
+        "__metadata__": metadata,
+        name: {
+            "dtype": _ST_DTYPE_OF[array.dtype.name],
+            "shape": list(array.shape),
+            "data_offsets": [0, array.nbytes],
+        },
+    }
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    prefix = struct.pack("<Q", len(encoded)) + encoded
+
+    def chunks():
+        yield prefix
+        flat = array.reshape(-1).view(np.uint8) if array.size else np.empty(0, np.uint8)
+        for start in range(0, flat.size, _CHUNK):
+            yield flat[start : start + _CHUNK].tobytes()
+
+    return len(prefix) + array.nbytes, chunks()

@@ -9,10 +9,19 @@ import time
 import httpx
 import numpy as np
 import torch
+from safetensors.numpy import load as load_numpy
 from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 
-from app.estimators import Checkpoint, InfluenceProblem, TaskSpec, get_architecture, init_model
+from app.estimators import (
+    ORIENTATION,
+    SIGN_CONVENTION,
+    Checkpoint,
+    InfluenceProblem,
+    TaskSpec,
+    get_architecture,
+    init_model,
+)
 from app.problems import PROBLEM_BASE_URI, PROBLEM_TYPES
 from app.services.validation import validate_params
 from app.storage.artifacts import ArtifactStore
@@ -113,9 +122,18 @@ def submit(client: httpx.Client, body: dict, **headers) -> httpx.Response:
 
 
 def scores(client: httpx.Client, job_id: str) -> np.ndarray:
-    response = client.get(f"/v1/influence-jobs/{job_id}/artifacts/scores")
+    """The job's score matrix as .npy, checked against its streamed safetensors download."""
+    url = f"/v1/influence-jobs/{job_id}/artifacts/scores"
+    response = client.get(url)
     assert response.status_code == 200, response.text
-    return np.load(io.BytesIO(response.content), allow_pickle=False)
+    matrix = np.load(io.BytesIO(response.content), allow_pickle=False)
+    streamed = client.get(url, params={"format": "safetensors"})
+    assert streamed.status_code == 200 and int(streamed.headers["content-length"]) == len(streamed.content)
+    assert streamed.headers["content-disposition"].endswith('-scores.safetensors"')
+    np.testing.assert_array_equal(load_numpy(streamed.content)["scores"], matrix)
+    header = json.loads(streamed.content[8 : 8 + int.from_bytes(streamed.content[:8], "little")])
+    assert header["__metadata__"] == {"orientation": ORIENTATION, "sign_convention": SIGN_CONVENTION}
+    return matrix
 
 
 def assert_problem(response: httpx.Response, status: int, code: str | None = None) -> dict:

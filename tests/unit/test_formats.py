@@ -22,7 +22,7 @@ import torch
 
 from app.problems import ProblemError
 from app.storage import formats
-from app.storage.formats import ArrayDataset, read_dataset, read_state_dict, sniff_format
+from app.storage.formats import ArrayDataset, read_dataset, read_state_dict, safetensors_stream, sniff_format
 
 MB = 1024 * 1024
 BIG = 512 * MB  # a generous max_bytes for tests that are not about size
@@ -710,3 +710,33 @@ def test_empty_safetensors_has_no_tensors(tmp_path):
     path.write_bytes(_safetensors_bytes({}, b""))
     err = _problem(read_state_dict, path, max_bytes=BIG)
     assert (err.status, err.code) == (422, "missing-array")
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(3 * 700_001, dtype=np.float32).reshape(3, 700_001),  # several 1 MiB chunks
+        np.linspace(-1, 1, 11),  # float64
+        np.zeros((0, 4), dtype=np.float32),
+    ],
+    ids=["float32-chunked", "float64", "empty"],
+)
+def test_streamed_safetensors_download_reads_back_with_safetensors(tmp_path, array):
+    """The score download (?format=safetensors) streams a file safetensors reads back (array, dtype,
+    metadata; the same length as safetensors.numpy.save's), in pieces of at most 1 MiB after the header."""
+    from safetensors import safe_open
+    from safetensors.numpy import save
+
+    path = tmp_path / "scores.npy"
+    np.save(path, array)
+    metadata = {"orientation": "query-major", "sign_convention": "positive = proponent"}
+    size, chunks = safetensors_stream(path, "scores", metadata)
+    pieces = list(chunks)
+    assert all(len(piece) <= MB for piece in pieces[1:])
+    streamed = tmp_path / "scores.safetensors"
+    streamed.write_bytes(b"".join(pieces))
+    assert size == streamed.stat().st_size == len(save({"scores": array}, metadata=metadata))
+    with safe_open(streamed, framework="numpy") as opened:
+        assert opened.metadata() == metadata and list(opened.keys()) == ["scores"]
+        back = opened.get_tensor("scores")
+    assert back.dtype == array.dtype and back.shape == array.shape and np.array_equal(back, array)

@@ -1,12 +1,9 @@
 from __future__ import annotations
 
-import io
 from typing import Annotated, Literal
 
-import numpy as np
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
-from safetensors.numpy import save as save_safetensors
 from sqlalchemy.orm import Session
 
 from app.api.auth import ReadAccess, WriteAccess
@@ -45,6 +42,7 @@ from app.services.api_keys import Principal
 from app.services.pagination import decode_token, encode_token
 from app.services.validation import json_schema
 from app.settings import Settings
+from app.storage.formats import safetensors_stream
 
 router = APIRouter(tags=["influence-jobs"], responses=GATE, route_class=CommittingRoute)
 POLL_SECONDS = "2"
@@ -235,14 +233,16 @@ def _artifact(
     filename = f"{job_id}-{which}"
     if fmt == "npy":
         return FileResponse(path, media_type="application/octet-stream", filename=filename + ".npy")
-    data = save_safetensors(
-        {which: np.load(path, allow_pickle=False)},
-        metadata={"orientation": ORIENTATION, "sign_convention": SIGN_CONVENTION},
+    size, chunks = safetensors_stream(
+        path, which, {"orientation": ORIENTATION, "sign_convention": SIGN_CONVENTION}
     )
     return StreamingResponse(
-        io.BytesIO(data),
+        chunks,
         media_type="application/octet-stream",
-        headers={"Content-Disposition": f'attachment; filename="{filename}.safetensors"'},
+        headers={
+            "Content-Disposition": f'attachment; filename="{filename}.safetensors"',
+            "Content-Length": str(size),
+        },
     )
 
 

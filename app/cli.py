@@ -33,9 +33,16 @@ def worker_argv(queue: str, concurrency: int, loglevel: str) -> list[str]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Training-data influence service. Configuration comes from IA_* environment variables."""
-    logging.basicConfig(
-        level=get_settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from pydantic import ValidationError
+
+    try:
+        settings = get_settings()
+    except ValidationError as exc:  # e.g. IA_MODE=server without IA_DATABASE_URL: one line, no traceback
+        raise click.ClickException(
+            "invalid configuration: "
+            + "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        ) from None
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 @main.command()

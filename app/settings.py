@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -25,6 +25,12 @@ class Settings(BaseSettings):
         env_prefix="IA_", env_file=".env", extra="ignore", env_ignore_empty=True
     )
 
+    mode: Literal["auto", "embedded", "server"] = Field(
+        "auto",
+        description="embedded: SQLite and the filesystem broker under data_dir (refuses database_url); "
+        "server: needs database_url and broker_url, so a deployment missing them fails at start instead "
+        "of running on SQLite; auto: embedded exactly when database_url is unset.",
+    )
     data_dir: Path = Field(
         Path(".ia"), description="Root for the embedded profile's database, queue and artifacts."
     )
@@ -180,6 +186,19 @@ class Settings(BaseSettings):
     )
 
     log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _mode_matches_urls(self) -> Settings:
+        if self.mode == "server" and not (self.database_url and self.broker_url):
+            missing = [
+                n
+                for n, v in (("IA_DATABASE_URL", self.database_url), ("IA_BROKER_URL", self.broker_url))
+                if not v
+            ]
+            raise ValueError(f"IA_MODE=server needs {' and '.join(missing)}")
+        if self.mode == "embedded" and self.database_url:
+            raise ValueError("IA_MODE=embedded runs on SQLite under IA_DATA_DIR: unset IA_DATABASE_URL")
+        return self
 
     @property
     def embedded(self) -> bool:

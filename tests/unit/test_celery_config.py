@@ -141,3 +141,27 @@ def test_embedded_broker_uses_the_data_dir(tmp_path):
     redis = celery_config(_settings(tmp_path, broker_url=REDIS))
     shared = {k for k in config if k not in ("broker_url", "broker_transport_options")}
     assert {k: config[k] for k in shared} == {k: redis[k] for k in shared}
+
+
+def test_mode_server_refuses_to_fall_back_to_sqlite(tmp_path):
+    """IA_MODE=server: a deployment that lost IA_DATABASE_URL or IA_BROKER_URL fails at start (one CLI
+    line) rather than quietly running on SQLite and the filesystem broker; embedded refuses a URL."""
+    from click.testing import CliRunner
+    from pydantic import ValidationError
+
+    from app.cli import main
+    from app.settings import get_settings
+
+    pg, redis = "postgresql+psycopg://u@127.0.0.1/db", "redis://127.0.0.1:6379/0"
+    with pytest.raises(ValidationError, match="IA_MODE=server needs IA_DATABASE_URL and IA_BROKER_URL"):
+        _settings(tmp_path, mode="server")
+    with pytest.raises(ValidationError, match="IA_MODE=embedded runs on SQLite"):
+        _settings(tmp_path, mode="embedded", database_url=pg)
+    assert not _settings(tmp_path, mode="server", database_url=pg, broker_url=redis).embedded
+    assert _settings(tmp_path, mode="embedded").embedded and _settings(tmp_path).embedded
+    get_settings.cache_clear()
+    result = CliRunner().invoke(main, ["sweep"], env={"IA_MODE": "server", "IA_DATABASE_URL": pg})
+    get_settings.cache_clear()
+    assert (
+        result.exit_code == 1 and "invalid configuration: IA_MODE=server needs IA_BROKER_URL" in result.output
+    )

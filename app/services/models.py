@@ -242,6 +242,16 @@ def list_page(session: Session, tenant_id: str, page_size: int, page_token: str 
     return paginate(session, select(Model).where(Model.tenant_id == tenant_id), Model, page_size, page_token)
 
 
+def get_checkpoint(session: Session, model: Model, checkpoint_id: str) -> Checkpoint:
+    """One of ``model``'s checkpoints (the caller already resolved the model for its tenant)."""
+    row = session.get(Checkpoint, checkpoint_id)
+    if row is None or row.model_id != model.id:
+        raise ProblemError(
+            404, "not-found", "Checkpoint not found", f"model {model.id} has no checkpoint {checkpoint_id}"
+        )
+    return row
+
+
 def checkpoints_page(session: Session, model: Model, page_size: int, page_token: str | None):
     """Return (checkpoints, next_page_token) of ``model`` in step order, the order TracInCP sums them in.
 

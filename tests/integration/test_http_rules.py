@@ -293,6 +293,13 @@ def test_checkpoint_walk(world):
         files={"file": ("c.safetensors", save_tensors(_weights(9)))},
     )
     assert added.status_code == 201, added.text
+    one = client.get(added.headers["location"])  # the new checkpoint itself, with an ETag
+    assert one.status_code == 200 and one.json() == added.json()
+    assert (
+        client.get(added.headers["location"], headers={"If-None-Match": one.headers["etag"]}).status_code
+        == 304
+    )
+    assert_problem(client.get(f"{url}/{uuid.uuid4()}"), 404, "not-found")
     everything = client.get(url).json()
     assert everything.get("next_page_token") is None
     assert [c["step"] for c in everything["items"]] == [5, 10, 20, 30, 40, 50]

@@ -22,7 +22,7 @@ from tests.integration.flows import builtin, register_model, submit, wait
 pytestmark = pytest.mark.integration
 
 LINEAR = {"name": "linear", "params": {"in_features": 64, "num_classes": 10}}
-OWNED_PARAMS = {"dataset_id", "model_id", "job_id"}
+OWNED_PARAMS = {"dataset_id", "model_id", "job_id", "checkpoint_id"}
 ADMIN_PARAMS = {"tenant_id", "key_id"}
 
 
@@ -79,9 +79,11 @@ def tenant_a(api_server, integration_env, tmp_path_factory):
                 },
             )
             assert trained.status_code == 201, trained.text
+            checkpoints = a.get(f"/v1/models/{model.json()['id']}/checkpoints").json()["items"]
             yield {
                 "dataset_id": train["id"],
                 "model_id": model.json()["id"],
+                "checkpoint_id": checkpoints[0]["id"],
                 "job_id": finished["id"],
                 "training_job_id": trained.json()["training_job_id"],
             }

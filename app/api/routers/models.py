@@ -180,7 +180,9 @@ def add_checkpoint(
             staged,
             CheckpointMeta(step=step, learning_rate=learning_rate),
         )
-    response.headers["Location"] = str(request.url_for("list_checkpoints", model_id=model_id))
+    response.headers["Location"] = str(
+        request.url_for("get_checkpoint", model_id=model_id, checkpoint_id=checkpoint.id)
+    )
     return CheckpointRead.model_validate(checkpoint)
 
 
@@ -196,6 +198,25 @@ def list_checkpoints(
     model = service.get(session, caller.tenant_id, model_id)
     rows, token = service.checkpoints_page(session, model, page_size, page_token)
     return Page[CheckpointRead](items=[CheckpointRead.model_validate(c) for c in rows], next_page_token=token)
+
+
+@router.get(
+    "/v1/models/{model_id}/checkpoints/{checkpoint_id}",
+    response_model=CheckpointRead,
+    responses=problems(404),
+)
+def get_checkpoint(
+    caller: ReadAccess,
+    model_id: str,
+    checkpoint_id: str,
+    request: Request,
+    response: Response,
+    session: SessionDep,
+):
+    """One checkpoint (its step, learning rate and content hash); ETag and 304 like the model."""
+    model = service.get(session, caller.tenant_id, model_id)
+    checkpoint = CheckpointRead.model_validate(service.get_checkpoint(session, model, checkpoint_id))
+    return conditional(request, response, checkpoint)
 
 
 @router.get("/v1/architectures", response_model=ArchitectureCatalog, tags=["catalog"])

@@ -399,7 +399,7 @@ class _PlanProblem:
 
     n_train: int
     n_query: int
-    recipe: dict
+    recipe: dict | None
     weight_decay: float
 
     @classmethod

@@ -205,3 +205,19 @@ def test_failure_modes():
         REGISTRY["tmc_shapley"].attribute(
             problem, {"recipe": LBFGS}, runtime=Runtime(dtype=torch.float64, progress=cancel)
         )
+
+
+@pytest.mark.parametrize("name", [n for n in RETRAINING if hasattr(REGISTRY[n], "plan")])
+@pytest.mark.parametrize("recipe", [None, {"seed": 7, "epochs": 3}], ids=["no-recipe", "recipe"])
+def test_plans_need_only_the_sizes_and_the_recipe(name, recipe):
+    """The worker's merge plans a fanned-out retraining job from the job's sizes and recipe alone
+    (``worker.runner._PlanProblem``: it loads no tensors); that plan is the one the full problem gives."""
+    from worker.runner import _PlanProblem
+
+    problem = dataclasses.replace(_problem(n=9, m=4), recipe=recipe)
+    params = REGISTRY[name].Params()
+    full = REGISTRY[name].plan(problem, params)
+    sized = REGISTRY[name].plan(_PlanProblem(9, 4, recipe, 0.05), params)
+    np.testing.assert_array_equal(sized.masks, full.masks)
+    np.testing.assert_array_equal(sized.seeds, full.seeds)
+    assert len(sized) == len(full)

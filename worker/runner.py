@@ -522,10 +522,20 @@ def _prepare(settings: Settings, store: ArtifactStore, job_id: str) -> _Job:
         **{f"checkpoint_{i}": store.path(c.uri) for i, c in enumerate(loaded.checkpoints)},
         **_initial_weights_input(store, model),
     }
+    checkpoints = [
+        {
+            "step": c.step,
+            "learning_rate": c.learning_rate if c.learning_rate is not None else recipe.learning_rate,
+        }
+        for c in loaded.checkpoints
+    ]
     state_inputs = {  # per tenant: a cache hit must not reveal another tenant's model and data
         "tenant_id": loaded.job.tenant_id,
         "weights_sha256": model.weights_sha256,
         "checkpoints_sha256": [c.sha256 for c in loaded.checkpoints],
+        # the same files registered with other steps make another training record (SOURCE checks its
+        # state's steps and would refuse a hit fitted on the other steps)
+        "checkpoints": checkpoints,
         "train_dataset_sha256": loaded.train.sha256,
         "architecture": model.architecture,
         "architecture_params": model.architecture_params,
@@ -548,13 +558,7 @@ def _prepare(settings: Settings, store: ArtifactStore, job_id: str) -> _Job:
         "recipe": dict(model.recipe),
         "weight_decay": recipe.weight_decay,
         "measurement": spec["measurement"],
-        "checkpoints": [
-            {
-                "step": c.step,
-                "learning_rate": c.learning_rate if c.learning_rate is not None else recipe.learning_rate,
-            }
-            for c in loaded.checkpoints
-        ],
+        "checkpoints": checkpoints,
         "query_rows": query_rows.tolist(),
         "method": {"name": estimator.name, "params": spec["method"]["params"]},
         "runtime": {

@@ -24,7 +24,9 @@ def _drop_pooled_connection(settings: Settings, admin_url: str) -> None:
     admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
-            assert conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar()
+            # waits for the backend to exit: by default it only signals it, and a query that slips in
+            # before the exit succeeds, leaving the test's next use to meet the dead connection
+            assert conn.execute(text("SELECT pg_terminate_backend(:pid, 10000)"), {"pid": pid}).scalar()
     finally:
         admin.dispose()
 

@@ -14,7 +14,8 @@ from tests.integration.flows import builtin, register_model, submit, wait
 
 pytestmark = pytest.mark.integration
 
-# Per-example gradients of a conv net go through vmap (no closed-form fast path): several seconds a job.
+# Twelve checkpoints of a 77k-parameter conv net over the digits training split: its train-gradient phase
+# lasts ~6 s on one core, long enough for several 0.5 s heartbeats to publish its progress.
 SLOW_NET = {
     "name": "cnn",
     "params": {"in_channels": 1, "height": 8, "width": 8, "num_classes": 10, "channels": [64, 128]},
@@ -23,17 +24,17 @@ SLOW_NET = {
 
 @pytest.fixture(scope="module")
 def slow_job_body(api_server):
-    """A TracInCP job that takes several seconds on one thread (a 77k-parameter conv net, 6 checkpoints)."""
+    """A TracInCP job that takes several seconds on one thread (a 77k-parameter conv net, 12 checkpoints)."""
 
     with api_server.client() as client:
         train = builtin(client, "sklearn:digits", "train")
         arch = get_architecture("cnn")
         params = validate_params(arch.Params, SLOW_NET["params"], "")
-        states = [init_model(arch, params, seed=s).state_dict() for s in range(7)]
+        states = [init_model(arch, params, seed=s).state_dict() for s in range(13)]
         spec = {
             "name": "slow",
             "architecture": SLOW_NET,
-            "checkpoints": [{"step": 10 * i, "learning_rate": 0.1} for i in range(6)],
+            "checkpoints": [{"step": 10 * i, "learning_rate": 0.1} for i in range(12)],
         }
         response = register_model(client, spec, weights=states[0], checkpoints=states[1:])
         assert response.status_code == 201, response.text

@@ -67,7 +67,7 @@ GENEROUS = {
     "max_active_jobs": 1000,
 }
 LINEAR = {"name": "linear", "params": {"in_features": 30, "num_classes": 2}}
-OWNED = {"dataset_id": "datasets", "model_id": "models", "job_id": "jobs"}
+OWNED = {"dataset_id": "datasets", "model_id": "models", "job_id": "jobs", "checkpoint_id": "checkpoints"}
 
 
 def _weights(scale: float) -> dict[str, torch.Tensor]:
@@ -112,7 +112,7 @@ def _all(client: httpx.Client, path: str) -> list[dict]:
 
 
 def _holdings(client: httpx.Client) -> dict[str, dict[str, dict]]:
-    """Every dataset, model and job of the caller's tenant, by id (training jobs through their models)."""
+    """The caller tenant's datasets, models, checkpoints and jobs by id (training jobs via their models)."""
     models = {m["id"]: m for m in _all(client, "/v1/models")}
     jobs = {j["id"]: j for j in _all(client, "/v1/influence-jobs")}
     for model in models.values():
@@ -120,12 +120,18 @@ def _holdings(client: httpx.Client) -> dict[str, dict[str, dict]]:
             jobs[model["training_job_id"]] = client.get(
                 f"/v1/training-jobs/{model['training_job_id']}"
             ).json()
-    return {"datasets": {d["id"]: d for d in _all(client, "/v1/datasets")}, "models": models, "jobs": jobs}
+    checkpoints = {c["id"]: c for m in models for c in _all(client, f"/v1/models/{m}/checkpoints")}
+    return {
+        "datasets": {d["id"]: d for d in _all(client, "/v1/datasets")},
+        "models": models,
+        "jobs": jobs,
+        "checkpoints": checkpoints,
+    }
 
 
 def _fingerprint(holdings: dict[str, dict[str, dict]]) -> dict[str, dict[str, tuple]]:
     """What B could have changed: existence, names, states, checkpoints, cancellation."""
-    fields = ("name", "state", "n_checkpoints", "cancel_requested_at")
+    fields = ("name", "state", "n_checkpoints", "cancel_requested_at", "sha256")
     return {
         kind: {i: tuple(o.get(f) for f in fields) for i, o in objs.items()} for kind, objs in holdings.items()
     }
@@ -248,11 +254,13 @@ def _replay_as_other_tenant(b: httpx.Client, spec: dict, held: dict, a_tenant: s
                 replayed += 1
                 continue
             assert params <= OWNED.keys(), f"{path}: teach this test about {params - OWNED.keys()}"
-            kind = OWNED[next(iter(params))]
+            # The innermost id names the object; a checkpoint's URL also needs its model's id.
+            kind = OWNED[re.findall(r"{(\w+)}", path)[-1]]
             for object_id, obj in held[kind].items():
                 if kind == "jobs" and ("/training-jobs/" in path) != (obj["kind"] == "training"):
                     continue
-                response = _request(b, method, re.sub(r"{\w+}", object_id, path))
+                ids = {"model_id": obj["model_id"]} if kind == "checkpoints" else {}
+                response = _request(b, method, path.format(**{**dict.fromkeys(params, object_id), **ids}))
                 assert_problem(response, 404, "not-found")
                 replayed += 1
     return replayed

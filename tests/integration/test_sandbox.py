@@ -21,16 +21,17 @@ CNN = {"in_channels": 1, "height": 8, "width": 8, "num_classes": 10, "channels":
 
 @pytest.fixture(scope="module")
 def models(api_server) -> dict:
-    """A conv-net TracInCP job of several seconds, and a linear model whose logits overflow to inf."""
+    """A conv-net TracInCP job of several seconds (12 checkpoints: heartbeats publish its train-gradient
+    phase several times even on a loaded machine), and a linear model whose logits overflow to inf."""
     with api_server.client() as client:
         train = builtin(client, "sklearn:digits", "train")
         arch = get_architecture("cnn")
         params = validate_params(arch.Params, CNN, "")
-        states = [init_model(arch, params, seed=s).state_dict() for s in range(4)]
+        states = [init_model(arch, params, seed=s).state_dict() for s in range(13)]
         spec = {
             "name": "slow",
             "architecture": {"name": "cnn", "params": CNN},
-            "checkpoints": [{"step": 10 * i, "learning_rate": 0.1} for i in range(3)],
+            "checkpoints": [{"step": 10 * i, "learning_rate": 0.1} for i in range(12)],
         }
         slow = register_model(client, spec, weights=states[0], checkpoints=states[1:])
         assert slow.status_code == 201, slow.text

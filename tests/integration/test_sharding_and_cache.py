@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.integration.flows import builtin, scores, submit, train_cancer_model, train_digits_model, wait
+from app.estimators import init_model
+from tests.integration.flows import (
+    builtin,
+    register_model,
+    scores,
+    submit,
+    train_cancer_model,
+    train_digits_model,
+    wait,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -124,3 +133,30 @@ def test_unrolled_replay_is_cached_and_runs_as_one_task(setup):
         rtol=1e-5,
         atol=1e-8,
     )
+
+
+def test_the_same_checkpoint_files_at_other_steps_fit_their_own_state(setup):
+    """SOURCE's state records its checkpoint steps: a second model with the same files at other steps
+    must miss the cache and fit its own segments, not hit the first model's state and be refused."""
+    client, train, _, _ = setup
+    linear = {"name": "linear", "params": {"in_features": 64, "num_classes": 10}}
+    states = [init_model("linear", linear["params"], seed=s).state_dict() for s in range(3)]
+    results = []
+    for steps in ((10, 20), (5, 20)):
+        spec = {
+            "name": f"source-steps-{steps[0]}",
+            "architecture": linear,
+            "checkpoints": [{"step": s, "learning_rate": 0.1} for s in steps],
+        }
+        model = register_model(client, spec, weights=states[0], checkpoints=states[1:])
+        assert model.status_code == 201, model.text
+        body = {
+            "model_id": model.json()["id"],
+            "train_dataset_id": train["id"],
+            "query_indices": [0, 1],
+            "method": {"name": "source", "params": {"damping": 0.0017}},  # no other test fits this state
+        }
+        job = _run(client, body)
+        results.append(client.get(f"/v1/influence-jobs/{job['id']}/results").json()["details"]["train_state"])
+    assert results[0]["cache_hit"] is False and results[1]["cache_hit"] is False
+    assert results[0]["key"] != results[1]["key"]

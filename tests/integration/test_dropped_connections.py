@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sqlalchemy import create_engine, text
 
-from app.db.session import session_scope
+from app.db.session import get_engine, session_scope
 from app.estimators import get_estimator
 from app.services import train_state
 from app.settings import Settings
@@ -33,6 +33,9 @@ def _drop_pooled_connection(settings: Settings, admin_url: str) -> None:
 
 def test_train_state_cache_survives_a_dropped_connection(pg_url, tmp_path):
     settings = Settings(database_url=pg_url, data_dir=tmp_path)
+    # pg_url's pool may hold connections of earlier tests; checkout is first-in first-out, so with more
+    # than one the next step could take a live one. Emptied, it holds one: the one just dropped.
+    get_engine(settings).dispose()
     store = ArtifactStore(settings.resolved_artifact_dir)
     estimator = get_estimator("if_exact")
     params = estimator.Params()

@@ -90,8 +90,9 @@ def test_scores_are_if_lissa_on_the_nearest_neighbours(problem, lissa, features,
         nonzero = set(np.flatnonzero(out.scores[j]))
         assert nonzero == want[j]
         cols = sorted(want[j])
-        np.testing.assert_array_equal(out.scores[j, cols], lissa.scores[j, cols])
-    np.testing.assert_array_equal(out.self_influence, lissa.self_influence)
+        # the same products over fewer rows: BLAS may sum in another order (a last-bit difference)
+        np.testing.assert_allclose(out.scores[j, cols], lissa.scores[j, cols], rtol=1e-12, atol=0)
+    np.testing.assert_allclose(out.self_influence, lissa.self_influence, rtol=1e-12, atol=0)
 
 
 def test_recall_of_the_full_top_rows_grows_with_k(problem, lissa):

@@ -79,10 +79,10 @@ def jobs(stack: ChaosStack) -> Jobs:
     with stack.client() as client:
         train = builtin(client, "sklearn:digits", "train")["id"]
         cnn = {"name": "slow", "architecture": SLOW_NET}
-        # six checkpoints: several seconds of per-example gradients even on a fast core, so a scenario
+        # twelve checkpoints: several seconds of per-example gradients even on a fast core, so a scenario
         # can act while the job computes
-        cnn["checkpoints"] = [{"step": 10 * i, "learning_rate": 0.1} for i in range(6)]
-        slow = _model(client, cnn, _states("cnn", range(7)))
+        cnn["checkpoints"] = [{"step": 10 * i, "learning_rate": 0.1} for i in range(12)]
+        slow = _model(client, cnn, _states("cnn", range(13)))
         quick = _model(client, {"name": "quick", "architecture": DIGITS_MLP}, _states("mlp", range(1)))
         # Finite weights pass upload validation; 1e30 overflows float32 logits to inf, so the loss is NaN.
         nan = _model(client, {"name": "nan", "architecture": DIGITS_MLP}, _states("mlp", range(1), 1e30))

@@ -247,7 +247,10 @@ def _artifact(
 
 
 def _offset(page_token: str | None) -> int:
-    """The position an offset-paged listing resumes at (0 without a token)."""
+    """The position a results listing resumes at (0 without a token).
+
+    Positions suit results where CONVENTIONS' cursors suit tables: a finished job's result never
+    changes, so no row shifts between pages."""
     if not page_token:
         return 0
     (offset,) = decode_token(page_token, int)

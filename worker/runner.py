@@ -224,13 +224,21 @@ def run_job(settings: Settings, job_id: str, worker_id: str) -> str:
             raise
         return "failed"
     if isinstance(outcome, list):  # shard plans: hand the job over to its shards
-        return "fanned-out" if shards_service.fan_out(settings, claim, outcome) else "lease-lost"
+        return _hand_over(settings, claim, outcome, reporter.last_progress)
     write, progress = outcome
     return (
         "succeeded"
         if jobs_service.finish(settings, claim, "succeeded", write=write, progress=progress)
         else "lease-lost"
     )
+
+
+def _hand_over(settings: Settings, claim, plans: list, progress: dict | None) -> str:
+    """Fan the job out to its shards; a job cancelled since its last heartbeat ends cancelled instead."""
+    if shards_service.fan_out(settings, claim, plans):
+        return "fanned-out"
+    cancelled = jobs_service.finish(settings, claim, "cancelled", progress=progress)  # fenced by attempt
+    return "cancelled" if cancelled else "lease-lost"
 
 
 def run_shard(settings: Settings, shard_id: str, worker_id: str) -> str:
@@ -287,9 +295,17 @@ def run_shard(settings: Settings, shard_id: str, worker_id: str) -> str:
     )
 
 
+# Keys the merge's npz files use for themselves (np.savez's own arguments among them): a shard's
+# measurement by one of these names would overwrite them or make np.savez raise.
+_MERGE_KEYS = frozenset({"__info__", "file", "allow_pickle", *subset_outputs.RESERVED})
+
+
 def _store_subsets(store: ArtifactStore, out: sandbox.Outputs, rows: int) -> str:
     """A retraining shard's measurements (``rows`` subsets each) as one npz, for finalize."""
-    arrays = {name: out.rows(f"subset.{name}", rows) for name in out.names("subsets")}
+    names = out.names("subsets")
+    if taken := sorted(_MERGE_KEYS.intersection(names)):
+        raise sandbox.invalid_output(f"a retraining shard named measurements {taken}: the merge's own keys")
+    arrays = {name: out.rows(f"subset.{name}", rows) for name in names}
     if not arrays:
         raise sandbox.invalid_output("a retraining shard returned no measurements")
     info = out.mapping("info")
@@ -314,7 +330,7 @@ def finalize_job(settings: Settings, job_id: str) -> str:
     except Cancelled:  # requested while a retraining estimate ran in its child
         stored = jobs_service.finish(settings, claim, "cancelled", progress=reporter.last_progress)
         return "cancelled" if stored else "skipped"
-    except (ProblemError, EstimatorError) as exc:  # deterministic: a re-published finalize would fail again
+    except (ProblemError, EstimatorError) as exc:  # input, numerics or child limits: failed as run_job does
         stored = jobs_service.finish(settings, claim, "failed", error=_problem_for(exc))
         return "failed" if stored else "skipped"
     stored = jobs_service.finish(settings, claim, "succeeded", write=write, progress=_done())

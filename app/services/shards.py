@@ -46,12 +46,19 @@ def _plan(shard: JobShard) -> ShardPlan:
 
 
 def fan_out(settings: Settings, claim: Claim, plans: list[ShardPlan]) -> bool:
-    """Create the shard rows and hand the job over to them; False if this delivery lost the job."""
+    """Create the shard rows and hand the job over to them; False if this delivery lost the job or a
+    cancel was requested since its last heartbeat (shards never start for such a job, and a fanned-out
+    job has no lease for the sweeper to expire: handed over, it would stay running)."""
     now = utcnow()
     with session_scope(settings) as session:
         moved = session.execute(
             update(Job)
-            .where(Job.id == claim.job_id, Job.attempt == claim.attempt, Job.state == "running")
+            .where(
+                Job.id == claim.job_id,
+                Job.attempt == claim.attempt,
+                Job.state == "running",
+                Job.cancel_requested_at.is_(None),
+            )
             .values(
                 shards_total=len(plans),
                 shards_done=0,

@@ -207,6 +207,39 @@ def test_merges_of_a_fanned_out_job_are_capped(client, slow_job_body, integratio
     assert failed["error"]["type"].endswith("merge-failed") and str(limit) in failed["error"]["detail"]
 
 
+def test_a_cancel_requested_just_before_fan_out_ends_the_job_cancelled(
+    client, slow_job_body, integration_settings
+):
+    """A cancel that lands after the worker's last heartbeat but before the hand-over to shards: the
+    shards would never start (their claim refuses a cancelled job) and a fanned-out job has no lease to
+    expire, so a hand-over would leave it running for good. The job ends cancelled, with no shards."""
+    from datetime import timedelta
+
+    from sqlalchemy.orm import Session
+
+    from app.db.base import utcnow
+    from app.db.models import Job, JobShard
+    from app.estimators.sharding import ShardPlan
+    from app.services import jobs as jobs_service
+    from worker.runner import _hand_over
+
+    job = submit(client, slow_job_body).json()  # no worker consumes here
+    engine = create_engine(integration_settings.resolved_database_url)
+    with Session(engine) as session, session.begin():  # claimed by "this process", then cancelled
+        row = session.get(Job, job["id"])
+        row.state, row.attempt, row.worker_id = "running", 1, "w"
+        row.lease_expires_at = utcnow() + timedelta(minutes=5)
+    assert client.post(f"/v1/influence-jobs/{job['id']}/cancel").status_code == 202
+    plans = [ShardPlan(0, 0, 500, None), ShardPlan(1, 500, 1000, None)]
+    claim = jobs_service.Claim(job["id"], "influence", 1)
+    assert _hand_over(integration_settings, claim, plans, None) == "cancelled"
+    with engine.connect() as conn:
+        n_shards = conn.scalar(select(func.count()).select_from(JobShard).where(JobShard.job_id == job["id"]))
+    engine.dispose()
+    assert n_shards == 0
+    assert client.get(f"/v1/influence-jobs/{job['id']}").json()["state"] == "cancelled"
+
+
 def test_a_job_whose_worker_is_lost_on_every_attempt_fails_with_worker_lost(
     client, slow_job_body, integration_settings
 ):

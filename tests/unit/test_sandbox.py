@@ -643,3 +643,19 @@ def test_the_task_process_never_loads_tenant_tensors():
     }
     assert called & forbidden == set()
     assert "plan" in called and "merge_shards" in called  # what the merge does here: sizes and arrays
+
+
+@pytest.mark.parametrize("name", ["allow_pickle", "file", "info", "masks"])
+def test_a_shard_cannot_name_its_measurements_after_the_merge_keys(settings, tmp_path, name):
+    """np.savez takes ``file`` and ``allow_pickle`` as its own arguments and the merged npz keeps
+    ``info``, ``masks`` and ``seeds``: such a name is an invalid output, not a merge that fails later."""
+    from app.storage.artifacts import ArtifactStore
+    from worker.runner import _store_subsets
+
+    (tmp_path / "meta.json").write_text(json.dumps({"subsets": [name, "loss"], "info": {}}))
+    for stored in (name, "loss"):
+        np.save(tmp_path / f"subset.{stored}.npy", np.zeros((2, 3)))
+    out = sandbox.Outputs(tmp_path, sandbox.Limits.from_settings(settings))
+    with pytest.raises(ProblemError) as excinfo:
+        _store_subsets(ArtifactStore(tmp_path / "artifacts"), out, 2)
+    assert excinfo.value.code == "invalid-output" and name in str(excinfo.value)

@@ -176,10 +176,14 @@ def migrate(direction: str, revision: str | None) -> None:
 
 @main.command()
 def sweep() -> None:
-    """One sweeper pass: re-queue expired leases and re-publish stale queued jobs (for cron)."""
-    from app.services.jobs import sweep as run_sweep
+    """One sweeper pass (for cron): re-queue expired leases, re-publish stale queued jobs and shards
+    and stuck merges of fanned-out jobs."""
+    from app.services import jobs, shards
 
-    click.echo(f"published {len(run_sweep(get_settings()))} job(s)")
+    settings = get_settings()
+    published = jobs.sweep(settings)
+    shard_ids, merges = shards.sweep(settings)
+    click.echo(f"published {len(published)} job(s), {len(shard_ids)} shard(s), {len(merges)} merge(s)")
 
 
 @main.command()

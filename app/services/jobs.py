@@ -322,29 +322,44 @@ def list_page(
 
 
 def request_cancel(session: Session, job: Job) -> Job:
-    """Queued jobs cancel at once; running ones are flagged and stop at the next batch."""
-    if job.state in ("succeeded", "failed"):
-        raise ProblemError(409, "job-finished", "Job already finished", f"the job is {job.state}")
-    now = utcnow()
-    if job.state == "queued":
-        session.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.state == "queued")
-            .values(state="cancelled", cancel_requested_at=now, finished_at=now, updated_at=now)
-        )
-    elif job.state == "running" and job.cancel_requested_at is None:
-        values: dict = {"cancel_requested_at": now, "updated_at": now}
-        if job.shards_total:  # fanned out: end it now; running shards see it at their next heartbeat
-            values.update(state="cancelled", finished_at=now)
-            session.execute(
-                update(JobShard)
-                .where(JobShard.job_id == job.id, JobShard.state == "queued")
-                .values(state="cancelled", updated_at=now)
-            )
-        session.execute(update(Job).where(Job.id == job.id, Job.state == "running").values(**values))
+    """Queued jobs cancel at once; running ones are flagged and stop at the next batch; a fanned-out
+    job ends at once (its running shards see it at their next heartbeat).
+
+    Each step is a compare-and-set on the row as it is now: a worker may claim the job or fan it out
+    after this request read it (a flag set on a job fanned out meanwhile would never be acted on), so a
+    step that matches nothing re-reads the job and takes the step its new state calls for.
+    """
+    for _ in range(3):  # queued -> running -> fanned out: at most two changes under our feet
+        if job.state in ("succeeded", "failed"):
+            raise ProblemError(409, "job-finished", "Job already finished", f"the job is {job.state}")
+        if job.state == "cancelled" or job.cancel_requested_at is not None or _cancel_step(session, job):
+            break
+        session.refresh(job)
     session.commit()
     session.refresh(job)
     return job
+
+
+def _cancel_step(session: Session, job: Job) -> bool:
+    """The cancel for the state ``job`` was read in, if the row is still in it."""
+    now = utcnow()
+    ended = {"state": "cancelled", "cancel_requested_at": now, "finished_at": now, "updated_at": now}
+    if job.state == "queued":
+        cancel = update(Job).where(Job.id == job.id, Job.state == "queued").values(**ended)
+        return session.execute(cancel).rowcount == 1
+    running = (Job.id == job.id, Job.state == "running", Job.cancel_requested_at.is_(None))
+    if not job.shards_total:
+        flag = update(Job).where(*running, Job.shards_total == 0)
+        flag = flag.values(cancel_requested_at=now, updated_at=now)
+        return session.execute(flag).rowcount == 1
+    if session.execute(update(Job).where(*running, Job.shards_total > 0).values(**ended)).rowcount != 1:
+        return False
+    session.execute(
+        update(JobShard)
+        .where(JobShard.job_id == job.id, JobShard.state == "queued")
+        .values(state="cancelled", updated_at=now)
+    )
+    return True
 
 
 def delete(session: Session, job: Job) -> None:
@@ -404,7 +419,13 @@ def heartbeat(settings: Settings, claim: Claim, progress: dict | None) -> bool:
     with session_scope(settings) as session:
         row = session.execute(
             update(Job)
-            .where(Job.id == claim.job_id, Job.attempt == claim.attempt, Job.state == "running")
+            # a fanned-out job has no lease: a heartbeat that lands after the hand-over must not give it one
+            .where(
+                Job.id == claim.job_id,
+                Job.attempt == claim.attempt,
+                Job.state == "running",
+                Job.shards_total == 0,
+            )
             .values(**values)
             .returning(Job.cancel_requested_at)
         ).first()

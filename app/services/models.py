@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from app.db.base import utcnow
 from app.db.models import Checkpoint, Dataset, Job, Model
 from app.estimators import EstimatorError, Recipe, TaskSpec, get_architecture, init_model
 from app.problems import FieldError, ProblemError, invalid_field
@@ -181,6 +182,7 @@ def create(
             train_dataset_id=dataset.id,
             spec={},
             max_attempts=settings.max_attempts,
+            enqueued_at=utcnow(),  # what the sweeper ages: a lost message is re-published after a while
         )
         session.add(job)
         session.flush()

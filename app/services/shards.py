@@ -218,14 +218,15 @@ def stop_job(settings: Settings, claim: ShardClaim, state: str, error: dict | No
     """A shard failed or saw a cancel: end the shard and the job, drop the job's other queued shards."""
     now = utcnow()
     with session_scope(settings) as session:
-        session.execute(
+        moved = session.execute(
             update(JobShard)
             .where(
                 JobShard.id == claim.shard_id, JobShard.attempt == claim.attempt, JobShard.state == "running"
             )
             .values(state=state, finished_at=now, lease_expires_at=None, updated_at=now)
-        )
-        _end_job(session, claim.job_id, state, error, now)
+        ).rowcount
+        if moved:  # a late delivery whose shard was handed to another attempt ends nothing
+            _end_job(session, claim.job_id, state, error, now)
 
 
 def _end_job(session, job_id: str, state: str, error: dict | None, now) -> None:
@@ -335,7 +336,9 @@ def sweep(settings: Settings) -> tuple[list[str], list[str]]:
                 ).rowcount:
                     shards_out.append(shard_id)
             else:
-                session.execute(update(JobShard).where(guard).values(state="failed", finished_at=now))
+                failed = update(JobShard).where(guard).values(state="failed", finished_at=now)
+                if not session.execute(failed).rowcount:
+                    continue  # the shard completed since the select: its job stands
                 problem = ProblemError(
                     500,
                     "worker-lost",

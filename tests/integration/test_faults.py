@@ -267,3 +267,111 @@ def test_a_job_whose_worker_is_lost_on_every_attempt_fails_with_worker_lost(
     assert failed["state"] == "failed", failed
     assert failed["error"]["type"].endswith("worker-lost")
     assert f"on all {limit} attempts" in failed["error"]["detail"]
+
+
+def _fanned_out(engine, job_id: str, shard_attempt: int = 1) -> None:
+    """What fan_out commits: the job hands its lease over to two shards, the first one running."""
+    from sqlalchemy.orm import Session
+
+    from app.db.models import Job, JobShard
+
+    with Session(engine) as session, session.begin():
+        row = session.get(Job, job_id)
+        row.state, row.attempt, row.shards_total, row.shards_done, row.lease_expires_at = (
+            "running",
+            1,
+            2,
+            0,
+            None,
+        )
+        session.add_all(
+            [
+                JobShard(
+                    job_id=job_id, index=0, train_lo=0, train_hi=500, state="running", attempt=shard_attempt
+                ),
+                JobShard(job_id=job_id, index=1, train_lo=500, train_hi=1000, state="queued"),
+            ]
+        )
+
+
+def test_a_cancel_that_read_the_job_before_its_fan_out_ends_it(client, slow_job_body, integration_settings):
+    """The API reads a running job that has not fanned out; the worker fans it out before the cancel
+    writes: the cancel must end the fanned-out job (a bare flag would never be acted on)."""
+    from sqlalchemy.orm import Session
+
+    from app.db.models import Job, JobShard
+    from app.services import jobs as jobs_service
+
+    job_id = submit(client, slow_job_body).json()["id"]  # no worker consumes here
+    engine = create_engine(integration_settings.resolved_database_url)
+    with Session(engine) as session, session.begin():
+        session.get(Job, job_id).state = "running"
+    with Session(engine) as api:
+        read = api.get(Job, job_id)  # what the cancel request saw: running, not fanned out
+        assert read.state == "running" and read.shards_total == 0
+        _fanned_out(engine, job_id)
+        assert jobs_service.request_cancel(api, read).state == "cancelled"
+    with engine.connect() as conn:
+        shards = conn.execute(select(JobShard.index, JobShard.state).where(JobShard.job_id == job_id)).all()
+    engine.dispose()
+    assert sorted(shards) == [(0, "running"), (1, "cancelled")]  # the running one sees it at its heartbeat
+
+
+def test_late_deliveries_of_a_fanned_out_job_change_nothing(client, slow_job_body, integration_settings):
+    """After the hand-over, the job's last heartbeat must not give it a lease again, and a shard attempt
+    that was superseded by a re-run must not end the job when it fails."""
+    from app.db.models import Job, JobShard
+    from app.estimators.sharding import ShardPlan
+    from app.services import jobs as jobs_service
+    from app.services import shards as shards_service
+
+    job_id = submit(client, slow_job_body).json()["id"]  # no worker consumes here
+    engine = create_engine(integration_settings.resolved_database_url)
+    _fanned_out(engine, job_id, shard_attempt=2)
+    with pytest.raises(jobs_service.LeaseLost):
+        jobs_service.heartbeat(integration_settings, jobs_service.Claim(job_id, "influence", 1), None)
+    with engine.connect() as conn:
+        shard_id = conn.scalar(select(JobShard.id).where(JobShard.job_id == job_id, JobShard.index == 0))
+    stale = shards_service.ShardClaim(shard_id, job_id, 1, ShardPlan(0, 0, 500, None))
+    shards_service.stop_job(integration_settings, stale, "failed", {"code": "internal-error"})
+    with engine.connect() as conn:
+        job = conn.execute(select(Job.state, Job.lease_expires_at).where(Job.id == job_id)).one()
+        shards = conn.execute(select(JobShard.index, JobShard.state).where(JobShard.job_id == job_id)).all()
+    with engine.begin() as conn:  # leave nothing running for the sweepers
+        conn.execute(Job.__table__.update().where(Job.id == job_id).values(state="cancelled"))
+    engine.dispose()
+    assert tuple(job) == ("running", None)
+    assert sorted(shards) == [(0, "running"), (1, "queued")]
+
+
+def test_a_training_job_whose_message_was_lost_is_republished(client, integration_settings):
+    """Training jobs are aged by the sweeper like influence jobs (they were created without enqueued_at,
+    so a lost message left them queued until an API process restarted)."""
+    from datetime import timedelta
+
+    from app.db.base import utcnow
+    from app.db.models import Job
+    from app.services import jobs as jobs_service
+
+    train = builtin(client, "sklearn:breast_cancer")
+    spec = {
+        "name": "lost-message",
+        "architecture": {"name": "linear", "params": {"in_features": 30, "num_classes": 2}},
+        "recipe": {"epochs": 1},
+        "train_dataset_id": train["id"],
+    }
+    model = register_model(client, spec)
+    assert model.status_code == 201, model.text
+    job_id = model.json()["training_job_id"]
+    engine = create_engine(integration_settings.resolved_database_url)
+    long_ago = utcnow() - timedelta(seconds=10 * integration_settings.requeue_queued_after_seconds)
+    with engine.begin() as conn:
+        assert conn.scalar(select(Job.enqueued_at).where(Job.id == job_id)) is not None
+        conn.execute(Job.__table__.update().where(Job.id == job_id).values(enqueued_at=long_ago))
+    published = jobs_service.sweep(integration_settings)
+    with engine.begin() as conn:  # no worker here: end it so no later module's worker trains it
+        # the API server's own sweeper (every second) may have re-published it first
+        refreshed = conn.scalar(select(Job.enqueued_at).where(Job.id == job_id)) > long_ago
+        conn.execute(Job.__table__.update().where(Job.id == job_id).values(state="cancelled"))
+    engine.dispose()
+    assert job_id in published or refreshed

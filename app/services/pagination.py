@@ -21,6 +21,9 @@ def encode_token(*values: Any) -> str:
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
+MAX_TOKEN_CHARS = 512  # ours hold a timestamp and an id, or a position: under 150 characters
+
+
 def _not_ours() -> Exception:
     return invalid_field("/page_token", "page_token is not a token this service issued")
 
@@ -29,10 +32,12 @@ def decode_token(token: str, *kinds: type) -> list[Any]:
     """The values of a token from :func:`encode_token`: exactly one per entry of ``kinds``, each of that
     type (``int`` excludes booleans; ``datetime`` is an ISO string with a time zone, returned parsed).
     A token of another listing, or made up, is a 422 naming ``/page_token``, never a 500."""
+    if len(token) > MAX_TOKEN_CHARS:
+        raise _not_ours()
     try:
         padded = token + "=" * (-len(token) % 4)
         values = json.loads(base64.urlsafe_b64decode(padded.encode()))
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: a made-up token of deeply nested brackets
         raise _not_ours() from None
     if not isinstance(values, list) or len(values) != len(kinds):
         raise _not_ours()

@@ -10,11 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from sqlalchemy.exc import IntegrityError
 
+from app import estimators
 from app.db.models import TrainStateEntry
 from app.db.session import retry_transaction
 from app.estimators import Estimator
@@ -22,11 +24,25 @@ from app.settings import Settings
 from app.storage.artifacts import ArtifactStore, StoredArtifact
 
 
+@cache
 def code_version() -> str:
+    """The package version and a digest of the estimator library's source.
+
+    Cached states and retrained outputs are what this code computed: a deploy that changes a fit
+    must miss them, and the package version alone rarely moves between deploys."""
     try:
-        return version("influence-service")
+        package = version("influence-service")
     except PackageNotFoundError:  # running from a source tree that is not installed
-        return "source"
+        package = "source"
+    return f"{package}+{source_digest(Path(estimators.__file__).parent)}"
+
+
+def source_digest(root: Path) -> str:
+    """A digest of the names and contents of the ``.py`` files under ``root``."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def has_train_state(estimator: Estimator) -> bool:

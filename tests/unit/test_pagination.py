@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from datetime import UTC, datetime
 
 import pytest
@@ -29,6 +30,9 @@ def test_round_trip():
         (encode_token(2**63), (int,)),
         (encode_token("3"), (int,)),
         (encode_token(3), ()),
+        (base64.urlsafe_b64encode(b"[" * 1000).decode(), (int,)),  # json.loads: RecursionError
+        (base64.urlsafe_b64encode(b"[" * 300).decode(), (int,)),  # short enough to be parsed
+        (encode_token("x" * 600), (str,)),  # longer than any token this service issues
     ],
 )
 def test_foreign_or_made_up_tokens_are_422(token, kinds):

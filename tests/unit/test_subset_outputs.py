@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import app.estimators
 from app.estimators import EstimatorError, InfluenceProblem, Recipe, TaskSpec, get_estimator, init_model
 from app.estimators.sharding import ShardPlan
 from app.estimators.valuation import (
@@ -267,3 +269,18 @@ def test_recipe_defaults_follow_the_model():
         Downsampling().subset_spec({"seed_per_mask": True}, model_recipe=None, weight_decay=0).train_seed
         is None
     )
+
+
+def test_the_code_version_follows_the_estimator_source(tmp_path):
+    """Cache keys carry a digest of app/estimators: editing a fit, or adding a module, makes a new key
+    even when the package version stays."""
+    from app.services.train_state import code_version, source_digest
+
+    (tmp_path / "methods").mkdir()
+    (tmp_path / "methods" / "m.py").write_text("SCALE = 1\n")
+    first = source_digest(tmp_path)
+    (tmp_path / "methods" / "m.py").write_text("SCALE = 2\n")
+    edited = source_digest(tmp_path)
+    (tmp_path / "extra.py").write_text("")
+    assert len({first, edited, source_digest(tmp_path)}) == 3
+    assert code_version().endswith("+" + source_digest(Path(app.estimators.__file__).parent))

@@ -209,7 +209,7 @@ def get_result(session: Session, job: Job) -> InfluenceResult:
 
 def train_ids(session: Session, store: ArtifactStore, job: Job) -> np.ndarray | None:
     dataset = session.get(Dataset, job.train_dataset_id)
-    return store.load_npz(dataset.uri).get("ids") if dataset.has_ids else None
+    return store.load_npz(dataset.uri, keys=("ids",)).get("ids") if dataset.has_ids else None
 
 
 def values_page(

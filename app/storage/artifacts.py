@@ -131,7 +131,8 @@ class ArtifactStore:
             raise ValueError(f"artifact URI escapes the store: {uri!r}")
         return path
 
-    def load_npz(self, uri: str) -> dict[str, np.ndarray]:
-        """Our own artifacts only (written by put_npz); still never unpickles."""
+    def load_npz(self, uri: str, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """Our own artifacts only (written by put_npz); still never unpickles. ``keys``: only those
+        members are read (a dataset's ids without its features)."""
         with np.load(self.path(uri), allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
+            return {key: data[key] for key in data.files if keys is None or key in keys}

@@ -740,3 +740,20 @@ def test_streamed_safetensors_download_reads_back_with_safetensors(tmp_path, arr
         assert opened.metadata() == metadata and list(opened.keys()) == ["scores"]
         back = opened.get_tensor("scores")
     assert back.dtype == array.dtype and back.shape == array.shape and np.array_equal(back, array)
+
+
+def test_a_stored_datasets_ids_are_read_without_its_features(tmp_path, monkeypatch):
+    """GET /values pages need the training ids: reading them must not decompress X (up to the upload cap)."""
+    from app.storage.artifacts import ArtifactStore
+
+    store = ArtifactStore(tmp_path)
+    stored = store.put_npz(X=np.ones((1000, 64), np.float32), y=np.zeros(1000, np.int64), ids=np.arange(1000))
+    read: list[str] = []
+    real = np.lib.npyio.NpzFile.__getitem__
+    monkeypatch.setattr(
+        np.lib.npyio.NpzFile, "__getitem__", lambda self, key: read.append(key) or real(self, key)
+    )
+    only = store.load_npz(stored.uri, keys=("ids",))
+    assert list(only) == ["ids"] and read == ["ids"]
+    np.testing.assert_array_equal(only["ids"], np.arange(1000))
+    assert sorted(store.load_npz(stored.uri)) == ["X", "ids", "y"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
@@ -215,20 +216,28 @@ def add_checkpoint(
     upload: WeightsUpload,
     meta: CheckpointMeta,
 ) -> Checkpoint:
+    taken = ProblemError(
+        409, "conflict", "Checkpoint exists", f"model already has a checkpoint at step {meta.step}"
+    )
     if any(c.step == meta.step for c in model.checkpoints):
-        raise ProblemError(
-            409, "conflict", "Checkpoint exists", f"model already has a checkpoint at step {meta.step}"
-        )
+        raise taken
     _check_state(build_model(model), _read_weights(upload, settings), upload.pointer)
     size_bytes = upload.path.stat().st_size
-    tenants.reserve_storage(session, owner.tenant_id, owner.limits, size_bytes)
+    tenants.reserve_storage(session, owner.tenant_id, owner.limits, size_bytes)  # locks the tenant row
+    # again under the lock: an upload at the same step that passed the check above has committed now
+    same_step = select(Checkpoint.id).where(Checkpoint.model_id == model.id, Checkpoint.step == meta.step)
+    if session.scalar(same_step) is not None:
+        raise taken
     stored = store.commit(upload.path, ".safetensors", upload.sha256)
     model.size_bytes += size_bytes
     checkpoint = Checkpoint(
         step=meta.step, learning_rate=meta.learning_rate, uri=stored.uri, sha256=stored.sha256
     )
     model.checkpoints.append(checkpoint)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:  # SQLite has no row lock: the unique (model, step) index decides
+        raise taken from None
     return checkpoint
 
 

@@ -179,6 +179,43 @@ def test_two_patches_matching_the_same_etag_cannot_both_win(world, integration_s
     assert unconditional.status_code == 200 and unconditional.headers["etag"] != renamed.headers["etag"]
 
 
+def test_two_uploads_at_the_same_step_give_one_checkpoint_and_a_409(world, integration_settings, tmp_path):
+    """Both pass the duplicate check on the model they read; the second re-checks under the tenant lock
+    that orders them and answers 409 (the unique index refused its insert with a 500 before)."""
+    from app.db.models import Model, Tenant
+    from app.db.session import session_scope
+    from app.problems import ProblemError
+    from app.schemas.models import CheckpointMeta
+    from app.services import api_keys, tenants
+    from app.services import models as models_service
+    from app.storage.artifacts import ArtifactStore
+
+    client, _, _ = world
+    model = _model(client, "same-step")
+    store = ArtifactStore(integration_settings.resolved_artifact_dir)
+    with session_scope(integration_settings) as slow:
+        read_by_slow = slow.get(Model, model["id"])
+        assert read_by_slow.checkpoints == []  # what the slow upload checked
+        files = {"file": ("c.safetensors", save_tensors(_weights(1)), "application/octet-stream")}
+        fast = client.post(f"/v1/models/{model['id']}/checkpoints", files=files, data={"step": "5"})
+        assert fast.status_code == 201, fast.text
+        staged = tmp_path / "c.safetensors"
+        staged.write_bytes(save_tensors(_weights(2)))
+        upload = models_service.WeightsUpload(staged, "0" * 64, "/file")
+        tenant = slow.get(Tenant, read_by_slow.tenant_id)
+        owner = api_keys.Principal(
+            tenant.id, "k", frozenset({"write"}), tenants.effective_limits(integration_settings, tenant)
+        )
+        with pytest.raises(ProblemError) as refused:
+            models_service.add_checkpoint(
+                slow, store, integration_settings, owner, read_by_slow, upload, CheckpointMeta(step=5)
+            )
+        slow.rollback()
+    assert refused.value.status == 409 and refused.value.code == "conflict"
+    listed = client.get(f"/v1/models/{model['id']}/checkpoints").json()["items"]
+    assert [c["step"] for c in listed] == [5]
+
+
 def test_delete_model_with_a_queued_job_is_409(world):
     client, train, _ = world
     model = _model(client, "busy")

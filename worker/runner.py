@@ -597,13 +597,16 @@ def _prepare(settings: Settings, store: ArtifactStore, job_id: str) -> _Job:
             if reuse.lds is not None
             else None
         ),
+        # Hessian-order group terms need the whole training set in the task that scores (a train-row
+        # split is refused at submit), and a merge has no group scores: such a job runs as one task,
+        # its LDS subsets included.
         "sharding": {
             "subsets_per_shard": execution.get("subsets_per_shard"),
-            "train_shard_size": None
-            if hessian_groups  # the group terms need the whole training set (checked at submit)
-            else execution.get("train_shard_size") or settings.train_shard_size or None,
+            "train_shard_size": execution.get("train_shard_size") or settings.train_shard_size or None,
             "by_checkpoint": bool(execution.get("shard_by_checkpoint")),
-        },
+        }
+        if not hessian_groups
+        else {"subsets_per_shard": None, "train_shard_size": None, "by_checkpoint": False},
     }
     return _Job(
         loaded,

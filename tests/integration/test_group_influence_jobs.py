@@ -109,6 +109,22 @@ def test_hessian_orders_equal_the_library(cancer, integration_settings, estimato
     assert not np.allclose(matrix[:, -1], first[:, -1], rtol=1e-3)  # the quarter's interactions count
 
 
+def test_hessian_orders_with_a_split_lds_evaluation_run_as_one_task(cancer):
+    """LDS subsets split over shards would fan the job out, and a merge has no Hessian-order group
+    scores: the job runs as one task instead, with the same groups and its LDS."""
+    client, train, test, model = cancer
+    groups = _groups(train["n_examples"])
+    method = {"name": "if_exact", "params": {"damping": 0.001}}
+    plain = _run(client, _body(model, train, test, method, groups, "second"))
+    extra = {"evaluation": {"lds": {"n_masks": 6}}, "execution": {"subsets_per_shard": 2}}
+    evaluated = _run(client, _body(model, train, test, method, groups, "second", **extra))
+    details = client.get(f"/v1/influence-jobs/{evaluated['id']}/results").json()["details"]
+    assert not details.get("shards") and len(details["quality"]["lds"]["per_query"]) == 5
+    np.testing.assert_allclose(
+        _group_matrix(client, evaluated["id"])[1], _group_matrix(client, plain["id"])[1], rtol=1e-10
+    )
+
+
 def test_groups_are_validated_at_submit(cancer):
     client, train, test, model = cancer
     catalog = {e["name"]: e["group_orders"] for e in client.get("/v1/estimators").json()}

@@ -399,8 +399,17 @@ def shard(payload: dict, inputs: dict[str, Path], out: Path, progress: ProgressC
         state=state,
         train_range=(plan["train_lo"], plan["train_hi"]),
     )
-    _save_arrays(out, scores=attribution.scores, self_influence=attribution.self_influence)
-    return {"state": state_meta, "compute_seconds": round(time.perf_counter() - started, 4)}
+    _save_arrays(
+        out,
+        scores=attribution.scores,
+        self_influence=attribution.self_influence,
+        scores_stderr=attribution.scores_stderr,
+    )
+    return {
+        "state": state_meta,
+        "metadata": plain(attribution.metadata),
+        "compute_seconds": round(time.perf_counter() - started, 4),
+    }
 
 
 def training(payload: dict, inputs: dict[str, Path], out: Path, progress: ProgressCallback) -> dict:

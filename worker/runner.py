@@ -41,7 +41,7 @@ from app.estimators import (
     get_estimator,
     init_model,
 )
-from app.estimators.sharding import merge_shards
+from app.estimators.sharding import merge_metadata, merge_shards
 from app.estimators.valuation import (
     SOLVERS,
     LDSParams,
@@ -266,6 +266,7 @@ def run_shard(settings: Settings, shard_id: str, worker_id: str) -> str:
             with sandbox.acquire(settings) as box:
                 out = box.run("worker.compute:shard", payload, job.inputs, reporter)
                 seconds = out.number("compute_seconds")
+                details = stderr_uri = None
                 if plan.kind in ("subsets", "lds"):
                     scores_uri, self_uri = _store_subsets(store, out, plan.train_hi - plan.train_lo), None
                 else:
@@ -273,8 +274,11 @@ def run_shard(settings: Settings, shard_id: str, worker_id: str) -> str:
                     width = plan.train_hi - plan.train_lo
                     scores = out.optional_array("scores", (job.n_query, width), job.parameter)
                     self_influence = out.optional_array("self_influence", (width,), job.parameter)
+                    stderr = out.optional_array("scores_stderr", (job.n_query, width), job.parameter)
                     scores_uri = store.put_npy(scores).uri if scores is not None else None
                     self_uri = store.put_npy(self_influence).uri if self_influence is not None else None
+                    stderr_uri = store.put_npy(stderr).uri if stderr is not None else None
+                    details = dict(out.mapping("metadata"))
             reporter.check()
     except jobs_service.LeaseLost:
         return "lease-lost"
@@ -288,11 +292,8 @@ def run_shard(settings: Settings, shard_id: str, worker_id: str) -> str:
         if not isinstance(exc, Exception):
             raise
         return "failed"
-    return (
-        "succeeded"
-        if shards_service.complete(settings, claim, scores_uri, self_uri, seconds)
-        else "lease-lost"
-    )
+    completed = shards_service.complete(settings, claim, scores_uri, self_uri, seconds, details, stderr_uri)
+    return "succeeded" if completed else "lease-lost"
 
 
 # Keys the merge's npz files use for themselves (np.savez's own arguments among them): a shard's
@@ -380,6 +381,11 @@ def _merge(settings: Settings, claim, parts: list, reporter: Reporter) -> object
         scores, self_influence = merge_shards(
             job.n_query, job.n_train, ((p.plan, load(p.scores_uri), load(p.self_uri)) for p in parts)
         )
+        if all(p.stderr_uri and p.plan.checkpoint_indices is None for p in parts):  # columns, not sums
+            scores_stderr, _ = merge_shards(
+                job.n_query, job.n_train, ((p.plan, load(p.stderr_uri), None) for p in parts)
+            )
+        details = {**merge_metadata([p.details or {} for p in parts]), **details}
     if job.reuse.lds is not None:
         trained = None
         if lds_parts:

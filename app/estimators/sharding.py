@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -73,3 +74,27 @@ def merge_shards(
                 self_influence = np.zeros(n_train, dtype=part_self.dtype)
             self_influence[cols] += part_self
     return scores, self_influence
+
+
+def merge_metadata(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One metadata dict for a job from its row shards' (each ran the method on its own columns).
+
+    A value every shard reports alike is kept. Otherwise: ``warnings`` become the union in first-seen
+    order; flags (``cg_converged``) hold only if they hold in every shard; numbers (residuals,
+    iteration counts, errors) take the worst, the largest; anything else keeps every shard's value,
+    in shard order, so nothing a shard reported is lost.
+    """
+    merged: dict[str, Any] = {}
+    for key in dict.fromkeys(k for part in parts for k in part):
+        values = [part[key] for part in parts if key in part]
+        if all(v == values[0] for v in values):
+            merged[key] = values[0]
+        elif key == "warnings" and all(isinstance(v, list) for v in values):
+            merged[key] = list(dict.fromkeys(w for v in values for w in v))
+        elif all(isinstance(v, bool) for v in values):
+            merged[key] = all(values)
+        elif all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            merged[key] = max(values)
+        else:
+            merged[key] = {"per_shard": values}
+    return merged

@@ -30,6 +30,8 @@ class ShardOutput:
     scores_uri: str | None
     self_uri: str | None
     compute_seconds: float | None
+    details: dict | None = None
+    stderr_uri: str | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,8 @@ def complete(
     scores_uri: str | None,
     self_uri: str | None,
     compute_seconds: float,
+    details: dict | None = None,
+    stderr_uri: str | None = None,
 ) -> bool:
     """Record the partial result and count it; the last shard publishes finalize. False: lease lost.
 
@@ -183,6 +187,8 @@ def complete(
                 scores_uri=scores_uri,
                 self_influence_uri=self_uri,
                 compute_seconds=compute_seconds,
+                details=details,
+                scores_stderr_uri=stderr_uri,
                 updated_at=now,
             )
         ).rowcount
@@ -283,7 +289,15 @@ def finalize_claim(settings: Settings, job_id: str) -> tuple[Claim, list[ShardOu
             if moved != 1:
                 return None
             outputs = [
-                ShardOutput(_plan(s), s.scores_uri, s.self_influence_uri, s.compute_seconds) for s in shards
+                ShardOutput(
+                    _plan(s),
+                    s.scores_uri,
+                    s.self_influence_uri,
+                    s.compute_seconds,
+                    s.details,
+                    s.scores_stderr_uri,
+                )
+                for s in shards
             ]
             return claim, outputs
     problem = ProblemError(

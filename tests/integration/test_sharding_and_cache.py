@@ -45,7 +45,22 @@ def _run(client, body) -> dict:
 FASTIF = {"damping": 0.3, "scale": 20.0, "depth": 200, "k_candidates": 100}  # candidates straddle shards
 
 
-@pytest.mark.parametrize(("method", "params"), [("tracincp", {}), ("grad_dot", {}), ("fastif", FASTIF)])
+# what the worker adds to a single task's details besides the estimator's metadata
+RUNNER_DETAILS = {
+    "compute_seconds",
+    "device",
+    "chunk_size",
+    "model_weights_sha256",
+    "train_dataset_sha256",
+    "n_checkpoints",
+    "torch_version",
+    "train_state",
+}
+
+
+@pytest.mark.parametrize(
+    ("method", "params"), [("tracincp", {}), ("grad_dot", {}), ("fastif", FASTIF), ("datainf", {})]
+)
 def test_sharded_equals_unsharded(setup, method, params):
     client, train, test, model = setup
     body = {
@@ -70,7 +85,13 @@ def test_sharded_equals_unsharded(setup, method, params):
     import io
 
     np.testing.assert_allclose(np.load(io.BytesIO(self_sharded)), np.load(io.BytesIO(self_whole)), rtol=1e-5)
-    whole_items = client.get(f"/v1/influence-jobs/{whole['id']}/results").json()["items"]
+    whole_results = client.get(f"/v1/influence-jobs/{whole['id']}/results").json()
+    whole_items = whole_results["items"]
+    metadata = set(whole_results["details"]) - RUNNER_DETAILS  # the estimator's: reported when sharded too
+    assert metadata <= set(results["details"]), metadata - set(results["details"])
+    assert results["details"].get("warnings") == whole_results["details"].get("warnings")
+    if method == "datainf":  # its layer-size warning (digits MLP layers are large)
+        assert results["details"]["warnings"]
     assert [[p["train_index"] for p in i["proponents"]] for i in results["items"]] == [
         [p["train_index"] for p in i["proponents"]] for i in whole_items
     ]

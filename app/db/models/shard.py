@@ -39,6 +39,9 @@ class JobShard(IdMixin, TimestampMixin, Base):
     scores_uri: Mapped[str | None] = mapped_column(String(500))
     self_influence_uri: Mapped[str | None] = mapped_column(String(500))
     compute_seconds: Mapped[float | None] = mapped_column()
+    # a row shard's estimator metadata (warnings, solver convergence, ...) and score standard errors
+    details: Mapped[dict | None] = mapped_column()
+    scores_stderr_uri: Mapped[str | None] = mapped_column(String(500))
 
 
 class TrainStateEntry(TimestampMixin, Base):

@@ -493,8 +493,29 @@ def _count_non_finite(a: np.ndarray) -> int:
     return int(a.size - np.count_nonzero(np.isfinite(a)))
 
 
+def _check_stored_size(n_features: int, n: int, has_ids: bool, max_bytes: int, pointer: str) -> None:
+    """A dataset is stored as float32 features and 8-byte labels and ids: int8 features upload at a
+    quarter of their stored size, so the limit applies to the stored form too (and bounds the copies
+    made while converting and storing it)."""
+    stored = 4 * n_features + 8 * n * (2 if has_ids else 1)
+    if stored > max_bytes:
+        raise _problem(
+            413,
+            "too-large",
+            pointer,
+            f"Stored as float32 features and 64-bit labels{' and ids' if has_ids else ''}, the dataset "
+            f"takes {stored} bytes; the limit is {max_bytes} bytes.",
+        )
+
+
 def _finish_dataset(
-    x: np.ndarray, y: np.ndarray, ids: np.ndarray | None, pointer: str, *, names: tuple[str, str, str]
+    x: np.ndarray,
+    y: np.ndarray,
+    ids: np.ndarray | None,
+    pointer: str,
+    *,
+    names: tuple[str, str, str],
+    max_bytes: int,
 ) -> ArrayDataset:
     """Shape, dtype and value checks shared by every dataset format."""
     xn, yn, idn = names
@@ -515,6 +536,7 @@ def _finish_dataset(
         raise _problem(422, "shape-mismatch", pointer, f"{xn} has {n} rows but {yn} has {y.shape[0]} labels.")
     if 0 in x.shape[1:]:
         raise _problem(422, "shape-mismatch", pointer, f"{xn} has no features (shape {list(x.shape)}).")
+    _check_stored_size(x.size, n, ids is not None, max_bytes, pointer)
 
     with np.errstate(over="ignore", invalid="ignore"):
         x32 = x.astype(np.float32, copy=False)
@@ -738,14 +760,21 @@ def _read_npz(path: str | os.PathLike[str], size: int, pointer: str, max_bytes: 
                 for info in infos
             }
     return _finish_dataset(
-        arrays["X"], arrays["y"], arrays.get("ids"), pointer, names=("X.npy", "y.npy", "ids.npy")
+        arrays["X"],
+        arrays["y"],
+        arrays.get("ids"),
+        pointer,
+        names=("X.npy", "y.npy", "ids.npy"),
+        max_bytes=max_bytes,
     )
 
 
 # --- datasets: safetensors ------------------------------------------------------
 
 
-def _read_safetensors_dataset(path: str | os.PathLike[str], size: int, pointer: str) -> ArrayDataset:
+def _read_safetensors_dataset(
+    path: str | os.PathLike[str], size: int, pointer: str, max_bytes: int
+) -> ArrayDataset:
     specs = validate_safetensors(path, size, pointer, _ST_DATASET_DTYPES)
     unexpected = sorted(set(specs) - set(_ST_DATASET_TENSORS))
     if unexpected:
@@ -766,7 +795,9 @@ def _read_safetensors_dataset(path: str | os.PathLike[str], size: int, pointer: 
         raise _corrupt(pointer, f"The safetensors file could not be loaded ({exc}).") from exc
     if set(arrays) != set(specs):
         raise _corrupt(pointer, "The safetensors file changed while it was being read.")
-    return _finish_dataset(arrays["X"], arrays["y"], arrays.get("ids"), pointer, names=("X", "y", "ids"))
+    return _finish_dataset(
+        arrays["X"], arrays["y"], arrays.get("ids"), pointer, names=("X", "y", "ids"), max_bytes=max_bytes
+    )
 
 
 # --- datasets: parquet ----------------------------------------------------------
@@ -854,6 +885,7 @@ def _read_parquet(
             )
         if n == 0:
             raise _problem(422, "empty-dataset", pointer, "The dataset has no examples.")
+        _check_stored_size(n * len(features), n, id_column is not None, max_bytes, pointer)
 
         label_is_int = pa.types.is_integer(schema.field(label_column).type)
         x = np.empty((n, len(features)), dtype=np.float32)
@@ -897,6 +929,7 @@ def _read_parquet(
         ids,
         pointer,
         names=("The feature matrix", f"Label column {label_column!r}", f"Id column {id_column!r}"),
+        max_bytes=max_bytes,
     )
 
 
@@ -935,7 +968,7 @@ def read_dataset(
     if fmt == "safetensors":
         if kind != "safetensors":
             raise _corrupt(pointer, "The file is not a safetensors file.")
-        return _read_safetensors_dataset(path, size, pointer)
+        return _read_safetensors_dataset(path, size, pointer, max_bytes)
     return _read_parquet(path, pointer, max_bytes, label_column, id_column)
 
 

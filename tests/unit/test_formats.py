@@ -757,3 +757,24 @@ def test_a_stored_datasets_ids_are_read_without_its_features(tmp_path, monkeypat
     assert list(only) == ["ids"] and read == ["ids"]
     np.testing.assert_array_equal(only["ids"], np.arange(1000))
     assert sorted(store.load_npz(stored.uri)) == ["X", "ids", "y"]
+
+
+@pytest.mark.parametrize("fmt", ["npz", "safetensors", "parquet"])
+def test_the_limit_applies_to_the_stored_float32_form(tmp_path, fmt):
+    """int8 features upload at a quarter of their stored size: a file under the limit whose float32
+    form is over it is a 413 (before the conversion and the stored copy take several times the limit)."""
+    x = np.ones((1000, 100), np.int8)  # 100 kB uploaded, 400 kB stored
+    y = np.zeros(1000, np.int8)
+    path = tmp_path / f"d.{fmt}"
+    if fmt == "npz":
+        np.savez(path, X=x, y=y)
+    elif fmt == "safetensors":
+        safetensors.numpy.save_file({"X": x, "y": y}, str(path))
+    else:
+        columns = {f"f{i}": pa.array(x[:, i]) for i in range(x.shape[1])}
+        pq.write_table(pa.table({**columns, "label": pa.array(y)}), path)
+    assert path.stat().st_size < 200_000
+    with pytest.raises(ProblemError) as excinfo:
+        read_dataset(path, fmt, max_bytes=200_000)
+    assert excinfo.value.status == 413 and "float32" in excinfo.value.detail
+    assert read_dataset(path, fmt, max_bytes=500_000).x.dtype == np.float32  # stored form within it

@@ -177,10 +177,23 @@ def _etag(body: bytes) -> str:
     return 'W/"' + hashlib.sha256(body).hexdigest()[:32] + '"'
 
 
+def etag_listed(header: str | None, tag: str) -> bool:
+    """Whether an If-None-Match / If-Match value names ``tag``: ``*``, or a comma-separated list of
+    entity tags compared weakly (RFC 9110 8.8.3.2: ``W/"x"`` and ``"x"`` are the same tag). Our tags are
+    weak, so If-Match, which RFC 9110 compares strongly, accepts them weakly too: they are what a
+    client has to send."""
+    if header is None:
+        return False
+    if header.strip() == "*":
+        return True
+    opaque = tag.removeprefix("W/")
+    return any(candidate.strip().removeprefix("W/") == opaque for candidate in header.split(","))
+
+
 def conditional(request: Request, response: Response, model: BaseModel) -> BaseModel | Response:
     """Set ETag; answer 304 when the client already has this representation."""
     tag = etag_of(model)
-    if request.headers.get("if-none-match") == tag:
+    if etag_listed(request.headers.get("if-none-match"), tag):
         return Response(status_code=304, headers={"ETag": tag})
     response.headers["ETag"] = tag
     return model
@@ -197,7 +210,7 @@ def conditional_json(request: Request, model: BaseModel, headers: dict[str, str]
     """:func:`conditional` for routes that return their JSON themselves (serialised once)."""
     body = model.model_dump_json().encode()
     tag = _etag(body)
-    if request.headers.get("if-none-match") == tag:
+    if etag_listed(request.headers.get("if-none-match"), tag):
         return Response(status_code=304, headers={"ETag": tag, **headers})
     return Response(body, media_type="application/json", headers={"ETag": tag, **headers})
 
@@ -207,7 +220,7 @@ def require_match(request: Request, model: BaseModel) -> bool:
     was sent: the update must then also be fenced on the version read (a concurrent PATCH that
     matched the same ETag and committed first makes it 412 too)."""
     expected = request.headers.get("if-match")
-    if expected is not None and expected != etag_of(model):
+    if expected is not None and not etag_listed(expected, etag_of(model)):
         raise precondition_failed()
     return expected is not None
 

@@ -153,6 +153,12 @@ def test_patch_with_a_stale_if_match_is_412(world):
     # Nothing changed: the current ETag still matches.
     assert client.get(url).json()["name"] == "after"
     assert client.get(url, headers={"If-None-Match": current}).status_code == 304
+    # RFC 9110 forms: a list, the strong spelling (weak comparison) and "*"
+    for listed in (f"{stale}, {current}", current.removeprefix("W/"), "*"):
+        assert client.get(url, headers={"If-None-Match": listed}).status_code == 304, listed
+    assert client.get(url, headers={"If-None-Match": stale}).status_code == 200
+    star = client.patch(url, json={"name": "any-version"}, headers={"If-Match": "*"})
+    assert star.status_code == 200 and star.json()["name"] == "any-version"
 
 
 def test_two_patches_matching_the_same_etag_cannot_both_win(world, integration_settings):

@@ -206,10 +206,15 @@ def json_response(
     return Response(model.model_dump_json(), status_code, headers, media_type="application/json")
 
 
-def conditional_json(request: Request, model: BaseModel, headers: dict[str, str]) -> Response:
-    """:func:`conditional` for routes that return their JSON themselves (serialised once)."""
+def conditional_json(
+    request: Request, model: BaseModel, headers: dict[str, str], volatile: frozenset[str] = frozenset()
+) -> Response:
+    """:func:`conditional` for routes that return their JSON themselves (serialised once).
+
+    ``volatile`` fields are left out of the (weak) tag: a value that moves on every request, such as a
+    running job's duration, would otherwise never let a poll be answered 304."""
     body = model.model_dump_json().encode()
-    tag = _etag(body)
+    tag = _etag(model.model_dump_json(exclude=set(volatile)).encode() if volatile else body)
     if etag_listed(request.headers.get("if-none-match"), tag):
         return Response(status_code=304, headers={"ETag": tag, **headers})
     return Response(body, media_type="application/json", headers={"ETag": tag, **headers})

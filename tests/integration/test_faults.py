@@ -375,3 +375,31 @@ def test_a_training_job_whose_message_was_lost_is_republished(client, integratio
         conn.execute(Job.__table__.update().where(Job.id == job_id).values(state="cancelled"))
     engine.dispose()
     assert job_id in published or refreshed
+
+
+def test_a_running_jobs_status_poll_is_answered_304_between_changes(
+    client, slow_job_body, integration_settings
+):
+    """Its duration grows with every request; the weak ETag leaves it out, so a poll that changes
+    nothing else is a 304."""
+    from datetime import timedelta
+
+    from app.db.base import utcnow
+    from app.db.models import Job
+
+    job_id = submit(client, slow_job_body).json()["id"]  # no worker consumes here
+    engine = create_engine(integration_settings.resolved_database_url)
+    with engine.begin() as conn:
+        started = utcnow() - timedelta(seconds=5)
+        conn.execute(
+            Job.__table__.update().where(Job.id == job_id).values(state="running", started_at=started)
+        )
+    url = f"/v1/influence-jobs/{job_id}"
+    first = client.get(url)
+    assert first.json()["duration_seconds"] >= 5
+    time.sleep(0.05)
+    assert client.get(url, headers={"If-None-Match": first.headers["etag"]}).status_code == 304
+    assert client.get(url).json()["duration_seconds"] > first.json()["duration_seconds"]
+    with engine.begin() as conn:  # leave nothing running for the sweepers
+        conn.execute(Job.__table__.update().where(Job.id == job_id).values(state="cancelled"))
+    engine.dispose()

@@ -87,7 +87,8 @@ async def _status_response(request: Request, tenant_id: str, job_id: str, kind: 
     """The status poll, the hottest route: one thread hop, no transaction, JSON serialised once."""
     job = await in_session(request, _read_status, tenant_id, job_id, kind, autocommit=True)
     headers = {} if job.state in TERMINAL_STATES else {"Retry-After": POLL_SECONDS}
-    return conditional_json(request, job, headers)
+    # a running job's duration grows by the request: between heartbeats its status is the same
+    return conditional_json(request, job, headers, volatile=frozenset({"duration_seconds"}))
 
 
 @router.post(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -102,6 +103,9 @@ def _validate(session: Session, settings: Settings, owner: Principal, body: JobC
         missing = [cid for cid in body.checkpoint_ids if cid not in by_id]
         if missing:
             raise invalid_field("/checkpoint_ids", f"not checkpoints of this model: {missing[:5]}")
+        repeated = sorted(cid for cid, n in Counter(body.checkpoint_ids).items() if n > 1)
+        if repeated:  # a checkpoint counted twice in a sum over the trajectory is never what was meant
+            raise invalid_field("/checkpoint_ids", f"checkpoints listed more than once: {repeated[:5]}")
         checkpoints = [by_id[cid] for cid in body.checkpoint_ids]
     if estimator.needs_checkpoints and not checkpoints:
         raise invalid_field(

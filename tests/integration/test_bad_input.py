@@ -242,3 +242,26 @@ def test_a_million_by_a_million_score_matrix_is_refused_at_submit(client):
     queued = submit(client, {**body, "query_indices": list(range(100))})
     assert queued.status_code == 202, queued.text
     assert client.post(queued.headers["location"] + "/cancel").json()["state"] == "cancelled"
+
+
+def test_a_checkpoint_listed_twice_is_refused(client):
+    """TracInCP sums over the listed checkpoints: one listed twice would count twice."""
+    train = builtin(client, "sklearn:digits", "train")
+    states = [init_model("mlp", DIGITS_MLP["params"], seed=s).state_dict() for s in range(3)]
+    spec = {
+        "name": "twice",
+        "architecture": DIGITS_MLP,
+        "checkpoints": [{"step": s, "learning_rate": 0.1} for s in (1, 2)],
+    }
+    model = register_model(client, spec, weights=states[0], checkpoints=states[1:])
+    assert model.status_code == 201, model.text
+    first = client.get(f"/v1/models/{model.json()['id']}/checkpoints").json()["items"][0]["id"]
+    body = {
+        "model_id": model.json()["id"],
+        "train_dataset_id": train["id"],
+        "query_indices": [0],
+        "method": {"name": "tracincp"},
+        "checkpoint_ids": [first, first],
+    }
+    problem = assert_problem(submit(client, body), 422)
+    assert [e["pointer"] for e in problem["errors"]] == ["/checkpoint_ids"] and first in problem["detail"]

@@ -142,7 +142,10 @@ def _admin_key(settings) -> str:
 
     path = admin_key_file(settings)
     if not path.exists():
-        raise click.ClickException(f"no API key given and no {path}; pass --api-key or set IA_API_KEY")
+        raise click.ClickException(
+            f"no {path} (the embedded mode writes it): run 'influence demo --api-key <key>' (or set "
+            "IA_API_KEY) against the running server"
+        )
     return path.read_text().strip()
 
 
@@ -255,7 +258,7 @@ def create_key(tenant_name: str, name: str, scopes: tuple[str, ...], expires_in_
 @keys.command("revoke")
 @click.argument("key_id")
 def revoke_key(key_id: str) -> None:
-    """Revoke a key by its key_id (the part after 'iak_')."""
+    """Revoke a key by its key_id (the 12 characters after 'iak_')."""
     from sqlalchemy import select
 
     from app.db.models import ApiKey

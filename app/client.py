@@ -166,10 +166,11 @@ class InfluenceClient:
         return self._json("GET", "/v1/me")
 
     def estimators(self) -> list[dict]:
-        """Every estimator with its parameters (JSON schema), costs and group orders."""
+        """Every estimator with its parameters (JSON schema), self-influence support and group orders."""
         return self._json("GET", "/v1/estimators")
 
-    def architectures(self) -> list[dict]:
+    def architectures(self) -> dict:
+        """The registered architectures (with their parameter schemas) and the training recipe's schema."""
         return self._json("GET", "/v1/architectures")
 
     # ------------------------------------------------------------------ datasets

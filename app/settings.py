@@ -46,7 +46,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(512 * 1024 * 1024, description="Largest accepted upload body (413 beyond).")
     max_json_body_bytes: int = Field(1024 * 1024, description="Largest accepted JSON request body.")
     max_job_cost: float = Field(
-        2e14, description="Refuse jobs with n_train * n_query * n_parameters above this."
+        2e14,
+        description="Refuse jobs whose n_train * n_query * n_parameters * checkpoints (plus an LDS "
+        "evaluation's cost) is above this.",
     )
     max_score_cells: float = Field(
         2e8,

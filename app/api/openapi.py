@@ -29,8 +29,8 @@ _WHEN = {
     413: "The body, or the tenant's storage after this upload, is over its limit.",
     415: "The upload's format is not one the service reads (pickles are refused unopened).",
     422: "A parameter or the body is invalid; `errors` points at each field.",
-    429: "Request rate or active-job quota exceeded; retry after `Retry-After` seconds.",
-    503: "The database is unreachable; retry after `Retry-After` seconds.",
+    429: "Request rate, active-job or daily compute quota exceeded; retry after `Retry-After` seconds.",
+    503: "The database (or, for readiness, the broker) is unreachable; retry after `Retry-After` seconds.",
     507: "The artifact store is full; nothing was kept.",
 }
 _RETRY_AFTER = {"Retry-After": {"required": True, "schema": {"type": "integer", "minimum": 0}}}

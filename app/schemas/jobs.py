@@ -196,7 +196,7 @@ class EstimatorRead(ReadModel):
     needs_checkpoints: bool
     supports_self_influence: bool
     group_orders: list[str] = Field(
-        description="Orders of output.groups this estimator gives (none: data values)."
+        description="Orders of output.groups this estimator gives (empty: it returns data values only)."
     )
     params_schema: dict[str, Any]
 

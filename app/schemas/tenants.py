@@ -15,10 +15,16 @@ class TenantLimits(RequestModel):
 
     max_active_jobs: int | None = Field(None, ge=0, description="Queued plus running jobs (429 beyond).")
     max_running_jobs: int | None = Field(None, ge=1, description="Jobs computing at once; more wait queued.")
-    max_storage_bytes: int | None = Field(None, ge=0, description="Uploaded dataset and model bytes kept.")
+    max_storage_bytes: int | None = Field(
+        None, ge=0, description="Stored dataset and model bytes, trained weights and checkpoints included."
+    )
     read_requests_per_second: int | None = Field(None, ge=1, description="GET/HEAD requests per second.")
     write_requests_per_second: int | None = Field(None, ge=1, description="Other requests per second.")
-    max_job_cost: float | None = Field(None, gt=0, description="n_train * n_query * n_parameters cap.")
+    max_job_cost: float | None = Field(
+        None,
+        gt=0,
+        description="n_train * n_query * n_parameters * checkpoints cap (plus an LDS evaluation's cost).",
+    )
     max_score_cells: float | None = Field(None, gt=0, description="n_train * n_query cap (score matrix).")
     max_compute_seconds_per_day: float | None = Field(
         None, ge=0, description="Running time of jobs and shards in any 24 hours (429 beyond; 0 = no limit)."

@@ -6,6 +6,7 @@ from sqlalchemy import text
 
 from app.api.deps import SettingsDep
 from app.api.errors import PROBLEM_JSON, request_id
+from app.api.openapi import problems
 from app.db.session import get_engine
 from app.dispatch import client
 from app.problems import ProblemError
@@ -18,7 +19,7 @@ def healthz():
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: database and broker answer")
+@router.get("/readyz", summary="Readiness: database and broker answer", responses=problems(503))
 def readyz(request: Request, settings: SettingsDep):
     checks: dict[str, str] = {}
     try:

@@ -30,7 +30,8 @@ RETRY_INTERVAL_SECONDS = 2.0
 
 
 def orphaned_deliveries(channel) -> list:
-    """Messages the channel holds unacknowledged that no reserved or running request stands for."""
+    """Messages the channel holds unacknowledged that no scheduled, reserved or running request stands
+    for (a countdown message waits in the worker's timer as a scheduled request until it is due)."""
     qos = getattr(channel, "qos", None)
     delivered = getattr(qos, "_delivered", None)
     if not delivered:
@@ -38,6 +39,7 @@ def orphaned_deliveries(channel) -> list:
     dirty = getattr(qos, "_dirty", set())
     held = {request.message.delivery_tag for request in list(state.reserved_requests)}
     held |= {request.message.delivery_tag for request in list(state.active_requests)}
+    held |= {request.message.delivery_tag for request in list(getattr(state, "scheduled_requests", ()))}
     return [
         message
         for tag, message in list(delivered.items())

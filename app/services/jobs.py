@@ -383,6 +383,11 @@ def claim(settings: Settings, job_id: str, worker_id: str) -> Claim | None:
     with session_scope(settings) as session:
         if not tenants.running_slot_free(session, settings, job_id):
             log.info("job %s waits: its tenant is at its running-jobs limit", job_id)
+            # this retry is the job's live message: the sweeper, which re-publishes a queued job whose
+            # enqueued_at is old, must not add another copy (each would keep retrying, every few s)
+            session.execute(
+                update(Job).where(Job.id == job_id, Job.state == "queued").values(enqueued_at=now)
+            )
             dispatch.enqueue_job(settings, job_id, countdown=TENANT_BUSY_RETRY_SECONDS)
             return None
         row = session.execute(

@@ -403,3 +403,49 @@ def test_a_running_jobs_status_poll_is_answered_304_between_changes(
     with engine.begin() as conn:  # leave nothing running for the sweepers
         conn.execute(Job.__table__.update().where(Job.id == job_id).values(state="cancelled"))
     engine.dispose()
+
+
+def test_a_job_waiting_for_its_tenants_running_slot_keeps_one_message(api_server, integration_settings):
+    """At max_running_jobs the claim re-publishes the job with a countdown and bumps its enqueued_at,
+    so the sweeper (which re-publishes queued jobs with an old enqueued_at) adds no second copy: each
+    copy would keep retrying every few seconds for as long as the job waits."""
+    from datetime import timedelta
+
+    from app.db.base import utcnow
+    from app.db.models import Job
+    from app.services import jobs as jobs_service
+    from tests.conftest import mint_key
+
+    key = mint_key(integration_settings, "tenant-one-slot", limits={"max_running_jobs": 1})
+    engine = create_engine(integration_settings.resolved_database_url)
+    with api_server.client(key) as one_slot:
+        train = builtin(one_slot, "sklearn:digits", "train")
+        linear = {"name": "linear", "params": {"in_features": 64, "num_classes": 10}}
+        weights = init_model("linear", linear["params"], seed=0).state_dict()
+        model = register_model(one_slot, {"name": "one-slot", "architecture": linear}, weights=weights)
+        body = {
+            "model_id": model.json()["id"],
+            "train_dataset_id": train["id"],
+            "method": {"name": "grad_dot"},
+        }
+        running, waiting = (submit(one_slot, {**body, "query_indices": [i]}).json()["id"] for i in range(2))
+    # old, but not yet old enough for the API server's own sweeper (every second) to re-publish it
+    aging = utcnow() - timedelta(seconds=integration_settings.requeue_queued_after_seconds - 5)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                Job.__table__.update()
+                .where(Job.id == running)
+                .values(state="running", attempt=1, lease_expires_at=utcnow() + timedelta(minutes=5))
+            )
+            conn.execute(Job.__table__.update().where(Job.id == waiting).values(enqueued_at=aging))
+        before_claim = utcnow()
+        assert jobs_service.claim(integration_settings, waiting, "w") is None  # the tenant is busy
+        with engine.connect() as conn:  # its live message is the retry: the sweeper ages it from now
+            assert conn.scalar(select(Job.enqueued_at).where(Job.id == waiting)) >= before_claim
+    finally:
+        with engine.begin() as conn:
+            conn.execute(
+                Job.__table__.update().where(Job.id.in_([running, waiting])).values(state="cancelled")
+            )
+        engine.dispose()

@@ -3,6 +3,7 @@ same QoS bookkeeping as the Redis transport, whose failed ack left a prefetch sl
 
 from __future__ import annotations
 
+import pytest
 from kombu import Connection, Exchange, Queue
 
 from worker.acks import orphaned_deliveries, retry_acks
@@ -39,7 +40,10 @@ def test_an_unacknowledged_delivery_with_no_request_is_acknowledged_again():
         conn.release()
 
 
-def test_a_delivery_backing_a_live_request_is_left_alone(monkeypatch):
+@pytest.mark.parametrize("registry", ["active_requests", "reserved_requests", "scheduled_requests"])
+def test_a_delivery_backing_a_live_request_is_left_alone(monkeypatch, registry):
+    """Running, waiting for a pool slot, or waiting for its countdown (a tenant-busy retry is published
+    with one): acknowledging it early made Celery's own ack fail and could lose it on a restart."""
     from celery.worker import state
 
     conn, channel, got = _received()
@@ -48,7 +52,7 @@ def test_a_delivery_backing_a_live_request_is_left_alone(monkeypatch):
         message = got[0]
 
     running = Running()
-    monkeypatch.setattr(state, "active_requests", {running})
+    monkeypatch.setattr(state, registry, {running})
     try:
         assert orphaned_deliveries(channel) == [] and retry_acks(channel) == 0
         assert not got[0].acknowledged

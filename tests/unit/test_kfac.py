@@ -896,3 +896,25 @@ def test_params_validate_with_pydantic():
         for bad in ({"damping": -1.0}, {"fisher": "exact"}, {"seed": -1}, {"layers": "1"}):
             with pytest.raises(pydantic.ValidationError):
                 ta.validate_python(bad)
+
+
+@pytest.mark.parametrize("name", ["kfac", "ekfac"])
+@pytest.mark.parametrize("scale", [1e-22, 1e-13])
+def test_scores_that_overflow_the_compute_precision_fail_naming_the_damping(name, scale):
+    """Without damping, a feature nearly absent from training but present in the queries makes the
+    curvature nearly singular: the preconditioned query gradients are inf in float64 (1e-22), or, with
+    EK-FAC at 1e-13 on this machine, finite there but NaN in the float32 scores. The job must fail
+    naming damping either way, not return a NaN matrix."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, generator=g)
+    x[:, 2] = scale
+    qx = torch.randn(4, 3, generator=g)
+    qx[:, 2] = 1.0
+    y, qy = torch.randint(0, 2, (40,), generator=g), torch.randint(0, 2, (4,), generator=g)
+    model = init_model("linear", {"in_features": 3, "num_classes": 2}, 0)
+    prob = InfluenceProblem(
+        model=model, task=CLS, weights=model.state_dict(), train_x=x, train_y=y, query_x=qx, query_y=qy
+    )
+    with pytest.raises(NumericalError) as info:
+        get_estimator(name).attribute(prob, {"damping": 0.0}, runtime=Runtime(dtype=torch.float32))
+    assert info.value.parameter.endswith("/damping")

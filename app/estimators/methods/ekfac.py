@@ -213,6 +213,12 @@ class _KroneckerInfluence(Estimator):
                     G = G.to(cdt)
                 if scores is not None:
                     S = _factored_scores(pq, G) if layered else pq @ G.T
+                    if not bool(torch.isfinite(S).all()):  # pq overflowed in the compute dtype
+                        raise NumericalError(
+                            "scores contain NaN/inf: the preconditioned query gradients overflow the "
+                            "compute precision; increase damping (or leave it null for the heuristic)",
+                            parameter=DAMPING_POINTER,
+                        )
                     scores[:, start:stop] = (S / n).cpu().numpy()
                 if self_inf is not None:
                     if factored is not None:

@@ -106,12 +106,23 @@ class IterativeGroupSolver:
         self.hessian, self.n = hessian, n_train
         self.damping, self.max_iter, self.rtol = damping, max_iter, rtol
 
-    def _cg(self, product, B: torch.Tensor) -> torch.Tensor:
-        res = conjugate_gradient(product, B, self.damping, self.max_iter, self.rtol, dtype=self.hessian.dtype)
+    def _cg(self, product, B: torch.Tensor):
+        return conjugate_gradient(
+            product, B, self.damping, self.max_iter, self.rtol, dtype=self.hessian.dtype
+        )
+
+    def _solution(self, res) -> torch.Tensor:
+        if not res.converged:  # group scores carry no convergence flag: a partial solve would pass as one
+            worst = float(res.relative_residual.max())
+            raise NumericalError(
+                f"conjugate gradient for the group terms stopped after {res.iterations} iterations at "
+                f"relative residual {worst:.2g} (rtol {self.rtol:g}); raise max_iter or damping",
+                parameter="/method/params/max_iter",
+            )
         return res.x.to(torch.float64)
 
     def solve(self, B: torch.Tensor) -> torch.Tensor:
-        return self._cg(self.hessian.matmul, B)
+        return self._solution(self._cg(self.hessian.matmul, B))
 
     def group_product(self, rows: np.ndarray, v: torch.Tensor) -> torch.Tensor:
         # rows_matmul is alpha (mean over rows of the loss Hessian + weight_decay I) v + beta v
@@ -123,9 +134,10 @@ class IterativeGroupSolver:
 
     def newton(self, rows: np.ndarray, b: torch.Tensor, group: int) -> torch.Tensor:
         try:
-            return self._cg(lambda V: self.hessian.matmul(V) - self.group_product(rows, V), b)
+            res = self._cg(lambda V: self.hessian.matmul(V) - self.group_product(rows, V), b)
         except NumericalError as exc:
             raise _no_minimum(group, f" ({exc.detail})") from exc
+        return self._solution(res)
 
 
 def _no_minimum(group: int, why: str = "") -> NumericalError:

@@ -197,3 +197,14 @@ def test_cg_newton_order_refuses_a_group_whose_removal_leaves_no_minimum():
     with pytest.raises(EstimatorError, match="without group 0 .* not positive definite") as info:
         get_estimator("if_cg").group_scores(problem, {"damping": 0.0}, [np.arange(N)], "newton", runtime=F64)
     assert info.value.parameter == "/method/params/damping"
+
+
+@pytest.mark.parametrize("order", ["first", "second", "newton"])
+def test_cg_group_terms_that_do_not_converge_fail_naming_max_iter(ridge, order):
+    """Group scores carry no convergence flag, so an unfinished solve must not pass as a result. (One
+    group: a block of at least p right-hand sides is solved exactly by one block-CG step.)"""
+    problem, _, _, groups, *_ = ridge
+    params = {"max_iter": 1, "rtol": 1e-12}
+    with pytest.raises(EstimatorError, match="stopped after 1 iterations") as info:
+        get_estimator("if_cg").group_scores(problem, params, groups[:1], order, runtime=F64)
+    assert info.value.parameter == "/method/params/max_iter"

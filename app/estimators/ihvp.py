@@ -193,20 +193,24 @@ class TrainingHessian:
         return xs, ys
 
     def _chain_chunks(self, idx: torch.Tensor | None, n_rows: int, rows: int, cache: bool, scale: float):
-        """``(sel, prepared or None)`` per chunk of ``rows`` rows, products scaled by ``scale``; the
-        operator's own rows are prepared once per chunk size and kept (within a memory budget)."""
+        """``(sel, prepared or None)`` per chunk of ``rows`` rows, products scaled by ``scale``: a list
+        when the operator's own rows are prepared once per chunk size and kept (within the memory
+        budget), else a generator that prepares each chunk as it is used (memory for one chunk)."""
         if cache and rows in self._chain_cache:
             return self._chain_cache[rows]
-        chunks = []
-        for start in range(0, n_rows, rows):
-            stop = min(start + rows, n_rows)
-            sel = torch.arange(start, stop) if idx is None else idx[start:stop]
-            xs, ys = self._inputs(sel)
-            chunks.append((sel, self._chain.prepare(xs, ys, self._params, self._fixed, self._task, scale)))
+
+        def prepared():
+            for start in range(0, n_rows, rows):
+                stop = min(start + rows, n_rows)
+                sel = torch.arange(start, stop) if idx is None else idx[start:stop]
+                xs, ys = self._inputs(sel)
+                yield sel, self._chain.prepare(xs, ys, self._params, self._fixed, self._task, scale)
+
         size = n_rows * sum(ly.inp + 3 * ly.out for ly in self._chain.layers)
         if cache and size * (len(self._chain_cache) + 1) <= self._cache_elements:
-            self._chain_cache[rows] = chunks
-        return chunks
+            self._chain_cache[rows] = list(prepared())
+            return self._chain_cache[rows]
+        return prepared()
 
     def _apply(
         self,
@@ -230,16 +234,22 @@ class TrainingHessian:
             scale = alpha / n_rows  # folded into the prepared rows: no pass over the result
             rows = self._chain.chunk_rows(r, n_rows, self.chunk_size)
             chunks = self._chain_chunks(idx, n_rows, rows, cache and alpha == 1.0, scale)
-            closed = [ctx for _, ctx in chunks if ctx is not None]
-            if closed:
-                out = self._chain.hvp_sum(closed, V, self._tensors)
-            for sel, ctx in chunks:
-                if ctx is None:  # rows the closed form does not cover: autodiff
+            if isinstance(chunks, list):  # kept: one call over every chunk
+                closed = [ctx for _, ctx in chunks if ctx is not None]
+                if closed:
+                    out = self._chain.hvp_sum(closed, V, self._tensors)
+                streamed = [(sel, None) for sel, ctx in chunks if ctx is None]
+            else:  # prepared one chunk at a time, in the layout the whole product would take
+                layout, streamed = self._chain.layout(r, n_rows), chunks
+            for sel, ctx in streamed:
+                if ctx is not None:
+                    part = self._chain.hvp_sum([ctx], V, self._tensors, layout=layout)
+                else:  # rows the closed form does not cover: autodiff
                     if fn is None:
                         fn = vmap(self._hvp_one, in_dims=(1, None, None), out_dims=1,
                                   chunk_size=max(1, min(r, _HVP_COLUMNS)))  # fmt: skip
                     part = fn(V, *self._inputs(sel)).mul_(scale)
-                    out = part if out is None else out.add_(part)
+                out = part if out is None else out.add_(part)
         else:
             out = torch.zeros_like(V)
         if r and n_rows and self._chain is None:

@@ -119,6 +119,19 @@ def test_hvp_equals_explicit_hessian(mlp):
     assert op.products == 3 and sub.n_rows == 30
 
 
+@pytest.mark.parametrize("columns", [1, 5, 40])  # the rows, features and columns layouts
+def test_products_over_more_rows_than_the_budget_keeps_are_streamed(mlp, columns):
+    """A budget too small to keep the prepared rows: each chunk is prepared as the product uses it
+    (memory for one chunk instead of every row's), with the same values."""
+    prob, H = mlp
+    V = torch.randn(H.shape[0], columns, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    tight = TrainingHessian(prob, Runtime(dtype=torch.float64, chunk_size=7, memory_budget_bytes=1024))
+    roomy = TrainingHessian(prob, Runtime(dtype=torch.float64, chunk_size=7))
+    torch.testing.assert_close(tight.matmul(V), roomy.matmul(V), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(tight.matmul(V), H @ V, rtol=1e-10, atol=1e-10 * float((H @ V).abs().max()))
+    assert tight._chain_cache == {} and roomy._chain_cache  # nothing kept under the tight budget
+
+
 def test_cg_matches_linalg_solve_within_p_iterations(mlp):
     prob, H = mlp
     p = H.shape[0]

@@ -9,6 +9,7 @@ Newton solver, so the held-out outputs carry no seed noise.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from sklearn.datasets import load_breast_cancer
 
@@ -93,3 +94,15 @@ def test_datamodel_lds_beats_exact_influence_on_held_out_masks():
     assert lds_dm.mean() >= 0.8
     assert lds_dm.mean() >= lds_if.mean() + 0.05, (lds_dm.mean(), lds_if.mean())
     assert (lds_dm > lds_if).mean() >= 0.7
+
+
+def test_training_sets_whose_gram_matrix_is_over_the_cap_are_refused_at_submit():
+    """The LASSO/ridge fit holds n x n float64 Gram matrices: 20,000 rows would be 3.2 GB each."""
+    from app.estimators import EstimatorError, ProblemSize, get_estimator
+
+    est = get_estimator("datamodels")
+    est.check(ProblemSize(8192, 10, 100, 0), {})
+    with pytest.raises(EstimatorError) as info:
+        est.check(ProblemSize(20_000, 10, 100, 0), {})
+    assert info.value.parameter == "/method/params/max_train_rows" and "3.2 GB" in str(info.value)
+    est.check(ProblemSize(20_000, 10, 100, 0), {"max_train_rows": 20_000})

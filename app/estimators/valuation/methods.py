@@ -149,6 +149,9 @@ class DatamodelsParams(RetrainingParams):
         None, "LASSO penalty; null: chosen per query on held-out masks (every 5th)"
     )
     l2: Annotated[float, Gt(0)] = _p(1e-3, "ridge penalty")
+    max_train_rows: Annotated[int, Ge(1)] = _p(
+        8192, "refuse larger training sets: the fit holds n x n float64 Gram matrices (0.5 GB at 8,192)"
+    )
 
 
 @dataclass
@@ -757,10 +760,24 @@ class Datamodels(_RandomSubsets):
     summary = "Datamodels: per-query LASSO of the objective on subset masks (Ilyas et al. 2022)"
     Params = DatamodelsParams
 
+    def check(self, problem_size: ProblemSize, params) -> None:
+        self._check_rows(problem_size.n_train, as_params(self.Params, params))
+
+    @staticmethod
+    def _check_rows(n: int, p: DatamodelsParams) -> None:
+        if n > p.max_train_rows:
+            raise EstimatorError(
+                f"datamodels fits on n x n Gram matrices of the subset masks: n = {n} training rows need "
+                f"{8 * n * n / 1e9:.1f} GB each, over max_train_rows = {p.max_train_rows}. Use a smaller "
+                "training set, or raise max_train_rows on workers with the memory",
+                parameter="/method/params/max_train_rows",
+            )
+
     def estimate(
         self, problem, params, plan, outputs, *, runtime=None, train_range=None, want_scores=True
     ) -> Attribution:
         p = as_params(self.Params, params)
+        self._check_rows(problem.n_train, p)
         runtime = runtime or Runtime()
         dtype = numpy_dtype(runtime.dtype)
         lo, hi = column_range(problem, train_range)

@@ -187,3 +187,23 @@ def test_banzhaf_finds_flipped_digits(digits):
     assert out.info["solver"] == "newton" and math.isfinite(stderr.max())
     # over flip seeds 1-4 this setting finds 0.7-0.9 of the flipped points (AUC 0.88-1.0)
     assert found >= 0.6 and auc >= 0.85
+
+
+def test_embeddings_are_computed_in_chunks_and_must_be_finite(monkeypatch):
+    """Rows go through the model EMBED_ROWS at a time (same values), and features that overflow are a
+    NumericalError naming the embedding instead of finite values from NaN distances."""
+    from app.estimators import NumericalError
+    from app.estimators.valuation import knn
+
+    x, y, qx, qy = _blobs(9, 4, 6, d=4)
+    model = init_model("mlp", {"in_features": 4, "hidden": [5], "num_classes": 3}, 0).double()
+    embed = penultimate_embedder(model)
+    whole, _ = knn_shapley(x, y, qx, qy, 3, embed=embed)
+    seen: list[int] = []
+    monkeypatch.setattr(knn, "EMBED_ROWS", 4)
+    chunked, _ = knn_shapley(x, y, qx, qy, 3, embed=lambda rows: seen.append(len(rows)) or embed(rows))
+    np.testing.assert_array_equal(chunked, whole)
+    assert seen == [4, 4, 1, 4]  # 9 training rows, then 4 queries
+    with pytest.raises(NumericalError) as info:
+        knn_shapley(x, y, qx, qy, 3, embed=lambda rows: embed(rows) * float("inf"))
+    assert info.value.parameter == "/method/params/embedding"

@@ -23,15 +23,31 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..base import NumericalError
+
 Embed = Callable[[torch.Tensor], torch.Tensor]
 
 __all__ = ["knn_shapley", "knn_utility", "nearest_neighbours", "neighbour_order", "penultimate_embedder"]
 
 
+EMBED_ROWS = 4096  # rows per forward pass of the embedding: its activations, not all n rows' at once
+
+
 def _features(x: torch.Tensor, embed: Embed | None) -> torch.Tensor:
+    parts = []
     with torch.no_grad():
-        f = embed(x) if embed is not None else x
-    return f.reshape(f.shape[0], -1).to(torch.float64)
+        for start in range(0, int(x.shape[0]), EMBED_ROWS):
+            chunk = x[start : start + EMBED_ROWS]
+            f = embed(chunk) if embed is not None else chunk
+            parts.append(f.reshape(f.shape[0], -1).to(torch.float64))
+    features = torch.cat(parts) if parts else torch.zeros(0, 0, dtype=torch.float64)
+    if not bool(torch.isfinite(features).all()):  # NaN distances would still give finite values
+        raise NumericalError(
+            "the KNN features contain NaN/inf (the model's activations overflow at these weights); "
+            "use the raw inputs",
+            parameter="/method/params/embedding",
+        )
+    return features
 
 
 def _distances(q: torch.Tensor, t: torch.Tensor, metric: str) -> torch.Tensor:

@@ -138,7 +138,7 @@ def _validate(session: Session, settings: Settings, owner: Principal, body: JobC
             [FieldError("/query_indices", "too many queries for this model and training set")],
         )
     cost += _validate_evaluation(body, estimator, params, size, cost, owner.limits.max_job_cost)
-    _validate_groups(body, estimator, params, train.n_examples, settings)
+    _validate_groups(body, estimator, params, size, settings)
     try:
         estimator.check(size, params)
     except EstimatorError as exc:
@@ -184,8 +184,15 @@ def _validate_evaluation(
     return lds_cost
 
 
-def _validate_groups(body: JobCreate, estimator, params, n_train: int, settings: Settings) -> None:
-    """Rows in range and distinct per group, a bounded total, and an order this estimator gives."""
+# float64 p x G blocks a Hessian-order group solve holds at once (right-hand sides, block-CG state,
+# the result), at most: what the submit check counts against the memory budget
+GROUP_SOLVE_BLOCKS = 8
+
+
+def _validate_groups(body: JobCreate, estimator, params, size: ProblemSize, settings: Settings) -> None:
+    """Rows in range and distinct per group, a bounded total, an order this estimator gives, and
+    Hessian-order solves whose p x G blocks fit the memory budget."""
+    n_train = size.n_train
     spec = body.output.groups
     if spec is None:
         return
@@ -206,6 +213,15 @@ def _validate_groups(body: JobCreate, estimator, params, n_train: int, settings:
             "/output/groups/order",
             f"{estimator.name} gives group influence of order {', '.join(estimator.group_orders)}"
             + group_order_hint(spec.order),
+        )
+    needed = GROUP_SOLVE_BLOCKS * 8 * size.n_parameters * len(spec.members)
+    if spec.order != "first" and needed > settings.memory_budget_bytes:
+        raise invalid_field(
+            "/output/groups/members",
+            f"{spec.order}-order group influence solves for all {len(spec.members)} groups at once: "
+            f"about {needed / 2**30:.3g} GiB for this {size.n_parameters}-parameter model, over the "
+            f"worker's memory budget ({settings.memory_budget_bytes / 2**30:.3g} GiB); use fewer groups "
+            "or order 'first'",
         )
     if spec.order != "first" and body.execution.train_shard_size:
         raise invalid_field(

@@ -1,0 +1,35 @@
+"""Submit-time limits of output.groups: Hessian-order solves hold p x G float64 blocks at once."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.estimators import ProblemSize, get_estimator
+from app.problems import ProblemError
+from app.schemas.jobs import JobCreate
+from app.services.jobs import GROUP_SOLVE_BLOCKS, _validate_groups
+from app.settings import Settings
+
+
+def _body(order: str, n_groups: int) -> JobCreate:
+    members = {f"g{i}": [i] for i in range(n_groups)}
+    return JobCreate.model_validate(
+        {
+            "model_id": "m",
+            "train_dataset_id": "d",
+            "method": {"name": "if_exact"},
+            "output": {"groups": {"members": members, "order": order}},
+        }
+    )
+
+
+def test_hessian_order_groups_must_fit_the_memory_budget(tmp_path):
+    p, groups = 1_000_000, 100
+    settings = Settings(data_dir=tmp_path, memory_budget_bytes=GROUP_SOLVE_BLOCKS * 8 * p * groups)
+    size = ProblemSize(n_train=1000, n_query=10, n_parameters=p, n_checkpoints=0)
+    est = get_estimator("if_exact")
+    _validate_groups(_body("second", groups), est, est.Params(), size, settings)  # exactly the budget
+    with pytest.raises(ProblemError) as info:
+        _validate_groups(_body("newton", groups + 1), est, est.Params(), size, settings)
+    assert info.value.errors[0].pointer == "/output/groups/members" and "order 'first'" in info.value.detail
+    _validate_groups(_body("first", groups + 1), est, est.Params(), size, settings)  # sums of scores

@@ -269,6 +269,11 @@ class Estimator:
         """Refuse at submit time what cannot run (e.g. an explicit Hessian that is too big)."""
         return None
 
+    def check_memory(self, problem_size: ProblemSize, params: Any, budget_bytes: int) -> None:
+        """Refuse at submit time a structure the method must hold whole (no chunking bounds it) that
+        exceeds the worker's memory budget; most methods stream within the budget and accept all."""
+        return None
+
 
 @dataclass(frozen=True)
 class ProblemSize:

@@ -141,6 +141,7 @@ def _validate(session: Session, settings: Settings, owner: Principal, body: JobC
     _validate_groups(body, estimator, params, size, settings)
     try:
         estimator.check(size, params)
+        estimator.check_memory(size, params, settings.memory_budget_bytes)
     except EstimatorError as exc:
         raise estimator_problem(exc) from None
 

@@ -1,4 +1,4 @@
-"""Submit-time limits of output.groups: Hessian-order solves hold p x G float64 blocks at once."""
+"""Submit-time memory limits: Hessian-order group solves (p x G blocks) and Arnoldi bases (p x n_iter)."""
 
 from __future__ import annotations
 
@@ -33,3 +33,16 @@ def test_hessian_order_groups_must_fit_the_memory_budget(tmp_path):
         _validate_groups(_body("newton", groups + 1), est, est.Params(), size, settings)
     assert info.value.errors[0].pointer == "/output/groups/members" and "order 'first'" in info.value.detail
     _validate_groups(_body("first", groups + 1), est, est.Params(), size, settings)  # sums of scores
+
+
+@pytest.mark.parametrize(("name", "params"), [("if_arnoldi", {}), ("relatif", {"inverse": "arnoldi"})])
+def test_arnoldi_bases_must_fit_the_memory_budget(name, params):
+    """The default rank 50 (n_iter 150) on a 6.6M-parameter ResNet-9 is ~10 GiB of basis."""
+    from app.estimators import EstimatorError
+
+    est, budget = get_estimator(name), 2 * 2**30
+    est.check_memory(ProblemSize(1000, 10, 100_000, 0), params, budget)  # 160 MB: fine
+    with pytest.raises(EstimatorError) as info:
+        est.check_memory(ProblemSize(1000, 10, 6_600_000, 0), params, budget)
+    assert info.value.parameter == "/method/params/n_iter" and "GiB" in info.value.detail
+    est.check_memory(ProblemSize(1000, 10, 6_600_000, 0), {**params, "rank": 10, "n_iter": 20}, budget)

@@ -100,6 +100,21 @@ CONVERGED_RESIDUAL = 1e-2
 DEFAULT_ITER_FACTOR = 3  # n_iter=None -> 3 x rank
 
 
+def check_basis_memory(
+    rank: int, n_iter: int | None, p: int, budget_bytes: int, *, prefix: str = "/method/params"
+) -> None:
+    """Arnoldi holds its float64 basis (p x (n_iter + 1)) and the kept eigenvectors (p x rank) whole."""
+    k, it = effective_rank(rank, n_iter, p, prefix=prefix)
+    needed = 8 * p * (it + 1 + k)
+    if needed > budget_bytes:
+        raise EstimatorError(
+            f"Arnoldi holds p x (n_iter + 1 + rank) float64 values: {needed / 2**30:.3g} GiB for p = {p}, "
+            f"n_iter = {it}, rank = {k}, over the worker's memory budget ({budget_bytes / 2**30:.3g} GiB); "
+            "lower n_iter and rank, or use a method that keeps no p-sized basis (if_cg, ekfac)",
+            parameter=f"{prefix}/n_iter",
+        )
+
+
 def resolved_n_iter(rank: int, n_iter: int | None) -> int:
     """``n_iter``, or ``DEFAULT_ITER_FACTOR x rank`` for ``None`` (before capping at ``p``)."""
     return DEFAULT_ITER_FACTOR * int(rank) if n_iter is None else int(n_iter)
@@ -201,6 +216,10 @@ class IFArnoldi(Estimator):
     def check(self, problem_size: ProblemSize, params) -> None:
         p = as_params(self.Params, params)
         effective_rank(p.rank, p.n_iter, problem_size.n_parameters)
+
+    def check_memory(self, problem_size: ProblemSize, params, budget_bytes: int) -> None:
+        p = as_params(self.Params, params)
+        check_basis_memory(p.rank, p.n_iter, problem_size.n_parameters, budget_bytes)
 
     def state_params(self, params) -> dict:
         p = as_params(self.Params, params)

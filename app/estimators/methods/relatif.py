@@ -54,7 +54,13 @@ from ..gradients import (
     train_gradients,
     validate_problem,
 )
-from .influence_arnoldi import damped_eigenvalues, effective_rank, fit_arnoldi, resolved_n_iter
+from .influence_arnoldi import (
+    check_basis_memory,
+    damped_eigenvalues,
+    effective_rank,
+    fit_arnoldi,
+    resolved_n_iter,
+)
 from .influence_exact import IFExact, IFExactParams
 
 
@@ -118,6 +124,11 @@ class RelatIF(Estimator):
             )
         if p.inverse == "arnoldi":
             effective_rank(p.rank, p.n_iter, problem_size.n_parameters)
+
+    def check_memory(self, problem_size: ProblemSize, params, budget_bytes: int) -> None:
+        p = as_params(self.Params, params)
+        if p.inverse == "arnoldi":
+            check_basis_memory(p.rank, p.n_iter, problem_size.n_parameters, budget_bytes)
 
     def state_params(self, params) -> dict:
         p = as_params(self.Params, params)

@@ -55,11 +55,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_max_tasks_per_child": settings.worker_max_tasks_per_child or None,
         "worker_max_memory_per_child": settings.worker_max_memory_bytes // 1024 or None,  # KiB
         # A broker blip must not kill the running job (SIGTERM loses its work, and the runner records
-        # it as failed). Redis gives the unacked message back only after the visibility timeout, and
-        # the DB lease drops any second delivery, so the job is not run twice in parallel.
+        # it as failed). The unacked message goes back to the queue when the channel closes, and the
+        # DB lease drops the second delivery while this worker heartbeats: never two runs at once.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         # A cold shutdown waits this long for running tasks, then cancels them; their unacked messages go
-        # back to the queue at once instead of after the visibility timeout (RELIABILITY.md 4.1).
+        # back to the queue at once instead of after the visibility timeout (RELIABILITY.md 4.1), and
+        # the job runs again once its lease has expired (a redelivery before that is dropped).
         "worker_soft_shutdown_timeout": settings.worker_soft_shutdown_timeout,
         "task_soft_time_limit": settings.task_soft_time_limit,
         "task_time_limit": settings.task_time_limit,

@@ -194,7 +194,18 @@ def complete(
         ).rowcount
         if moved != 1:
             session.rollback()
-            return None
+            mine = ("succeeded", claim.attempt, scores_uri)
+            row = session.execute(
+                select(JobShard.state, JobShard.attempt, JobShard.scores_uri).where(
+                    JobShard.id == claim.shard_id
+                )
+            ).first()
+            if row is None or tuple(row) != mine:
+                return None
+            # a retry after a commit whose acknowledgement was lost: counted already; still publish
+            # the merge below if this was the last shard
+            job = session.get(Job, claim.job_id)
+            return job.shards_done, job.shards_total
         done, total = session.execute(
             update(Job)
             .where(Job.id == claim.job_id)

@@ -449,3 +449,32 @@ def test_a_job_waiting_for_its_tenants_running_slot_keeps_one_message(api_server
                 Job.__table__.update().where(Job.id.in_([running, waiting])).values(state="cancelled")
             )
         engine.dispose()
+
+
+def test_a_shard_completion_retried_after_its_commit_landed_counts_once(
+    client, slow_job_body, integration_settings
+):
+    """retry_transaction re-runs a completion whose commit succeeded but whose acknowledgement was
+    lost: the retry sees its own result, counts nothing twice and still reports success (it returned
+    False, so the last shard's merge waited for the sweeper)."""
+    from app.db.models import Job, JobShard
+    from app.estimators.sharding import ShardPlan
+    from app.services import shards as shards_service
+
+    job_id = submit(client, slow_job_body).json()["id"]  # no worker consumes here
+    engine = create_engine(integration_settings.resolved_database_url)
+    _fanned_out(engine, job_id)
+    with engine.connect() as conn:
+        shard_id = conn.scalar(select(JobShard.id).where(JobShard.job_id == job_id, JobShard.index == 0))
+    claim = shards_service.ShardClaim(shard_id, job_id, 1, ShardPlan(0, 0, 500, None))
+    try:
+        assert shards_service.complete(integration_settings, claim, "artifact://a.npy", None, 1.0)
+        assert shards_service.complete(integration_settings, claim, "artifact://a.npy", None, 1.0)
+        late = shards_service.ShardClaim(shard_id, job_id, 2, claim.plan)  # another attempt's: refused
+        assert not shards_service.complete(integration_settings, late, "artifact://b.npy", None, 1.0)
+        with engine.connect() as conn:
+            assert conn.scalar(select(Job.shards_done).where(Job.id == job_id)) == 1
+    finally:
+        with engine.begin() as conn:
+            conn.execute(Job.__table__.update().where(Job.id == job_id).values(state="cancelled"))
+        engine.dispose()

@@ -76,6 +76,7 @@ def serve(host: str, port: int, worker: bool | None, api_workers: int, demo: boo
     upgrade(settings.resolved_database_url)
     if settings.embedded:
         _announce_local_admin(settings)
+    demo_key = _admin_key(settings) if demo else None  # before the worker starts: a refusal leaves none
     child = None
     if worker if worker is not None else settings.embedded:
         argv = [
@@ -93,7 +94,7 @@ def serve(host: str, port: int, worker: bool | None, api_workers: int, demo: boo
 
         threading.Thread(
             target=run_demo_when_ready,
-            args=(f"http://{host}:{port}", demo_output, _admin_key(settings)),
+            args=(f"http://{host}:{port}", demo_output, demo_key),
             daemon=True,
         ).start()
     try:

@@ -79,8 +79,8 @@ class InfluenceClient:
     """A session with one service, as one tenant (its API key).
 
     Transient answers (429, 502-504, and connection errors) of reads are retried ``retries`` times,
-    after the ``Retry-After`` the service sent (at most ``max_backoff`` seconds); so are submissions,
-    which carry an ``Idempotency-Key``. Other writes are not retried.
+    after the ``Retry-After`` the service sent (one longer than ``max_backoff`` seconds is raised at
+    once); so are submissions, which carry an ``Idempotency-Key``. Other writes are not retried.
     """
 
     def __init__(
@@ -113,12 +113,13 @@ class InfluenceClient:
         self._http.close()
 
     def _backoff(self, response: httpx.Response | None, attempt: int) -> float:
+        """Seconds to wait before the next attempt: the service's ``Retry-After``, else exponential."""
         header = response.headers.get("retry-after") if response is not None else None
         try:
             wait = float(header) if header is not None else 0.2 * 2**attempt
         except ValueError:
             wait = 0.2 * 2**attempt
-        return min(max(wait, 0.0), self.max_backoff)
+        return max(wait, 0.0)
 
     def request(self, method: str, path: str, *, retry: bool | None = None, **kwargs) -> httpx.Response:
         """One API call; raises :class:`APIError` for a problem answer. ``retry`` defaults to True for
@@ -131,15 +132,21 @@ class InfluenceClient:
             except httpx.TransportError:
                 if last:
                     raise
-                time.sleep(self._backoff(None, attempt))
+                time.sleep(min(self._backoff(None, attempt), self.max_backoff))
                 continue
+            # a Retry-After past max_backoff (a daily compute quota: minutes) cannot be met by waiting
+            # here: the error goes to the caller at once instead of after futile retries
             if response.status_code in _RETRY_STATUSES and not last:
-                time.sleep(self._backoff(response, attempt))
-                continue
+                wait = self._backoff(response, attempt)
+                if wait <= self.max_backoff:
+                    time.sleep(wait)
+                    continue
             if response.is_error:
                 try:
                     body = response.json()
                 except ValueError:
+                    body = None
+                if not isinstance(body, dict):  # not problem+json (a proxy's page, say)
                     body = {"title": response.reason_phrase, "detail": response.text[:500]}
                 raise APIError(response.status_code, body)
             return response
@@ -254,7 +261,7 @@ class InfluenceClient:
             model = self.model(model_id)
             if model["state"] != "training":
                 if model["state"] != "ready":
-                    raise JobFailed({"id": model.get("training_job_id"), **model})
+                    raise JobFailed({**model, "id": model.get("training_job_id")})
                 return model
             if time.monotonic() > deadline:
                 raise TimeoutError(f"model {model_id} still training after {timeout:.0f} s")

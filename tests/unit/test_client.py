@@ -19,7 +19,7 @@ def _client(answers: list[httpx.Response], seen: list[httpx.Request]) -> Influen
 
 def _busy() -> httpx.Response:
     problem = {"type": "x/not-ready", "title": "Not ready", "status": 503, "code": "not-ready"}
-    return httpx.Response(503, json=problem, headers={"Retry-After": "1"})
+    return httpx.Response(503, json=problem, headers={"Retry-After": "0"})
 
 
 def test_reads_and_submissions_are_retried_with_the_same_idempotency_key():
@@ -51,3 +51,32 @@ def test_other_writes_are_not_retried_and_problems_become_api_errors():
     with pytest.raises(APIError) as info:
         ia.job("j1")
     assert info.value.status == 502 and "bad gateway" in info.value.detail
+
+
+def test_a_retry_after_longer_than_max_backoff_is_raised_at_once():
+    """A daily compute quota answers Retry-After in minutes: retrying within max_backoff cannot help."""
+    seen: list[httpx.Request] = []
+    quota = {"code": "compute-quota-exceeded", "detail": "the tenant used its compute for today"}
+    ia = _client([httpx.Response(429, json=quota, headers={"Retry-After": "600"})], seen)
+    with pytest.raises(APIError) as info:
+        ia.submit_job("m", "d", "grad_dot")
+    assert len(seen) == 1 and info.value.code == "compute-quota-exceeded"
+
+
+def test_error_bodies_that_are_not_problem_objects_keep_status_and_text():
+    seen: list[httpx.Request] = []
+    ia = _client([httpx.Response(400, json=["not", "an", "object"])], seen)
+    with pytest.raises(APIError) as info:
+        ia.delete_job("j1")
+    assert info.value.status == 400 and "not" in info.value.detail
+
+
+def test_a_failed_training_names_the_training_job():
+    from app.client import JobFailed
+
+    seen: list[httpx.Request] = []
+    model = {"id": "model-1", "state": "failed", "training_job_id": "job-7", "error": {"detail": "diverged"}}
+    ia = _client([httpx.Response(200, json=model)], seen)
+    with pytest.raises(JobFailed) as info:
+        ia.wait_model("model-1")
+    assert info.value.job["id"] == "job-7" and "diverged" in str(info.value)

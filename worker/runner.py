@@ -544,13 +544,9 @@ def _prepare(settings: Settings, store: ArtifactStore, job_id: str) -> _Job:
         **{f"checkpoint_{i}": store.path(c.uri) for i, c in enumerate(loaded.checkpoints)},
         **_initial_weights_input(store, model),
     }
-    checkpoints = [
-        {
-            "step": c.step,
-            "learning_rate": c.learning_rate if c.learning_rate is not None else recipe.learning_rate,
-        }
-        for c in loaded.checkpoints
-    ]
+    # a checkpoint registered without its learning rate keeps it unknown (the stored recipe holds
+    # Recipe's defaults, not what the run used): the methods that weigh checkpoints by it refuse
+    checkpoints = [{"step": c.step, "learning_rate": c.learning_rate} for c in loaded.checkpoints]
     state_inputs = {  # per tenant: a cache hit must not reveal another tenant's model and data
         "tenant_id": loaded.job.tenant_id,
         "weights_sha256": model.weights_sha256,

@@ -25,7 +25,7 @@ from importlib import metadata as importlib_metadata
 from typing import Annotated, Any, Literal
 
 import torch
-from annotated_types import Ge, Gt
+from annotated_types import Ge, Gt, MaxLen
 from torch import nn
 
 from .base import EstimatorError
@@ -39,6 +39,9 @@ def _p(default: Any = dataclasses.MISSING, description: str = "", *, factory: An
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata={"description": description})
     return field(default=default, metadata={"description": description})
+
+
+MAX_LAYERS = 64  # hidden layers / conv blocks: each is a Python module built per job
 
 
 @dataclass
@@ -121,7 +124,9 @@ class MLPParams:
     """Fully connected network: in_features -> hidden[0] -> ... -> num_classes."""
 
     in_features: Annotated[int, Ge(1)] = _p(1, "number of input features")
-    hidden: list[Annotated[int, Ge(1)]] = _p(description="widths of the hidden layers", factory=lambda: [64])
+    hidden: Annotated[list[Annotated[int, Ge(1)]], MaxLen(MAX_LAYERS)] = _p(
+        description=f"widths of the hidden layers (at most {MAX_LAYERS})", factory=lambda: [64]
+    )
     num_classes: Annotated[int, Ge(1)] = _p(2, "number of outputs: classes, or 1 for scalar regression")
     activation: Literal["relu", "tanh", "gelu"] = _p("relu", "activation after each hidden layer")
 
@@ -179,7 +184,9 @@ class LoRAMLPParams:
     """An ``mlp`` whose Linear layers are frozen and adapted by rank-``rank`` LoRA updates."""
 
     in_features: Annotated[int, Ge(1)] = _p(1, "number of input features")
-    hidden: list[Annotated[int, Ge(1)]] = _p(description="widths of the hidden layers", factory=lambda: [64])
+    hidden: Annotated[list[Annotated[int, Ge(1)]], MaxLen(MAX_LAYERS)] = _p(
+        description=f"widths of the hidden layers (at most {MAX_LAYERS})", factory=lambda: [64]
+    )
     num_classes: Annotated[int, Ge(1)] = _p(2, "number of outputs: classes, or 1 for scalar regression")
     activation: Literal["relu", "tanh", "gelu"] = _p("relu", "activation after each hidden layer")
     rank: Annotated[int, Ge(1)] = _p(8, "rank r of each adapter (A is r x d_in, B is d_out x r)")
@@ -208,8 +215,8 @@ class CNNParams:
     height: Annotated[int, Ge(1)] = _p(8, "input height H")
     width: Annotated[int, Ge(1)] = _p(8, "input width W")
     num_classes: Annotated[int, Ge(1)] = _p(10, "number of outputs")
-    channels: list[Annotated[int, Ge(1)]] = _p(
-        description="output channels of each conv block", factory=lambda: [16, 32]
+    channels: Annotated[list[Annotated[int, Ge(1)]], MaxLen(MAX_LAYERS)] = _p(
+        description=f"output channels of each conv block (at most {MAX_LAYERS})", factory=lambda: [16, 32]
     )
 
 

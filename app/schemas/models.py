@@ -18,7 +18,10 @@ class ArchitectureSpec(RequestModel):
 class CheckpointMeta(RequestModel):
     step: int = Field(ge=0)
     learning_rate: float | None = Field(
-        None, ge=0, description="Learning rate in effect at this step (eta_t)."
+        None,
+        ge=0,
+        description="Learning rate in effect at this step (eta_t). Without it, methods that weigh "
+        "checkpoints by it (tracincp, source) refuse the job unless told not to.",
     )
 
 

@@ -29,6 +29,7 @@ from app.estimators.group import as_groups
 from app.estimators.valuation import LDSParams, returns_scores
 from app.problems import FieldError, ProblemError, invalid_field
 from app.schemas.jobs import JobCreate
+from app.services import models as models_service
 from app.services import tenants
 from app.services.api_keys import Principal
 from app.services.pagination import paginate
@@ -115,7 +116,9 @@ def _validate(session: Session, settings: Settings, owner: Principal, body: JobC
         raise invalid_field("/output/self_influence", f"{estimator.name} has no self-influence")
 
     n_query = len(body.query_indices) if body.query_indices is not None else query.n_examples
-    size = ProblemSize(train.n_examples, n_query, model.n_parameters, len(checkpoints))
+    size = ProblemSize(
+        train.n_examples, n_query, models_service.trainable_parameters(model), len(checkpoints)
+    )
     cells = float(size.n_train) * size.n_query
     if returns_scores(estimator, params) and cells > owner.limits.max_score_cells:
         raise ProblemError(

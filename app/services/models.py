@@ -40,8 +40,22 @@ def build_model(model: Model) -> torch.nn.Module:
     return init_model(arch, params, seed=int(model.recipe.get("seed", 0)))
 
 
+def trainable_parameters(model: Model) -> int:
+    """What the estimators call p: the architecture's trainable parameters (a LoRA model's frozen base
+    is not among them), counted on the meta device."""
+    arch = get_architecture(model.architecture)
+    params = validate_params(arch.Params, model.architecture_params, "/architecture/params")
+    with torch.device("meta"):
+        module = init_model(arch, params)
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def _check_state(module: torch.nn.Module, state: dict[str, torch.Tensor], pointer: str) -> None:
-    """strict=True semantics, with a problem that names the tensor."""
+    """strict=True semantics, with a problem that names the tensor; floating tensors must be floating
+    (integer buffers such as num_batches_tracked integers) and fit float32, the compute precision."""
     expected = module.state_dict()
     errors = [FieldError(pointer, f"missing tensor {k!r}") for k in expected if k not in state]
     errors += [FieldError(pointer, f"unexpected tensor {k!r}") for k in state if k not in expected]
@@ -51,6 +65,20 @@ def _check_state(module: torch.nn.Module, state: dict[str, torch.Tensor], pointe
         )
         for k, v in state.items()
         if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    errors += [
+        FieldError(
+            pointer,
+            f"tensor {k!r} has dtype {str(v.dtype).removeprefix('torch.')}, the architecture's is "
+            f"{'floating point' if expected[k].is_floating_point() else 'integer'}",
+        )
+        for k, v in state.items()
+        if k in expected and v.is_floating_point() != expected[k].is_floating_point()
+    ]
+    errors += [
+        FieldError(pointer, f"tensor {k!r} has values beyond float32's range (3.4e38), the compute precision")
+        for k, v in state.items()
+        if k in expected and v.is_floating_point() and v.numel() and float(v.abs().max()) > _FLOAT32_MAX
     ]
     if errors:
         raise ProblemError(
@@ -104,15 +132,17 @@ def create(
     params = validate_params(arch.Params, spec.architecture.params, "/spec/architecture/params")
     recipe = validate_params(Recipe, spec.recipe, "/spec/recipe")
     try:
-        module = init_model(arch, params, seed=recipe.seed)
+        with torch.device("meta"):  # counted before anything is allocated in this process
+            shape_only = init_model(arch, params)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise invalid_field("/spec/architecture/params", f"cannot build the architecture: {exc}") from None
-    n_parameters = sum(p.numel() for p in module.parameters())
+    n_parameters = sum(p.numel() for p in shape_only.parameters())
     if n_parameters > settings.max_model_parameters:
         raise invalid_field(
             "/spec/architecture/params",
             f"{n_parameters} parameters exceed the limit of {settings.max_model_parameters}",
         )
+    module = init_model(arch, params, seed=recipe.seed)
 
     dataset = None
     if spec.train_dataset_id is not None:
@@ -219,6 +249,13 @@ def add_checkpoint(
     taken = ProblemError(
         409, "conflict", "Checkpoint exists", f"model already has a checkpoint at step {meta.step}"
     )
+    if model.state == "training":  # its training writes the checkpoints: mixing in others corrupts both
+        raise ProblemError(
+            409,
+            "conflict",
+            "Model is training",
+            "the service is training this model; add checkpoints once it is ready",
+        )
     if any(c.step == meta.step for c in model.checkpoints):
         raise taken
     _check_state(build_model(model), _read_weights(upload, settings), upload.pointer)

@@ -265,3 +265,45 @@ def test_a_checkpoint_listed_twice_is_refused(client):
     }
     problem = assert_problem(submit(client, body), 422)
     assert [e["pointer"] for e in problem["errors"]] == ["/checkpoint_ids"] and first in problem["detail"]
+
+
+def test_oversized_or_deep_architectures_are_refused_before_anything_is_built(client, unchanged):
+    """Counted on the meta device: 3.6e9 parameters are a 422 at once (building them took 13 GiB in
+    the API process first), and more than 64 hidden layers are refused by validation."""
+    wide = {"name": "mlp", "params": {"in_features": 64, "hidden": [60000, 60000], "num_classes": 10}}
+    body = assert_problem(register_model(client, {"name": "wide", "architecture": wide}, weights={}), 422)
+    assert "exceed the limit" in body["detail"]
+    deep = {"name": "mlp", "params": {"in_features": 64, "hidden": [1] * 65, "num_classes": 10}}
+    body = assert_problem(register_model(client, {"name": "deep", "architecture": deep}, weights={}), 422)
+    assert "/spec/architecture/params/hidden" in [e["pointer"] for e in body["errors"]]
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (lambda t: t.to(torch.int64), "dtype int64"),  # forward passes would fail on every job
+        (lambda t: t.double().fill_(1e300), "float32's range"),  # inf once in the float32 module
+    ],
+)
+def test_weights_of_the_wrong_kind_or_beyond_float32_are_refused(client, unchanged, change, words):
+    state = _mlp_state()
+    name = next(k for k in state if k.endswith("weight"))
+    state[name] = change(state[name])
+    spec = {"name": "m", "architecture": DIGITS_MLP}
+    body = assert_problem(register_model(client, spec, weights=state), 422, "weights-mismatch")
+    assert name in body["detail"] and words in body["detail"]
+
+
+def test_checkpoints_cannot_be_added_while_the_service_trains_the_model(client):
+    train = builtin(client, "sklearn:digits", "train")
+    spec = {
+        "name": "training",
+        "architecture": DIGITS_MLP,
+        "recipe": {"epochs": 1},
+        "train_dataset_id": train["id"],
+    }
+    model = register_model(client, spec)  # no worker in this module: it stays training
+    assert model.status_code == 201 and model.json()["state"] == "training", model.text
+    files = {"file": ("c.safetensors", save_tensors(_mlp_state()), "application/octet-stream")}
+    added = client.post(f"/v1/models/{model.json()['id']}/checkpoints", files=files, data={"step": "1"})
+    assert_problem(added, 409, "conflict")

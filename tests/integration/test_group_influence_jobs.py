@@ -154,3 +154,24 @@ def test_groups_are_validated_at_submit(cancer):
     no_groups = _run(client, {**_body(model, train, test, {"name": "grad_dot"}, {"a": [1]}), "output": {}})
     missing = client.get(f"/v1/influence-jobs/{no_groups['id']}/group-influence")
     assert_problem(missing, 404, "no-group-scores")
+
+
+def test_checkpoints_without_learning_rates_are_not_given_a_default_one(cancer):
+    """Uploaded checkpoints with no learning rate, on a model without a recipe: TracInCP refuses
+    (naming the parameter) instead of weighing each by the Recipe default 0.1; without the weights
+    it runs."""
+    from app.estimators import init_model
+    from tests.integration.flows import register_model
+
+    client, train, test, _ = cancer
+    linear = {"name": "linear", "params": {"in_features": 30, "num_classes": 2}}
+    states = [init_model("linear", linear["params"], seed=s).state_dict() for s in range(3)]
+    spec = {"name": "no-rates", "architecture": linear, "checkpoints": [{"step": 1}, {"step": 2}]}
+    model = register_model(client, spec, weights=states[0], checkpoints=states[1:])
+    assert model.status_code == 201, model.text
+    body = {"model_id": model.json()["id"], "train_dataset_id": train["id"], "query_indices": [0, 1]}
+    failed = wait(client, submit(client, {**body, "method": {"name": "tracincp"}}).headers["location"])
+    assert failed["state"] == "failed", failed
+    assert failed["error"]["errors"][0]["pointer"] == "/method/params/use_checkpoint_learning_rates"
+    unweighted = {"name": "tracincp", "params": {"use_checkpoint_learning_rates": False}}
+    _run(client, {**body, "method": unweighted})

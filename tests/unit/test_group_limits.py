@@ -1,4 +1,4 @@
-"""Submit-time memory limits: Hessian-order group solves (p x G blocks) and Arnoldi bases (p x n_iter)."""
+"""Submit-time checks: the trainable p, Hessian-order group solves (p x G) and Arnoldi bases (p x n_iter)."""
 
 from __future__ import annotations
 
@@ -46,3 +46,18 @@ def test_arnoldi_bases_must_fit_the_memory_budget(name, params):
         est.check_memory(ProblemSize(1000, 10, 6_600_000, 0), params, budget)
     assert info.value.parameter == "/method/params/n_iter" and "GiB" in info.value.detail
     est.check_memory(ProblemSize(1000, 10, 6_600_000, 0), {**params, "rank": 10, "n_iter": 20}, budget)
+
+
+def test_submit_time_p_is_the_trainable_count():
+    """A LoRA model's frozen base is not in p: if_exact's max_parameters and the cost checks count the
+    adapters only, as the estimators do."""
+    from app.db.models import Model
+    from app.services.models import trainable_parameters
+
+    params = {"in_features": 64, "hidden": [64], "num_classes": 10, "rank": 2}
+    lora = Model(architecture="lora_mlp", architecture_params=params)
+    assert trainable_parameters(lora) == 2 * (64 + 64) + 2 * (64 + 10) == 404
+    mlp = Model(
+        architecture="mlp", architecture_params={"in_features": 64, "hidden": [64], "num_classes": 10}
+    )
+    assert trainable_parameters(mlp) == 64 * 64 + 64 + 64 * 10 + 10

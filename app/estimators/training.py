@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 import torch
-from annotated_types import Ge, Gt, Lt
+from annotated_types import Ge, Gt, Le, Lt
 from torch import nn
 
 from .base import Checkpoint, EstimatorError, NumericalError, ProgressCallback, TaskSpec
@@ -66,8 +66,9 @@ class Recipe:
         0.0, "L2 coefficient: objective adds weight_decay/2 ||theta||^2"
     )
     seed: Annotated[int, Ge(0)] = _p(0, "seed for shuffling and any randomness in the model")
-    num_checkpoints: Annotated[int, Ge(0)] = _p(
-        3, "checkpoints saved at evenly spaced epoch ends (the last one is the final weights)"
+    num_checkpoints: Annotated[int, Ge(0), Le(10_000)] = _p(
+        3,
+        "checkpoints at evenly spaced epoch ends, at most one per epoch (the last: the final weights)",
     )
     lbfgs_tolerance: Annotated[float, Gt(0)] = _p(1e-9, "lbfgs stops when the gradient norm falls below this")
 

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from app.db.base import utcnow
 from app.db.models import Checkpoint, Dataset, Job, Model
 from app.estimators import EstimatorError, Recipe, TaskSpec, get_architecture, init_model
+from app.estimators.training import checkpoint_epochs
 from app.problems import FieldError, ProblemError, invalid_field
 from app.schemas.models import CheckpointMeta, ModelCreate
 from app.services import tenants
@@ -74,6 +75,11 @@ def _check_state(module: torch.nn.Module, state: dict[str, torch.Tensor], pointe
         )
         for k, v in state.items()
         if k in expected and v.is_floating_point() != expected[k].is_floating_point()
+    ]
+    errors += [
+        FieldError(pointer, f"tensor {k!r} (a batch-norm variance) has negative values")
+        for k, v in state.items()
+        if k in expected and k.endswith("running_var") and v.numel() and float(v.min()) < 0
     ]
     errors += [
         FieldError(pointer, f"tensor {k!r} has values beyond float32's range (3.4e38), the compute precision")
@@ -170,7 +176,7 @@ def create(
     size_bytes = sum(upload.path.stat().st_size for upload in uploads)
     if weights is None:  # the training job will store the weights and its checkpoints: count them now
         state_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
-        size_bytes += state_bytes * (1 + recipe.num_checkpoints)
+        size_bytes += state_bytes * (1 + len(checkpoint_epochs(recipe)))  # at most one per epoch
     tenants.reserve_storage(session, owner.tenant_id, owner.limits, size_bytes)
     model = Model(
         tenant_id=owner.tenant_id,

@@ -294,16 +294,21 @@ def test_weights_of_the_wrong_kind_or_beyond_float32_are_refused(client, unchang
     assert name in body["detail"] and words in body["detail"]
 
 
-def test_checkpoints_cannot_be_added_while_the_service_trains_the_model(client):
+def test_checkpoints_cannot_be_added_while_the_service_trains_the_model(client, integration_settings):
+    """And its storage reservation counts the checkpoints training can save, at most one per epoch
+    (num_checkpoints=1000 over one epoch reserved 1,001 copies of the weights for good)."""
     train = builtin(client, "sklearn:digits", "train")
-    spec = {
-        "name": "training",
-        "architecture": DIGITS_MLP,
-        "recipe": {"epochs": 1},
-        "train_dataset_id": train["id"],
-    }
+    recipe = {"epochs": 1, "num_checkpoints": 1000}
+    spec = {"name": "training", "architecture": DIGITS_MLP, "recipe": recipe, "train_dataset_id": train["id"]}
     model = register_model(client, spec)  # no worker in this module: it stays training
     assert model.status_code == 201 and model.json()["state"] == "training", model.text
+    from app.db.models import Model
+    from app.db.session import session_scope
+
+    state_bytes = sum(t.numel() * t.element_size() for t in _mlp_state().values())
+    with session_scope(integration_settings) as session:
+        reserved = session.get(Model, model.json()["id"]).size_bytes
+    assert reserved == 2 * state_bytes  # the weights and one checkpoint
     files = {"file": ("c.safetensors", save_tensors(_mlp_state()), "application/octet-stream")}
     added = client.post(f"/v1/models/{model.json()['id']}/checkpoints", files=files, data={"step": "1"})
     assert_problem(added, 409, "conflict")

@@ -61,3 +61,17 @@ def test_submit_time_p_is_the_trainable_count():
         architecture="mlp", architecture_params={"in_features": 64, "hidden": [64], "num_classes": 10}
     )
     assert trainable_parameters(mlp) == 64 * 64 + 64 + 64 * 10 + 10
+
+
+def test_a_negative_batch_norm_variance_is_refused_at_upload():
+    from torch import nn
+
+    from app.services.models import _check_state
+
+    module = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    _check_state(module, state, "/weights")
+    state["1.running_var"][2] = -0.5  # its square root in the forward pass is NaN
+    with pytest.raises(ProblemError) as info:
+        _check_state(module, state, "/weights")
+    assert "1.running_var" in info.value.detail and "negative" in info.value.detail

@@ -279,18 +279,18 @@ def test_oversized_or_deep_architectures_are_refused_before_anything_is_built(cl
 
 
 @pytest.mark.parametrize(
-    ("change", "words"),
+    ("change", "code", "words"),
     [
-        (lambda t: t.to(torch.int64), "dtype int64"),  # forward passes would fail on every job
-        (lambda t: t.double().fill_(1e300), "float32's range"),  # inf once in the float32 module
+        (lambda t: t.to(torch.int64), "weights-mismatch", "dtype int64"),  # every forward pass failed
+        (lambda t: t.double().fill_(1e300), "non-finite-values", "beyond float32"),  # inf in float32
     ],
 )
-def test_weights_of_the_wrong_kind_or_beyond_float32_are_refused(client, unchanged, change, words):
+def test_weights_of_the_wrong_kind_or_beyond_float32_are_refused(client, unchanged, change, code, words):
     state = _mlp_state()
     name = next(k for k in state if k.endswith("weight"))
     state[name] = change(state[name])
     spec = {"name": "m", "architecture": DIGITS_MLP}
-    body = assert_problem(register_model(client, spec, weights=state), 422, "weights-mismatch")
+    body = assert_problem(register_model(client, spec, weights=state), 422, code)
     assert name in body["detail"] and words in body["detail"]
 
 

@@ -248,7 +248,7 @@ def test_weights_a_training_job_will_store_count_against_the_quota(http, setting
                 "name": "mlp",
                 "params": {"in_features": 30, "hidden": [hidden], "num_classes": 2},
             },
-            "recipe": {"epochs": 1, "num_checkpoints": checkpoints},
+            "recipe": {"epochs": 2, "num_checkpoints": checkpoints},  # a checkpoint per epoch at most
             "train_dataset_id": data["id"],
         }
         return http.post("/v1/models", headers=auth(token), data={"spec": json.dumps(spec)})

@@ -37,9 +37,7 @@ from app.estimators import (
     Estimator,
     EstimatorError,
     Recipe,
-    get_architecture,
     get_estimator,
-    init_model,
 )
 from app.estimators.sharding import merge_metadata, merge_shards
 from app.estimators.valuation import (
@@ -52,6 +50,7 @@ from app.estimators.valuation import (
 )
 from app.problems import FieldError, ProblemError
 from app.services import jobs as jobs_service
+from app.services import models as models_service
 from app.services import results as results_service
 from app.services import shards as shards_service
 from app.services import subset_outputs, train_state
@@ -920,10 +919,7 @@ def _lds_quality(
 
 def _expected_state(model_row: Model) -> dict[str, torch.Size]:
     """The architecture's state-dict shapes, built on the meta device: no memory, no tenant data."""
-    arch = get_architecture(model_row.architecture)
-    params = validate_params(arch.Params, model_row.architecture_params, "/architecture/params")
-    with torch.device("meta"):
-        module = init_model(arch, params)
+    module = models_service.meta_module(model_row.architecture, model_row.architecture_params)
     return {name: tensor.shape for name, tensor in module.state_dict().items()}
 
 

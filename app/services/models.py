@@ -41,13 +41,18 @@ def build_model(model: Model) -> torch.nn.Module:
     return init_model(arch, params, seed=int(model.recipe.get("seed", 0)))
 
 
+def meta_module(architecture: str, architecture_params: dict) -> torch.nn.Module:
+    """The architecture built on the meta device: its modules and shapes, no memory, no weights."""
+    arch = get_architecture(architecture)
+    params = validate_params(arch.Params, architecture_params, "/architecture/params")
+    with torch.device("meta"):
+        return init_model(arch, params)
+
+
 def trainable_parameters(model: Model) -> int:
     """What the estimators call p: the architecture's trainable parameters (a LoRA model's frozen base
-    is not among them), counted on the meta device."""
-    arch = get_architecture(model.architecture)
-    params = validate_params(arch.Params, model.architecture_params, "/architecture/params")
-    with torch.device("meta"):
-        module = init_model(arch, params)
+    is not among them)."""
+    module = meta_module(model.architecture, model.architecture_params)
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 

@@ -23,16 +23,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from app.db.models import TrainStateEntry
 from app.db.session import retry_transaction
-from app.estimators import EstimatorError, get_architecture, init_model
+from app.estimators import EstimatorError
 from app.estimators.valuation import SubsetOutputs, SubsetPlan, SubsetSpec, choose_solver
 from app.problems import ProblemError
 from app.services import train_state
+from app.services.models import meta_module
 from app.services.train_state import code_version
-from app.services.validation import validate_params
 from app.settings import Settings
 from app.storage.artifacts import ArtifactStore, StoredArtifact
 
@@ -81,11 +80,7 @@ def resolve_solver(architecture: str, architecture_params: dict, spec: SubsetSpe
     """``spec.solver`` as the engine will resolve it ("auto" -> newton/batched/sequential), decided on a
     meta-device copy of the architecture (no weights, no data); unchanged when the engine would refuse it."""
     try:
-        arch = get_architecture(architecture)
-        params = validate_params(arch.Params, architecture_params, "/architecture/params")
-        with torch.device("meta"):
-            module = init_model(arch, params)
-        return choose_solver(module, spec.recipe, spec.solver)
+        return choose_solver(meta_module(architecture, architecture_params), spec.recipe, spec.solver)
     except (EstimatorError, ProblemError):
         return spec.solver
 
